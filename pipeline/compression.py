@@ -1,0 +1,153 @@
+"""Compression: what a stream retains of each encoded segment, as strategies over StreamMemory.
+
+- KeepAll: every block, every layer (full, ReKV).
+- Fifo: only the `recent_blocks` most recent blocks (the recent-N baseline).
+- Guidance (StreamKV): a fixed prompt that sees only the segment scores its frame blocks per layer;
+  each layer keeps its top frames (layer-adaptive counts when enabled) plus the summary block.
+- VSB (LiveVLM): blocks leave the short-term window into a long-term token pool per layer; when the
+  pool exceeds M tokens, Vision Sink Bucketing keeps M of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.attention import ContextPlan
+from pipeline.budget import adaptive_budgets
+from pipeline.config import EngineConfig
+from pipeline.kv_store import KV, UnitInfo
+from pipeline.memory import StreamMemory
+from pipeline.model import VideoLLM
+from pipeline.retrieval import block_scores, choose
+
+
+class KeepAll:
+    def add_segment(self, memory: StreamMemory, units: list[UnitInfo], kv: list[list[KV]]) -> None:
+        memory.add_blocks(units, kv)
+
+    def on_evicted(self, memory: StreamMemory, evicted) -> None:
+        """Units that left the local window: their blocks stay in the store."""
+
+
+class Fifo(KeepAll):
+    def add_segment(self, memory, units, kv):
+        memory.add_blocks(units, kv)
+        for blocks in memory.blocks:
+            blocks.drop_oldest(len(blocks) - memory.config.recent_blocks)
+
+
+class Guidance(KeepAll):
+    def __init__(self, model: VideoLLM, config: EngineConfig):
+        self.model = model
+        self.config = config
+        self.prompt = model.embed(model.tokenize(config.guidance_prompt))  # [P, hidden]
+
+    def add_segment(self, memory, units, kv):
+        frames = [i for i, u in enumerate(units) if u.kind == "frame"]
+        summaries = [i for i, u in enumerate(units) if u.kind != "frame"]
+        memory.add_blocks(units, kv, keep=self.keep(units, kv, frames, summaries))
+
+    def keep(self, units, kv, frames: list[int], summaries: list[int]) -> list[list[int]]:
+        """Per layer, the unit indices to keep: top frames by guidance score, plus summaries."""
+        layers = self.model.dims.layers
+        base = self.config.keep_ratio * len(frames)
+        if self.config.keep_ratio >= 1.0:
+            return [sorted(frames + summaries)] * layers
+
+        def segment_context(layer: int, _query_mean) -> KV:  # the guidance prompt sees only the segment
+            return torch.cat([kv[i][layer][0] for i in range(len(units))], 1), torch.cat(
+                [kv[i][layer][1] for i in range(len(units))], 1
+            )
+
+        plan = ContextPlan(self.model.rotate, segment_context)
+        self.model.forward(self.prompt, plan)
+        scores = [
+            block_scores(torch.stack([kv[i][layer][0].float().mean(dim=1) for i in frames]), plan.query_means[layer])
+            for layer in range(layers)
+        ]
+        if self.config.adaptive:
+            counts = adaptive_budgets(scores, round(base * layers), base, self.config.adaptive_temp)
+        else:
+            counts = [max(1, round(base))] * layers
+        return [sorted([frames[i] for i in choose(s, c, [])] + summaries) for s, c in zip(scores, counts)]
+
+
+class VSB(KeepAll):
+    def __init__(self, model: VideoLLM, config: EngineConfig):
+        self.model = model
+        self.config = config
+
+    def add_segment(self, memory, units, kv):
+        """Nothing is stored as blocks: units live in the short-term window until evicted."""
+
+    def on_evicted(self, memory, evicted):
+        if not evicted:
+            return
+        for layer, pool in enumerate(memory.pools):
+            for uid, per_layer in evicted:
+                pool.append(*per_layer[layer], memory.units[uid].first_position, uid)
+            if len(pool) > self.config.budget_tokens:
+                scores = self.token_scores(memory, layer)
+                pool.keep(vsb_select(scores, self.config.budget_tokens, self.config.vsb_top_ratio, self.config.vsb_bucket))
+
+    def token_scores(self, memory: StreamMemory, layer: int) -> torch.Tensor:
+        """Mean attention each long-term token receives from the last r vision tokens, [N] fp32.
+
+        Laid out as a question would see it, [sinks | long-term | short-term], at contiguous
+        positions; the r queries are the last tokens of the short-term memory.
+        """
+        pool = memory.pools[layer]
+        sinks = memory.sinks[layer][0]
+        short = memory.window.kv(layer)
+        keys = torch.cat([sinks, pool.keys] + ([short[0]] if short is not None else []), dim=1)
+        queries = memory.recent_queries[layer]  # [Hq, r, d]
+        n_all, r = keys.shape[1], queries.shape[1]
+        positions = torch.arange(n_all, device=keys.device)
+        rotated_q = self.model.rotate(queries, positions[n_all - r :]).float()
+        rotated_k = self.model.rotate(keys, positions).float()
+        rotated_k = rotated_k.repeat_interleave(self.model.dims.group, dim=0)  # [Hq, N_all, d]
+        logits = rotated_q @ rotated_k.transpose(1, 2) * self.model.scaling  # [Hq, r, N_all]
+        causal = positions[None, :] <= positions[n_all - r :, None]  # [r, N_all]
+        attention = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        received = attention[:, :, sinks.shape[1] : sinks.shape[1] + len(pool)].mean(dim=1)  # [Hq, N]
+        return received.max(dim=0).values if self.config.vsb_head_pool == "max" else received.mean(dim=0)
+
+
+def vsb_select(scores: torch.Tensor, budget: int, top_ratio: float, bucket: int) -> torch.Tensor:
+    """Vision Sink Bucketing: indices (ascending) of the `budget` tokens to keep out of len(scores).
+
+    Tokens, in time order, are split into ceil(budget / bucket) buckets of consecutive tokens.
+    Phase 1 keeps the top R = top_ratio * budget tokens whatever their bucket; phase 2 walks the
+    rest by descending score and keeps a token only while its bucket holds fewer than `bucket`.
+    """
+    n = scores.numel()
+    if n <= budget:
+        return torch.arange(n)
+    n_buckets = math.ceil(budget / bucket)
+    bucket_of = torch.arange(n) * n_buckets // n  # equal-count buckets by time order
+    order = scores.float().argsort(descending=True, stable=True)
+    top = max(1, min(budget, int(top_ratio * budget)))
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[order[:top]] = True
+    fill = torch.bincount(bucket_of[order[:top]], minlength=n_buckets)
+    remaining = budget - top
+    for i in order[top:].tolist():
+        if remaining == 0:
+            break
+        b = int(bucket_of[i])
+        if fill[b] < bucket:
+            kept[i] = True
+            fill[b] += 1
+            remaining -= 1
+    return kept.nonzero().flatten()
+
+
+def make_compressor(model: VideoLLM, config: EngineConfig) -> KeepAll:
+    return {
+        "none": lambda: KeepAll(),
+        "fifo": lambda: Fifo(),
+        "guidance": lambda: Guidance(model, config),
+        "vsb": lambda: VSB(model, config),
+    }[config.compression]()

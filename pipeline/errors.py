@@ -1,0 +1,37 @@
+"""Typed errors raised by streamkv. Every user-facing failure is one of these."""
+
+
+class StreamKVError(Exception):
+    """Base class of every error streamkv raises on purpose."""
+
+
+class ConfigError(StreamKVError, ValueError):
+    """An unknown knob, an impossible value, or an inconsistent combination."""
+
+
+class UnsupportedModelError(StreamKVError, ValueError):
+    """The checkpoint is missing or is not an architecture the engine supports."""
+
+
+class InvalidInputError(StreamKVError, ValueError):
+    """Frames or a question of the wrong type, shape, dtype or size."""
+
+
+class NoFramesError(StreamKVError, RuntimeError):
+    """A question was asked before any frame of the stream was ingested."""
+
+
+class VideoDecodeError(StreamKVError, RuntimeError):
+    """A video source is corrupt, truncated, or not a video."""
+
+
+class SourceUnavailableError(StreamKVError, RuntimeError):
+    """A video source could not be opened or reached (after retries, for live sources)."""
+
+
+class UnknownStreamError(StreamKVError, KeyError):
+    """A stream id that does not exist (or is not visible to the caller)."""
+
+
+class PageCorruptError(StreamKVError, ValueError):
+    """A stored KV page or index record is malformed or fails its content-hash check."""

@@ -1,0 +1,166 @@
+"""Where a stream's KV lives. All keys are stored pre-RoPE, so they can be placed at any position.
+
+- sinks: the system prompt's KV, per layer, kept forever.
+- LayerBlocks: one layer's retrievable blocks (a frame, or a segment summary), with their mean keys.
+  Layers may keep different blocks (guidance compression).
+- Window: raw KV of the most recent units, all layers: what new frames attend to while encoding
+  (ReKV's local window; LiveVLM's short-term memory). It holds references, not copies.
+- TokenPool: LiveVLM's long-term memory of one layer, token by token, compressed by VSB.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values [Hkv, n, d]
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """What one block of KV covers in the stream."""
+
+    uid: int
+    kind: str  # "frame" | "summary"
+    frames: tuple[int, int]  # [first, last + 1)
+    times: tuple[float, float]
+    segment: int
+    first_position: int  # original position of its first token in the stream
+
+
+def mean_key(keys: torch.Tensor) -> torch.Tensor:
+    """A block representative: the mean pre-RoPE key over tokens, [Hkv, d] in fp32.
+
+    Kept per KV head; scoring sums the query heads of each group first, which equals the dot
+    product with KV heads expanded to query heads and concatenated (METHODS.md), at 1/group size.
+    """
+    return keys.float().mean(dim=1)
+
+
+class LayerBlocks:
+    """Blocks one layer can retrieve, in time order."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []  # each [Hkv, n, d]
+        self.values: list[torch.Tensor] = []
+        self.uids: list[int] = []
+        self._reps: torch.Tensor | None = None  # [capacity, Hkv, d]
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    @property
+    def reps(self) -> torch.Tensor:
+        """Representatives [U, Hkv, d] (fp32)."""
+        return self._reps[: len(self.uids)]
+
+    def add(self, uid: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        rep = mean_key(keys)
+        if self._reps is None or len(self.uids) == self._reps.shape[0]:
+            grown = rep.new_empty(max(16, 2 * len(self.uids)), *rep.shape)
+            if self._reps is not None:
+                grown[: len(self.uids)] = self._reps
+            self._reps = grown
+        self._reps[len(self.uids)] = rep
+        self.keys.append(keys)
+        self.values.append(values)
+        self.uids.append(uid)
+
+    def drop_oldest(self, count: int) -> None:
+        if count <= 0:
+            return
+        del self.keys[:count], self.values[:count], self.uids[:count]
+        self._reps = self._reps[count:].clone()
+
+    def gather(self, indices: list[int]) -> KV:
+        """The selected blocks' KV concatenated in the given order: [Hkv, sum n, d]."""
+        return torch.cat([self.keys[i] for i in indices], dim=1), torch.cat([self.values[i] for i in indices], dim=1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values]
+
+
+class Window:
+    """Raw KV of the most recent units across layers, at most `limit` tokens (None: unbounded).
+
+    Whole units enter and leave (the window is unit-granular, chosen for simplicity).
+    """
+
+    def __init__(self, layers: int, limit: int | None):
+        self.layers = layers
+        self.limit = limit
+        self.entries: deque[tuple[int, list[KV]]] = deque()  # (uid, per-layer KV)
+        self.tokens = 0
+
+    def push(self, uid: int, per_layer: list[KV]) -> list[tuple[int, list[KV]]]:
+        """Add a unit; return the units that fell out of the window, oldest first."""
+        self.entries.append((uid, per_layer))
+        self.tokens += per_layer[0][0].shape[1]
+        evicted = []
+        while self.limit is not None and self.tokens > self.limit and len(self.entries) > 1:
+            old = self.entries.popleft()
+            self.tokens -= old[1][0][0].shape[1]
+            evicted.append(old)
+        return evicted
+
+    def uids(self) -> list[int]:
+        return [uid for uid, _ in self.entries]
+
+    def kv(self, layer: int) -> KV | None:
+        if not self.entries:
+            return None
+        return (
+            torch.cat([kv[layer][0] for _, kv in self.entries], dim=1),
+            torch.cat([kv[layer][1] for _, kv in self.entries], dim=1),
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, per_layer in self.entries for kv in per_layer for t in kv]
+
+
+class TokenPool:
+    """One layer's long-term memory (LiveVLM): tokens in time order with their origins."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None  # [Hkv, N, d]
+        self.values: torch.Tensor | None = None
+        self.positions = torch.empty(0, dtype=torch.long)  # [N] original stream positions
+        self.uids = torch.empty(0, dtype=torch.long)  # [N] unit each token came from
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, first_position: int, uid: int) -> None:
+        n = keys.shape[1]
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=1)
+        self.values = values if self.values is None else torch.cat([self.values, values], dim=1)
+        self.positions = torch.cat([self.positions, torch.arange(first_position, first_position + n)])
+        self.uids = torch.cat([self.uids, torch.full((n,), uid, dtype=torch.long)])
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep only the tokens at `indices` (sorted ascending: time order is preserved)."""
+        device_indices = indices.to(self.keys.device)
+        self.keys = self.keys.index_select(1, device_indices)
+        self.values = self.values.index_select(1, device_indices)
+        self.positions = self.positions[indices]
+        self.uids = self.uids[indices]
+
+    def pages(self, page_tokens: int) -> list[tuple[int, int]]:
+        """[start, end) token ranges of consecutive pages of `page_tokens` (the last may be short)."""
+        return [(s, min(s + page_tokens, len(self))) for s in range(0, len(self), page_tokens)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+
+def tensor_bytes(tensors, seen: set[int]) -> int:
+    """Bytes of the storages behind `tensors`, each storage counted once across calls via `seen`."""
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total

@@ -1,0 +1,89 @@
+"""StreamMemory: everything a stream retains, and the views retrieval and encoding take of it."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import EngineConfig
+from pipeline.kv_store import KV, LayerBlocks, TokenPool, UnitInfo, Window, mean_key, tensor_bytes
+from pipeline.model import ModelDims
+from pipeline.retrieval import LayerView
+
+
+def _cat(parts: list[KV]) -> KV:
+    parts = [p for p in parts if p is not None]
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
+class StreamMemory:
+    def __init__(self, dims: ModelDims, config: EngineConfig, sinks: list[KV]):
+        self.dims = dims
+        self.config = config
+        self.sinks = sinks  # per layer [Hkv, S, d]
+        self.blocks = [LayerBlocks() for _ in range(dims.layers)]
+        self.window = Window(dims.layers, config.n_local)
+        self.pools = [TokenPool() for _ in range(dims.layers)] if config.compression == "vsb" else None
+        self.units: dict[int, UnitInfo] = {}
+        self.recent_queries: dict[int, torch.Tensor] = {}  # layer -> last vision queries [Hq, r, d]
+        self.next_position = sinks[0][0].shape[1]  # original position of the next token
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def ingest_context(self, layer: int) -> KV:
+        """What new tokens attend to: sinks, LiveVLM's long-term memory, the local window."""
+        pool = self.pools[layer] if self.pools is not None and len(self.pools[layer]) else None
+        return _cat([self.sinks[layer], pool and (pool.keys, pool.values), self.window.kv(layer)])
+
+    def new_unit(self, kind: str, frames, times, segment: int, tokens: int) -> UnitInfo:
+        unit = UnitInfo(len(self.units), kind, frames, times, segment, self.next_position)
+        self.units[unit.uid] = unit
+        self.next_position += tokens
+        return unit
+
+    def add_blocks(self, units: list[UnitInfo], kv: list[list[KV]], keep: list[list[int]] | None = None) -> None:
+        """Store units as retrievable blocks: all of them, or per layer the indices in `keep`."""
+        for layer in range(self.dims.layers):
+            for i in keep[layer] if keep is not None else range(len(units)):
+                self.blocks[layer].add(units[i].uid, *kv[i][layer])
+
+    # ---- retrieval --------------------------------------------------------------------------
+    def layer_view(self, layer: int) -> LayerView:
+        if self.pools is not None:
+            return self._page_view(layer)
+        blocks = self.blocks[layer]
+        spans = [(self.units[u].frames, self.units[u].times) for u in blocks.uids]
+        recent = list(range(len(blocks)))[len(blocks) - self.config.recent_blocks :] if self.config.recent_blocks else []
+        return LayerView(reps=blocks.reps, gather=blocks.gather, spans=spans, always=recent)
+
+    def _page_view(self, layer: int) -> LayerView:
+        """Long-term pages (LiveVLM PaR), with the short-term window as the tail."""
+        pool = self.pools[layer]
+        pages = pool.pages(self.config.page_tokens)
+        if pages:
+            reps = torch.stack([mean_key(pool.keys[:, s:e]) for s, e in pages])
+        else:
+            reps = torch.empty(0, self.dims.kv_heads, self.dims.head_dim)
+        spans = []
+        for s, e in pages:
+            first, last = self.units[int(pool.uids[s])], self.units[int(pool.uids[e - 1])]
+            spans.append(((first.frames[0], last.frames[1]), (first.times[0], last.times[1])))
+
+        def gather(indices: list[int]) -> KV:
+            ranges = [torch.arange(*pages[i]) for i in indices]
+            index = torch.cat(ranges).to(pool.keys.device)
+            return pool.keys.index_select(1, index), pool.values.index_select(1, index)
+
+        return LayerView(reps=reps, gather=gather, spans=spans, tail=self.window.kv(layer))
+
+    # ---- accounting -------------------------------------------------------------------------
+    def memory(self) -> dict[str, int]:
+        """Exact bytes of retained KV by tier (a storage shared by tiers counts once, first tier)."""
+        seen: set[int] = set()
+        tiers = {
+            "sinks": tensor_bytes([t for kv in self.sinks for t in kv], seen),
+            "blocks": tensor_bytes([t for b in self.blocks for t in b.tensors()], seen),
+            "long_term": tensor_bytes([t for p in self.pools or [] for t in p.tensors()], seen),
+            "window": tensor_bytes(self.window.tensors(), seen),
+            "index": tensor_bytes([b.reps for b in self.blocks if len(b)], seen),
+        }
+        tiers["total"] = sum(tiers.values())
+        return tiers

@@ -1,0 +1,194 @@
+"""The model adapter: a LLaVA-OneVision checkpoint seen as the pieces the streaming engine needs.
+
+Everything runs through the checkpoint's own modules: its processor and `get_video_features` for
+visual tokens, its decoder layers for every forward, its rotary embedding for positions. The one
+extension is an attention function registered with transformers' `AttentionInterface`
+(see attention.py): when a forward carries a `streamkv_plan`, attention is computed by that plan
+over the engine's KV; without one it is plain SDPA, so the model stays an ordinary model.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+from pipeline.attention import ATTENTION_NAME, AttentionPlan, register_attention
+from pipeline.errors import InvalidInputError, UnsupportedModelError
+
+SUPPORTED_MODEL_TYPES = ("llava_onevision",)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    tokens_per_frame: int
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """The chat-templated prompt cut around the video placeholder.
+
+    prefix_ids: tokens before the video (system turn and user-turn header): the attention sinks.
+    suffix_ids: tokens after the video placeholder (question, end of turn, assistant header);
+    the video's trailing newline embedding goes first, before them.
+    """
+
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+
+
+class VideoLLM:
+    """A loaded checkpoint: model, processor and the operations the engine performs with them."""
+
+    def __init__(self, model: LlavaOnevisionForConditionalGeneration, processor, name: str):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        text_config = model.config.text_config
+        self.lm = model.model.language_model
+        self.device = model.device
+        self.dtype = model.dtype
+        vision = model.config.vision_config
+        patches = vision.image_size // vision.patch_size
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        self.dims = ModelDims(
+            layers=text_config.num_hidden_layers,
+            q_heads=text_config.num_attention_heads,
+            kv_heads=text_config.num_key_value_heads,
+            head_dim=head_dim,
+            hidden=text_config.hidden_size,
+            tokens_per_frame=math.ceil(patches / 2) ** 2,
+        )
+        # The rotary helper of the text model's own modeling file (Qwen2's for LLaVA-OneVision).
+        attention_module = self.lm.layers[0].self_attn
+        self._apply_rotary = sys.modules[type(attention_module).__module__].apply_rotary_pos_emb
+        self.scaling = attention_module.scaling
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
+
+    # ---- text -------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_parts(self, system_prompt: str | None, question: str) -> PromptParts:
+        messages = []
+        if system_prompt is not None:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]})
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer(text)["input_ids"]
+        video_id = self.processor.video_token_id
+        if ids.count(video_id) != 1:
+            raise UnsupportedModelError("the chat template must render exactly one video placeholder")
+        cut = ids.index(video_id)
+        return PromptParts(prefix_ids=ids[:cut], suffix_ids=ids[cut + 1 :])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ---- vision -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_frames(self, frames: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+        """uint8 frames [T, H, W, 3] -> visual tokens [T, tokens_per_frame, hidden] (LM input space).
+
+        The checkpoint's own video processor and `get_video_features` (tower, projector, 2x2 pooling);
+        the trailing newline embedding it appends is dropped here and added at question time.
+        """
+        out = []
+        config = self.model.config
+        for start in range(0, len(frames), batch_size):
+            pixels = self.processor.video_processor(videos=[frames[start : start + batch_size]], return_tensors="pt")
+            pixels = pixels["pixel_values_videos"].to(self.device, self.dtype)  # [1, t, 3, S, S]
+            features = self.model.model.get_video_features(
+                pixels,
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+                return_dict=True,
+            ).pooler_output[:, :-1]  # [1, t * n, hidden]
+            out.append(features.reshape(-1, self.dims.tokens_per_frame, self.dims.hidden))
+        return torch.cat(out)
+
+    @cached_property
+    def newline_embedding(self) -> torch.Tensor:
+        return self.model.model.image_newline.detach()[None]  # [1, hidden]
+
+    @torch.inference_mode()
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        return self.lm.embed_tokens(ids)  # [T, hidden]
+
+    # ---- language model ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, embeds: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """Run the LM's layers over `embeds` [T, hidden] with attention done by `plan`.
+
+        Positions are given as zeros so the layers' own rotary step is the identity: the plan
+        receives pre-RoPE queries and keys and applies rotation itself at the positions it assigns.
+        Returns the final normed hidden states [T, hidden].
+        """
+        positions = torch.zeros(1, embeds.shape[0], dtype=torch.long, device=self.device)
+        masks = {kind: None for kind in set(self.lm.config.layer_types)}  # the plan does the masking
+        out = self.lm(
+            inputs_embeds=embeds[None].to(self.dtype),
+            position_ids=positions,
+            attention_mask=masks,
+            use_cache=False,
+            streamkv_plan=plan,
+        )
+        return out.last_hidden_state[0]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Apply the model's RoPE to x [..., heads, T, d] at `positions` [T]."""
+        cos, sin = self.lm.rotary_emb(x, positions[None])  # [1, T, d]
+        rotated, _ = self._apply_rotary(x[None], x[None], cos, sin)
+        return rotated[0]
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None) -> VideoLLM:
+    """Load a LLaVA-OneVision checkpoint (model + processor) from a local directory, offline.
+
+    dtype defaults to float32 on CPU and bfloat16 on CUDA.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UnsupportedModelError(f"{path} is not a checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{path} is a {config.model_type!r} checkpoint; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(config.text_config, "use_sliding_window", False):
+        raise UnsupportedModelError("sliding-window language models are not supported")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise InvalidInputError("dtype must be a torch dtype name such as 'float32' or 'bfloat16'")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    register_attention()
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, local_files_only=True, attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa"}
+    )
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return VideoLLM(model.to(device).eval(), processor, name=path.name)
