@@ -21,7 +21,11 @@ class StreamMemory:
         self.config = config
         self.sinks = sinks  # per layer [Hkv, S, d]
         self.blocks = [LayerBlocks() for _ in range(dims.layers)]
-        self.window = Window(dims.layers, config.n_local)
+        # fifo (recent-N) with no explicit window: new frames see exactly the N frames it keeps
+        limit = config.n_local
+        if limit is None and config.compression == "fifo":
+            limit = config.recent_blocks * dims.tokens_per_frame
+        self.window = Window(dims.layers, limit)
         self.pools = [TokenPool() for _ in range(dims.layers)] if config.compression == "vsb" else None
         self.units: dict[int, UnitInfo] = {}
         self.recent_queries: dict[int, torch.Tensor] = {}  # layer -> last vision queries [Hq, r, d]

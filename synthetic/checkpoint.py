@@ -62,6 +62,7 @@ class CheckpointSpec:
     text_intermediate: int = 128
     rope_theta: float = 10000.0
     max_positions: int = 1 << 20
+    init_std: float = 0.02  # weight init scale; tests use larger values so random models vary
     words: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
 
@@ -115,6 +116,7 @@ def build_config(spec: CheckpointSpec, tokenizer: PreTrainedTokenizerFast) -> Ll
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         vision_use_head=False,
+        initializer_range=spec.init_std,
     )
     text = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -128,6 +130,7 @@ def build_config(spec: CheckpointSpec, tokenizer: PreTrainedTokenizerFast) -> Ll
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=spec.init_std,
     )
     return LlavaOnevisionConfig(
         vision_config=vision,
