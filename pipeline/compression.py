@@ -131,16 +131,17 @@ def vsb_select(scores: torch.Tensor, budget: int, top_ratio: float, bucket: int)
     top = max(1, min(budget, int(top_ratio * budget)))
     kept = torch.zeros(n, dtype=torch.bool)
     kept[order[:top]] = True
-    fill = torch.bincount(bucket_of[order[:top]], minlength=n_buckets)
-    remaining = budget - top
-    for i in order[top:].tolist():
-        if remaining == 0:
-            break
-        b = int(bucket_of[i])
-        if fill[b] < bucket:
-            kept[i] = True
-            fill[b] += 1
-            remaining -= 1
+    room = (bucket - torch.bincount(bucket_of[order[:top]], minlength=n_buckets)).clamp_min(0)
+    # Walking the rest by score, a token finds room iff fewer than room[b] better tokens of its
+    # bucket came before it: its rank within its bucket decides, so the walk is vectorised.
+    rest = order[top:]
+    rest_buckets = bucket_of[rest]
+    by_bucket = torch.argsort(rest_buckets, stable=True)  # grouped by bucket, score order kept
+    grouped = rest_buckets[by_bucket]
+    rank = torch.empty_like(rest)
+    rank[by_bucket] = torch.arange(len(rest)) - torch.searchsorted(grouped, grouped)
+    eligible = rest[rank < room[rest_buckets]]
+    kept[eligible[: budget - top]] = True
     return kept.nonzero().flatten()
 
 

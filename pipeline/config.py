@@ -37,7 +37,7 @@ class EngineConfig:
     vsb_head_pool: str = "mean"  # vsb: pooling of attention over heads, mean | max (chosen)
     guidance_prompt: str = GUIDANCE_PROMPT
     # Retrieval: what a question attends to.
-    retrieval: str = "none"  # none | block_mean | summary | page
+    retrieval: str = "none"  # none | block_mean | summary | page | uniform
     top_k: int = 64  # blocks per layer (the base when adaptive)
     page_ratio: float = 0.4  # page: fraction of long-term pages retrieved per layer
     page_tokens: int = 16  # page: tokens per page
@@ -62,7 +62,7 @@ class EngineConfig:
         choices = {
             "segmentation": ("uniform", "semantic"),
             "compression": ("none", "guidance", "vsb", "fifo"),
-            "retrieval": ("none", "block_mean", "summary", "page"),
+            "retrieval": ("none", "block_mean", "summary", "page", "uniform"),
             "similarity": ("dot", "cosine"),
             "vsb_head_pool": ("mean", "max"),
         }
@@ -97,6 +97,8 @@ class EngineConfig:
                 raise ConfigError("compression='vsb' needs budget_tokens (the long-term size M) >= 1")
             if self.n_local is None:
                 raise ConfigError("compression='vsb' needs n_local (the short-term memory) to be set")
+        if self.retrieval == "uniform" and self.compression != "none":
+            raise ConfigError("retrieval='uniform' re-encodes sampled frames: it keeps visual tokens, not KV")
         if self.compression == "fifo" and self.recent_blocks < 1:
             raise ConfigError("compression='fifo' keeps the last recent_blocks blocks: set recent_blocks >= 1")
         return self
@@ -105,6 +107,8 @@ class EngineConfig:
 PRESETS: dict[str, dict] = {
     # The whole stream in context: exactly transformers' own forward on the same video and prompt.
     "full": {},
+    # The base model on N frames sampled uniformly from the stream so far, encoded afresh.
+    "uniform": {"retrieval": "uniform", "top_k": 32},
     # Only the last N frames.
     "recent": {"compression": "fifo", "recent_blocks": 32},
     # ReKV: uniform one-frame blocks, top-64 per layer by mean key, local window of 15k tokens.

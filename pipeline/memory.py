@@ -8,6 +8,7 @@ from pipeline.config import EngineConfig
 from pipeline.kv_store import KV, LayerBlocks, TokenPool, UnitInfo, Window, mean_key, tensor_bytes
 from pipeline.model import ModelDims
 from pipeline.retrieval import LayerView
+from pipeline.segmenter import FrameFeature
 
 
 def _cat(parts: list[KV]) -> KV:
@@ -28,6 +29,7 @@ class StreamMemory:
         self.window = Window(dims.layers, limit)
         self.pools = [TokenPool() for _ in range(dims.layers)] if config.compression == "vsb" else None
         self.units: dict[int, UnitInfo] = {}
+        self.features: list[FrameFeature] = []  # visual tokens, kept only by the uniform baseline
         self.recent_queries: dict[int, torch.Tensor] = {}  # layer -> last vision queries [Hq, r, d]
         self.next_position = sinks[0][0].shape[1]  # original position of the next token
 
@@ -88,6 +90,7 @@ class StreamMemory:
             "long_term": tensor_bytes([t for p in self.pools or [] for t in p.tensors()], seen),
             "window": tensor_bytes(self.window.tensors(), seen),
             "index": tensor_bytes([b.reps for b in self.blocks if len(b)], seen),
+            "features": tensor_bytes([f.tokens for f in self.features], seen),
         }
-        tiers["total"] = sum(tiers.values())
+        tiers["total"] = sum(tiers.values())  # "features": the uniform baseline's visual tokens
         return tiers

@@ -62,7 +62,7 @@ class Selection:
         self.config = config
         self.views = views
         self.scores: list[torch.Tensor | None] = [None] * len(views)
-        self.chosen: list[list[int]] = [list(range(len(v.reps))) for v in views]
+        self.chosen: list[list[int]] = [list(range(len(v.spans))) for v in views]
 
     def base_count(self, view: LayerView) -> int:
         if self.config.retrieval == "page":
@@ -71,7 +71,7 @@ class Selection:
 
     def choose_layer(self, layer: int, query_mean: torch.Tensor) -> list[int]:
         view = self.views[layer]
-        if self.config.retrieval == "none" or len(view.reps) == 0:
+        if self.config.retrieval in ("none", "uniform") or len(view.reps) == 0:
             return self.chosen[layer]
         self.scores[layer] = block_scores(view.reps, query_mean, self.config.similarity)
         self.chosen[layer] = choose(self.scores[layer], self.base_count(view), view.always)
@@ -79,7 +79,7 @@ class Selection:
 
     def finalize(self) -> None:
         """Re-choose with layer-adaptive counts (total = base x layers), when enabled."""
-        if not self.config.adaptive or self.config.retrieval == "none":
+        if not self.config.adaptive or self.config.retrieval in ("none", "uniform"):
             return
         scored = [i for i, s in enumerate(self.scores) if s is not None]
         if not scored:

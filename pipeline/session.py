@@ -22,7 +22,7 @@ from pipeline.errors import InvalidInputError, NoFramesError, UnsupportedModelEr
 from pipeline.kv_store import KV
 from pipeline.memory import StreamMemory
 from pipeline.model import VideoLLM
-from pipeline.retrieval import Selection
+from pipeline.retrieval import LayerView, Selection
 from pipeline.segmenter import FrameFeature, Segment, Segmenter
 
 MAX_NEW_TOKENS = 4096
@@ -88,6 +88,9 @@ class StreamSession:
     def _encode_segment(self, segment: Segment) -> None:
         """Encode a closed segment on top of [sinks | window], then hand it to the compressor."""
         memory, n = self.store, self.model.dims.tokens_per_frame
+        if self.config.retrieval == "uniform":  # the baseline encodes only at question time
+            memory.features.extend(segment.items)
+            return
         items = [("frame", item.tokens, item.frames, item.times) for item in segment.items]
         if self.config.summaries:  # StreamKV's pseudo-frame: the token-wise mean of the segment
             mean = torch.stack([item.tokens for item in segment.items]).mean(dim=0)
@@ -103,8 +106,8 @@ class StreamSession:
             kv.append([(plan.keys[l][:, i * n : (i + 1) * n].clone(), plan.values[l][:, i * n : (i + 1) * n].clone())
                        for l in range(self.model.dims.layers)])
         self.compressor.add_segment(memory, units, kv)
-        for unit, unit_kv in zip(units, kv):
-            self.compressor.on_evicted(memory, memory.window.push(unit.uid, unit_kv))
+        evicted = [old for unit, unit_kv in zip(units, kv) for old in memory.window.push(unit.uid, unit_kv)]
+        self.compressor.on_evicted(memory, evicted)
 
     def flush(self) -> None:
         """Encode the open partial segment now (done before every question)."""
@@ -147,6 +150,8 @@ class StreamSession:
 
     def _select(self, question_ids: list[int]) -> Selection:
         """The retrieval pass: the bare question, layer by layer, each layer choosing its blocks."""
+        if self.config.retrieval == "uniform":
+            return self._uniform_selection()
         sinks = self.store.sinks
         selection = Selection(self.config, [self.store.layer_view(l) for l in range(self.model.dims.layers)])
         if self.config.retrieval != "none":
@@ -158,6 +163,23 @@ class StreamSession:
             self.model.forward(self.model.embed(question_ids), ContextPlan(self.model.rotate, retrieved))
             selection.finalize()
         return selection
+
+    def _uniform_selection(self) -> Selection:
+        """The base model on top_k frames sampled uniformly from the stream, encoded afresh."""
+        items = self.store.features
+        picks = sorted(set(np.linspace(0, len(items) - 1, min(self.config.top_k, len(items))).round().astype(int).tolist()))
+        plan = ContextPlan(self.model.rotate, lambda layer, _q: self.store.sinks[layer])
+        self.model.forward(torch.cat([items[i].tokens for i in picks]), plan)
+        n, spans = self.model.dims.tokens_per_frame, [(items[i].frames, items[i].times) for i in picks]
+
+        def view(layer: int) -> LayerView:
+            def gather(indices):
+                rows = torch.cat([torch.arange(i * n, (i + 1) * n) for i in indices]).to(self.model.device)
+                return plan.keys[layer].index_select(1, rows), plan.values[layer].index_select(1, rows)
+
+            return LayerView(reps=torch.empty(0), gather=gather, spans=spans)
+
+        return Selection(self.config, [view(layer) for layer in range(self.model.dims.layers)])
 
     def _check_times(self, timestamps, count: int) -> list[float]:
         if timestamps is None:

@@ -83,3 +83,17 @@ def test_ask_stream_yields_the_answer_text(tiny_model, frames):
     pieces = list(session.ask_stream(QUESTION, max_new_tokens=8))
     assert "".join(pieces) == session.ask(QUESTION, max_new_tokens=8).text
     assert len(pieces) >= 1
+
+
+def test_uniform_baseline_is_the_base_model_on_sampled_frames(checkpoint_dirs, frames):
+    from pipeline import load_model
+
+    session = StreamSession(load_model(checkpoint_dirs["gqa"]), method="uniform", top_k=4, system_prompt=SYSTEM)
+    stream(session, frames, [2, 7])
+    answer = session.ask(QUESTION, max_new_tokens=10)
+    picks = [0, 3, 5, 8]  # 4 frames spread uniformly over 9
+    ref_logits, ref_tokens = reference(checkpoint_dirs["gqa"], frames[picks])
+    assert torch.allclose(answer.first_token_logits, ref_logits, rtol=1e-4, atol=1e-5)
+    assert answer.token_ids == ref_tokens
+    assert [e.frames for e in answer.evidence] == [(p, p + 1) for p in picks]
+    assert session.memory()["features"] > 0 and session.memory()["blocks"] == 0
