@@ -27,25 +27,12 @@ from rich.table import Table
 from transformers.cache_utils import DynamicCache
 
 from pipeline import StreamSession, load_model
-from pipeline.config import PRESETS
+from pipeline.config import PRESETS, frame_scaled_options
 from synthetic.checkpoint import CheckpointSpec, build_checkpoint
 
-PAPER_TOKENS_PER_FRAME = 196
 QUESTIONS = ["what color was the star?", "which shape was red?", "what is on screen now?", "how many circles?"]
 CHUNK = 8  # frames per add_frames call, as a camera feeding 16 s of video at 0.5 fps
 BENCH_SPEC = CheckpointSpec(image_size=64, patch_size=8, text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2)
-
-
-def scaled_presets(tokens_per_frame: int) -> dict[str, dict]:
-    scale = tokens_per_frame / PAPER_TOKENS_PER_FRAME
-    presets = {}
-    for method, options in PRESETS.items():
-        options = dict(options)
-        for knob in ("n_local", "budget_tokens"):
-            if options.get(knob):
-                options[knob] = max(tokens_per_frame, round(options[knob] * scale))
-        presets[method] = options
-    return presets
 
 
 def frames_for(count: int, seed: int = 0) -> np.ndarray:
@@ -73,7 +60,7 @@ def run(lengths: list[int], questions: int, out_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(build_checkpoint(Path(tmp) / "bench", BENCH_SPEC))
     frames = frames_for(max(lengths))
-    presets = scaled_presets(model.dims.tokens_per_frame)
+    presets = {m: frame_scaled_options(m, model.dims.tokens_per_frame) for m in PRESETS}
     results: dict = {"tokens_per_frame": model.dims.tokens_per_frame, "presets": presets, "methods": {}}
     with Progress(console=console) as progress:
         task = progress.add_task("plain forward", total=max(lengths))

@@ -136,6 +136,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
+PAPER_TOKENS_PER_FRAME = 196  # LLaVA-OneVision-7B at 384 px: the unit of the papers' token knobs
+
+
+def frame_scaled_options(method: str, tokens_per_frame: int) -> dict:
+    """The preset's options with token-valued knobs (n_local, budget_tokens) rescaled so they keep
+    the same number of frames' worth as in the papers, for a model with `tokens_per_frame`."""
+    options = dict(PRESETS[method])
+    for knob in ("n_local", "budget_tokens"):
+        if options.get(knob):
+            options[knob] = max(tokens_per_frame, round(options[knob] * tokens_per_frame / PAPER_TOKENS_PER_FRAME))
+    return options
+
+
 def make_config(method: str = "rekv", **overrides) -> EngineConfig:
     """The preset `method` with `overrides` applied; unknown knobs and bad values are ConfigErrors."""
     if method not in PRESETS:
