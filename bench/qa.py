@@ -1,0 +1,151 @@
+"""Long-stream QA benchmark: accuracy, retained KV and latency of every method, in one run.
+
+    python -m bench.qa [--frames 1000] [--streams 3] [--questions 100] [--model models/demo]
+
+Streams come from the synthetic world on held-out seeds (>= 90000, never used in training), each
+with questions spread over the stream; each question sees only the frames before it. Every
+method streams the same frames and answers the same questions. Token-valued knobs are scaled to
+the model's tokens per frame (see pipeline.config.frame_scaled_options).
+Writes bench/results/qa.json, qa.md and qa_accuracy_vs_memory.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from pipeline import StreamSession, load_model
+from pipeline.config import frame_scaled_options
+from synthetic.demo import DEFAULT_MODEL, first_word
+from synthetic.world import KINDS, SYSTEM_PROMPT, WorldConfig, generate_stream, questions
+
+# (label, preset, overrides)
+METHODS: list[tuple[str, str, dict]] = [
+    ("full", "full", {}),
+    ("uniform-32", "uniform", {"top_k": 32}),
+    ("recent-32", "recent", {"recent_blocks": 32}),
+    ("rekv", "rekv", {}),
+    ("streamkv keep=1.0", "streamkv", {"keep_ratio": 1.0}),
+    ("streamkv keep=0.4", "streamkv", {"keep_ratio": 0.4}),
+    ("streamkv keep=0.2", "streamkv", {"keep_ratio": 0.2}),
+    ("streamkv keep=0.1", "streamkv", {"keep_ratio": 0.1}),
+    ("streamkv uniform-seg keep=0.4", "streamkv", {"keep_ratio": 0.4, "segmentation": "uniform"}),
+    ("livevlm", "livevlm", {}),
+]
+HELD_OUT_SEED = 90_000
+
+
+def run_method(model, preset: str, overrides: dict, streams, asked) -> dict:
+    options = {**frame_scaled_options(preset, model.dims.tokens_per_frame), **overrides}
+    records, latencies, ingest_s, frames_total, retained = [], [], 0.0, 0, []
+    for stream, stream_questions in zip(streams, asked):
+        session = StreamSession(model, method=preset, system_prompt=SYSTEM_PROMPT, **options)
+        done = 0
+        for question in stream_questions:
+            if question.ask_at > done:
+                start = time.perf_counter()
+                session.add_frames(stream.frames[done : question.ask_at], timestamps=stream.times[done : question.ask_at])
+                ingest_s += time.perf_counter() - start
+                frames_total += question.ask_at - done
+                done = question.ask_at
+            start = time.perf_counter()
+            answer = session.ask(question.text, max_new_tokens=4)
+            latencies.append(time.perf_counter() - start)
+            hit = any(e.frames[0] < end and start_ < e.frames[1] for e in answer.evidence for start_, end in question.evidence)
+            records.append({"kind": question.kind, "correct": first_word(answer.text) == question.answer, "evidence_hit": hit})
+        retained.append(session.memory()["total"])
+    by_kind = defaultdict(list)
+    for r in records:
+        by_kind[r["kind"]].append(r["correct"])
+    latencies.sort()
+    return {
+        "options": options,
+        "accuracy": sum(r["correct"] for r in records) / len(records),
+        "accuracy_by_kind": {k: sum(v) / len(v) for k, v in by_kind.items()},
+        "evidence_hit_rate": sum(r["evidence_hit"] for r in records) / len(records),
+        "retained_bytes": statistics.mean(retained),
+        "latency_p50_s": latencies[len(latencies) // 2],
+        "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "ingest_fps": frames_total / ingest_s if ingest_s else float("nan"),
+        "questions": len(records),
+    }
+
+
+def report(results: dict, console: Console) -> str:
+    table = Table(title=f"long-stream QA ({results['frames']} frames x {results['streams']} streams, "
+                        f"{results['questions']} questions)")
+    columns = ["method", "accuracy", *KINDS, "evidence hit", "retained KV", "p50", "p95", "ingest fps"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for label, r in results["methods"].items():
+        row = [label, f"{r['accuracy']:.1%}", *[f"{r['accuracy_by_kind'].get(k, float('nan')):.0%}" for k in KINDS],
+               f"{r['evidence_hit_rate']:.0%}", f"{r['retained_bytes'] / 2**20:.2f} MiB",
+               f"{r['latency_p50_s'] * 1000:.0f} ms", f"{r['latency_p95_s'] * 1000:.0f} ms", f"{r['ingest_fps']:.1f}"]
+        table.add_row(*row)
+        lines.append("| " + " | ".join(row) + " |")
+    console.print(table)
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for label, r in results["methods"].items():
+        axis.scatter(r["retained_bytes"] / 2**20, 100 * r["accuracy"], s=40)
+        axis.annotate(label, (r["retained_bytes"] / 2**20, 100 * r["accuracy"]), fontsize=8,
+                      xytext=(4, 3), textcoords="offset points")
+    axis.set_xscale("log")
+    axis.set_xlabel("retained KV at the end of the stream (MiB, log)")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title(f"accuracy vs memory, {results['frames']}-frame streams")
+    axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--streams", type=int, default=3)
+    parser.add_argument("--questions", type=int, default=100, help="per stream")
+    parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+
+    console = Console(stderr=True)
+    model = load_model(args.model)
+    seeds = [HELD_OUT_SEED + i for i in range(args.streams)]
+    streams = [generate_stream(args.frames, seed, WorldConfig()) for seed in seeds]
+    asked = [questions(stream, args.questions, seed) for stream, seed in zip(streams, seeds)]
+    methods = [m for m in METHODS if not args.methods or m[0] in args.methods]
+    results = {"frames": args.frames, "streams": args.streams, "questions": sum(map(len, asked)),
+               "model": str(args.model), "seeds": seeds, "methods": {}}
+    with Progress(console=console) as progress:
+        task = progress.add_task("methods", total=len(methods))
+        for label, preset, overrides in methods:
+            progress.update(task, description=label)
+            results["methods"][label] = run_method(model, preset, overrides, streams, asked)
+            progress.advance(task)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "qa.json").write_text(json.dumps(results, indent=1))
+    (args.out / "qa.md").write_text(report(results, console))
+    plot(results, args.out / "qa_accuracy_vs_memory.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
