@@ -9,7 +9,8 @@ from pipeline.errors import (
     UnsupportedModelError,
 )
 from pipeline.model import VideoLLM, load_model
-from pipeline.session import Answer, Evidence, StreamSession
+from pipeline.answerer import Answer, Evidence
+from pipeline.session import StreamSession
 
 __all__ = [
     "PRESETS", "EngineConfig", "make_config", "ConfigError", "InvalidInputError", "NoFramesError",

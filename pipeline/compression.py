@@ -1,7 +1,6 @@
 """Compression: what a stream retains of each encoded segment, as strategies over StreamMemory.
 
-- KeepAll: every block, every layer (full, ReKV).
-- Fifo: only the `recent_blocks` most recent blocks (the recent-N baseline).
+- KeepAll: every block, every layer (full, ReKV; recent-N, whose fifo rule the memory applies).
 - Guidance (StreamKV): a fixed prompt that sees only the segment scores its frame blocks per layer;
   each layer keeps its top frames (layer-adaptive counts when enabled) plus the summary block.
 - VSB (LiveVLM): blocks leave the short-term window into a long-term token pool per layer; when the
@@ -17,25 +16,21 @@ import torch
 from pipeline.attention import ContextPlan
 from pipeline.budget import adaptive_budgets
 from pipeline.config import EngineConfig
-from pipeline.kv_store import KV, UnitInfo
-from pipeline.memory import StreamMemory
+from pipeline.kv_store import KV, mean_key
+from pipeline.memory import SegmentUpdate, StreamMemory
 from pipeline.model import VideoLLM
 from pipeline.retrieval import block_scores, choose
 
 
 class KeepAll:
-    def add_segment(self, memory: StreamMemory, units: list[UnitInfo], kv: list[list[KV]]) -> None:
-        memory.add_blocks(units, kv)
+    """Every block, every layer (full, ReKV; fifo's recent-N rule is applied by the memory)."""
 
-    def on_evicted(self, memory: StreamMemory, evicted) -> None:
-        """Units that left the local window: their blocks stay in the store."""
+    def decide(self, update: SegmentUpdate) -> None:
+        """Fill the update's decisions that depend only on the segment itself."""
 
-
-class Fifo(KeepAll):
-    def add_segment(self, memory, units, kv):
-        memory.add_blocks(units, kv)
-        for blocks in memory.blocks:
-            blocks.drop_oldest(len(blocks) - memory.config.recent_blocks)
+    def compact(self, memory: StreamMemory, update: SegmentUpdate) -> None:
+        """After `memory.apply(update)`: decisions that depend on the whole memory, recorded in the
+        update (so replicas can apply them without a model) and applied here."""
 
 
 class Guidance(KeepAll):
@@ -44,17 +39,13 @@ class Guidance(KeepAll):
         self.config = config
         self.prompt = model.embed(model.tokenize(config.guidance_prompt))  # [P, hidden]
 
-    def add_segment(self, memory, units, kv):
+    def decide(self, update):
+        units, kv = update.units, update.kv
         frames = [i for i, u in enumerate(units) if u.kind == "frame"]
         summaries = [i for i, u in enumerate(units) if u.kind != "frame"]
-        memory.add_blocks(units, kv, keep=self.keep(units, kv, frames, summaries))
-
-    def keep(self, units, kv, frames: list[int], summaries: list[int]) -> list[list[int]]:
-        """Per layer, the unit indices to keep: top frames by guidance score, plus summaries."""
         layers = self.model.dims.layers
-        base = self.config.keep_ratio * len(frames)
         if self.config.keep_ratio >= 1.0:
-            return [sorted(frames + summaries)] * layers
+            return  # keep everything
 
         def segment_context(layer: int, _query_mean) -> KV:  # the guidance prompt sees only the segment
             return torch.cat([kv[i][layer][0] for i in range(len(units))], 1), torch.cat(
@@ -64,14 +55,15 @@ class Guidance(KeepAll):
         plan = ContextPlan(self.model.rotate, segment_context)
         self.model.forward(self.prompt, plan)
         scores = [
-            block_scores(torch.stack([kv[i][layer][0].float().mean(dim=1) for i in frames]), plan.query_means[layer])
+            block_scores(torch.stack([mean_key(kv[i][layer][0]) for i in frames]), plan.query_means[layer])
             for layer in range(layers)
         ]
+        base = self.config.keep_ratio * len(frames)
         if self.config.adaptive:
             counts = adaptive_budgets(scores, round(base * layers), base, self.config.adaptive_temp)
         else:
             counts = [max(1, round(base))] * layers
-        return [sorted([frames[i] for i in choose(s, c, [])] + summaries) for s, c in zip(scores, counts)]
+        update.keep = [sorted([frames[i] for i in choose(s, c, [])] + summaries) for s, c in zip(scores, counts)]
 
 
 class VSB(KeepAll):
@@ -79,18 +71,18 @@ class VSB(KeepAll):
         self.model = model
         self.config = config
 
-    def add_segment(self, memory, units, kv):
-        """Nothing is stored as blocks: units live in the short-term window until evicted."""
+    def decide(self, update):
+        update.keep = [[] for _ in range(self.model.dims.layers)]  # units live in the short-term window
 
-    def on_evicted(self, memory, evicted):
-        if not evicted:
+    def compact(self, memory, update):
+        if all(len(pool) <= self.config.budget_tokens for pool in memory.pools):
             return
-        for layer, pool in enumerate(memory.pools):
-            for uid, per_layer in evicted:
-                pool.append(*per_layer[layer], memory.units[uid].first_position, uid)
-            if len(pool) > self.config.budget_tokens:
-                scores = self.token_scores(memory, layer)
-                pool.keep(vsb_select(scores, self.config.budget_tokens, self.config.vsb_top_ratio, self.config.vsb_bucket))
+        update.pool_keep = [
+            vsb_select(self.token_scores(memory, layer), self.config.budget_tokens, self.config.vsb_top_ratio,
+                       self.config.vsb_bucket) if len(pool) > self.config.budget_tokens else None
+            for layer, pool in enumerate(memory.pools)
+        ]
+        memory.compact_pools(update.pool_keep)
 
     def token_scores(self, memory: StreamMemory, layer: int) -> torch.Tensor:
         """Mean attention each long-term token receives from the last r vision tokens, [N] fp32.
@@ -148,7 +140,7 @@ def vsb_select(scores: torch.Tensor, budget: int, top_ratio: float, bucket: int)
 def make_compressor(model: VideoLLM, config: EngineConfig) -> KeepAll:
     return {
         "none": lambda: KeepAll(),
-        "fifo": lambda: Fifo(),
+        "fifo": lambda: KeepAll(),
         "guidance": lambda: Guidance(model, config),
         "vsb": lambda: VSB(model, config),
     }[config.compression]()

@@ -1,6 +1,13 @@
-"""StreamMemory: everything a stream retains, and the views retrieval and encoding take of it."""
+"""StreamMemory: everything a stream retains, and the views retrieval and encoding take of it.
+
+Memory changes only by `apply(SegmentUpdate)`: an encoded segment plus the compression decisions
+about it. Replicas (a prefill actor's, an answering actor's) that apply the same updates in the
+same order hold the same memory, without a model.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +21,17 @@ from pipeline.segmenter import FrameFeature
 def _cat(parts: list[KV]) -> KV:
     parts = [p for p in parts if p is not None]
     return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
+@dataclass
+class SegmentUpdate:
+    segment: int
+    units: list[UnitInfo]  # new blocks: the segment's frames, then its summary
+    kv: list[list[KV]]  # [unit][layer] (keys, values) pre-RoPE [Hkv, n, d]
+    recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # VSB: layer -> [Hq, r, d]
+    features: list[FrameFeature] = field(default_factory=list)  # uniform baseline: visual tokens only
+    keep: list[list[int]] | None = None  # per layer, indices into units kept as blocks (None: all)
+    pool_keep: list[torch.Tensor | None] | None = None  # VSB: per layer, long-term tokens kept
 
 
 class StreamMemory:
@@ -39,17 +57,36 @@ class StreamMemory:
         pool = self.pools[layer] if self.pools is not None and len(self.pools[layer]) else None
         return _cat([self.sinks[layer], pool and (pool.keys, pool.values), self.window.kv(layer)])
 
-    def new_unit(self, kind: str, frames, times, segment: int, tokens: int) -> UnitInfo:
-        unit = UnitInfo(len(self.units), kind, frames, times, segment, self.next_position)
-        self.units[unit.uid] = unit
-        self.next_position += tokens
-        return unit
+    def next_units(self, kinds_frames_times: list[tuple], segment: int) -> list[UnitInfo]:
+        """UnitInfos for the next blocks of the stream (not yet registered: apply does that)."""
+        n, first_uid, first_position = self.dims.tokens_per_frame, len(self.units), self.next_position
+        return [UnitInfo(first_uid + i, kind, frames, times, segment, first_position + i * n)
+                for i, (kind, frames, times) in enumerate(kinds_frames_times)]
 
-    def add_blocks(self, units: list[UnitInfo], kv: list[list[KV]], keep: list[list[int]] | None = None) -> None:
-        """Store units as retrievable blocks: all of them, or per layer the indices in `keep`."""
-        for layer in range(self.dims.layers):
-            for i in keep[layer] if keep is not None else range(len(units)):
-                self.blocks[layer].add(units[i].uid, *kv[i][layer])
+    def apply(self, update: SegmentUpdate) -> None:
+        for unit in update.units:
+            self.units[unit.uid] = unit
+        self.next_position += len(update.units) * self.dims.tokens_per_frame
+        self.features.extend(update.features)
+        if update.recent_queries:
+            self.recent_queries = update.recent_queries
+        for layer, blocks in enumerate(self.blocks):
+            for i in update.keep[layer] if update.keep is not None else range(len(update.units)):
+                blocks.add(update.units[i].uid, *update.kv[i][layer])
+            if self.config.compression == "fifo":  # recent-N retains its last N blocks only
+                blocks.drop_oldest(len(blocks) - self.config.recent_blocks)
+        evicted = [old for unit, kv in zip(update.units, update.kv) for old in self.window.push(unit.uid, kv)]
+        if self.pools is not None:
+            for layer, pool in enumerate(self.pools):
+                for uid, per_layer in evicted:
+                    pool.append(*per_layer[layer], self.units[uid].first_position, uid)
+        if update.pool_keep is not None:
+            self.compact_pools(update.pool_keep)
+
+    def compact_pools(self, pool_keep: list[torch.Tensor | None]) -> None:
+        for pool, keep in zip(self.pools, pool_keep):
+            if keep is not None:
+                pool.keep(keep)
 
     # ---- retrieval --------------------------------------------------------------------------
     def layer_view(self, layer: int) -> LayerView:

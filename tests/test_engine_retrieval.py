@@ -56,7 +56,7 @@ def test_rekv_chooses_the_top_scoring_blocks_per_layer(tiny_model):
     session = StreamSession(tiny_model, method="rekv", top_k=3, n_local=None)
     session.add_frames(frames)
     session.flush()
-    selection = session._select(tiny_model.tokenize(QUESTION))
+    selection = session.answerer.select(session.store, tiny_model.tokenize(QUESTION))
     expected = direct_retrieval(tiny_model, session, QUESTION, top_k=3)
     assert selection.chosen == expected
     assert len({tuple(c) for c in expected}) > 1 or tiny_model.dims.layers == 1  # layers differ
@@ -67,7 +67,7 @@ def test_recent_blocks_are_always_retrieved(gqa_model):
     session = StreamSession(gqa_model, method="rekv", top_k=5, recent_blocks=3)
     session.add_frames(frames)
     session.flush()
-    selection = session._select(gqa_model.tokenize(QUESTION))
+    selection = session.answerer.select(session.store, gqa_model.tokenize(QUESTION))
     for chosen in selection.chosen:
         assert len(chosen) == 5 and chosen[-3:] == [13, 14, 15]
 
@@ -77,7 +77,7 @@ def test_adaptive_retrieval_spends_the_whole_budget(gqa_model):
     session = StreamSession(gqa_model, method="streamkv", keep_ratio=1.0, top_k=8, min_frames=2, max_frames=8)
     session.add_frames(frames)
     session.flush()
-    selection = session._select(gqa_model.tokenize(QUESTION))
+    selection = session.answerer.select(session.store, gqa_model.tokenize(QUESTION))
     counts = [len(c) for c in selection.chosen]
     assert sum(counts) == 8 * gqa_model.dims.layers
     assert all(4 <= c <= 12 for c in counts)
@@ -90,7 +90,7 @@ def test_pages_are_repositioned_so_attention_equals_a_direct_computation(gqa_mod
     session = StreamSession(gqa_model, method="livevlm", budget_tokens=48, n_local=16, page_tokens=4, vsb_queries=4)
     session.add_frames(frames)
     session.flush()
-    selection = session._select(gqa_model.tokenize(QUESTION))
+    selection = session.answerer.select(session.store, gqa_model.tokenize(QUESTION))
     dims = gqa_model.dims
     pool = session.store.pools[0]
     expected_pages = max(1, round(0.4 * len(pool.pages(4))))

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +12,7 @@ from pipeline import StreamSession
 from pipeline.budget import adaptive_budgets
 from pipeline.compression import vsb_select
 from pipeline.config import make_config
+from pipeline.memory import StreamMemory
 from pipeline.segmenter import FrameFeature, Segmenter
 
 
@@ -177,3 +179,33 @@ def test_streamkv_retains_less_than_full(gqa_model):
         session.add_frames(frames)
         session.flush()
     assert streamkv.memory()["total"] < 0.6 * full.memory()["total"]
+
+
+# ---- replicas -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("rekv", {"top_k": 4, "n_local": 32}),
+        ("streamkv", {"keep_ratio": 0.4, "top_k": 4, "min_frames": 3, "n_local": 32}),
+        ("livevlm", {"budget_tokens": 40, "n_local": 16, "vsb_queries": 4, "page_tokens": 4}),
+        ("recent", {"recent_blocks": 4}),
+        ("uniform", {"top_k": 5}),
+    ],
+)
+def test_a_replica_applying_the_same_updates_answers_the_same(gqa_model, method, options):
+    """What the actors rely on: memory is a function of the update sequence, no model needed."""
+    frames, _ = scenes_video([6, 5, 7, 4])
+    session = StreamSession(gqa_model, method=method, **options)
+    replica = StreamMemory(gqa_model.dims, session.config, session.store.sinks)
+    for i, tokens in enumerate(gqa_model.encode_frames(frames)):
+        item = FrameFeature(tokens, (i, i + 1), (float(i), float(i)))
+        for segment in session.segmenter.push(item) + ([session.segmenter.flush()] if i == len(frames) - 1 else []):
+            update = session.encoder.encode(session.store, segment)
+            session.compressor.decide(update)
+            session.store.apply(update)
+            session.compressor.compact(session.store, update)
+            replica.apply(update)
+    assert replica.memory() == session.store.memory()
+    a = session.answerer.ask(session.store, "what color was the star?", max_new_tokens=5)
+    b = session.answerer.ask(replica, "what color was the star?", max_new_tokens=5)
+    assert a.token_ids == b.token_ids and a.evidence == b.evidence

@@ -1,0 +1,45 @@
+"""Streaming prefill: the system prompt once (the sinks), then each closed segment on top of what
+the stream's memory gives as ingest context ([sinks | local window], plus LiveVLM's long-term)."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.attention import ContextPlan
+from pipeline.config import EngineConfig
+from pipeline.kv_store import KV
+from pipeline.memory import SegmentUpdate, StreamMemory
+from pipeline.model import VideoLLM
+from pipeline.segmenter import Segment
+
+
+class SegmentEncoder:
+    def __init__(self, model: VideoLLM, config: EngineConfig):
+        self.model = model
+        self.config = config
+
+    def encode_sinks(self, prefix_ids: list[int]) -> list[KV]:
+        """Per-layer pre-RoPE KV of the prompt prefix (system turn, user-turn header)."""
+        dims = self.model.dims
+        empty = torch.empty(dims.kv_heads, 0, dims.head_dim, device=self.model.device, dtype=self.model.dtype)
+        plan = ContextPlan(self.model.rotate, lambda layer, _q: (empty, empty))
+        self.model.forward(self.model.embed(prefix_ids), plan)
+        return [(plan.keys[layer], plan.values[layer]) for layer in range(dims.layers)]
+
+    def encode(self, memory: StreamMemory, segment: Segment) -> SegmentUpdate:
+        """The segment's blocks (frames, then StreamKV's summary pseudo-frame) as an update."""
+        if self.config.retrieval == "uniform":  # the baseline encodes only at question time
+            return SegmentUpdate(segment.index, [], [], features=list(segment.items))
+        items = [("frame", item.tokens, item.frames, item.times) for item in segment.items]
+        if self.config.summaries:  # the token-wise mean of the segment, encoded like a frame
+            mean = torch.stack([item.tokens for item in segment.items]).mean(dim=0)
+            items.append(("summary", mean, segment.frames, segment.times))
+        keep_queries = self.config.vsb_queries if self.config.compression == "vsb" else 0
+        plan = ContextPlan(self.model.rotate, lambda layer, _q: memory.ingest_context(layer), keep_queries)
+        self.model.forward(torch.cat([tokens for _, tokens, _, _ in items]), plan)
+        n, layers = self.model.dims.tokens_per_frame, range(self.model.dims.layers)
+        # clone: each block owns its storage, so dropping it frees exactly its bytes
+        kv = [[(plan.keys[l][:, i * n : (i + 1) * n].clone(), plan.values[l][:, i * n : (i + 1) * n].clone())
+               for l in layers] for i in range(len(items))]
+        units = memory.next_units([(kind, frames, times) for kind, _, frames, times in items], segment.index)
+        return SegmentUpdate(segment.index, units, kv, recent_queries=plan.last_queries)
