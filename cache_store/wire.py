@@ -1,0 +1,163 @@
+"""A stream's memory on the wire: SegmentUpdates and whole-memory snapshots as KV pages (numpy,
+zero-copy through Ray's object store) plus msgpack-able metadata.
+
+Updates keep replicas in step (every replica applies the same ones in order); a snapshot brings
+a new or restarted replica to the current state in one transfer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cache_store.pages import KVPage
+from pipeline.config import EngineConfig
+from pipeline.kv_store import UnitInfo
+from pipeline.memory import SegmentUpdate, StreamMemory
+from pipeline.model import ModelDims
+from pipeline.segmenter import FrameFeature
+
+
+@dataclass
+class Wire:
+    meta: dict  # msgpack-able
+    pages: list[KVPage] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # float32 side tensors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pages) + sum(a.nbytes for a in self.arrays.values())
+
+
+def _unit_meta(unit: UnitInfo) -> list:
+    return [unit.uid, unit.kind, list(unit.frames), list(unit.times), unit.segment, unit.first_position]
+
+
+def _unit(meta: list) -> UnitInfo:
+    uid, kind, frames, times, segment, first = meta
+    return UnitInfo(uid, kind, tuple(frames), tuple(times), segment, first)
+
+
+def _page(keys, values, stream_id: str, model_id: str, uid: int, kind: str, frames=(0, 0), times=(0.0, 0.0), **extra):
+    return KVPage.from_tensors(keys.contiguous(), values.contiguous(), model_id=model_id, stream_id=stream_id,
+                               unit_id=uid, frame_range=frames, time_range=times,
+                               positions=(0, keys.shape[2]), kind=kind, extra=extra)
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:  # bf16/fp16 -> fp32 is exact, and numpy has no bf16
+    return t.detach().float().cpu().numpy()
+
+
+# ---- updates ----------------------------------------------------------------------------------
+def pack_update(update: SegmentUpdate, *, stream_id: str, model_id: str) -> Wire:
+    meta = {
+        "segment": update.segment,
+        "units": [_unit_meta(u) for u in update.units],
+        "keep": update.keep,
+        "pool_keep": None if update.pool_keep is None else [None if k is None else k.tolist() for k in update.pool_keep],
+        "features": [[list(f.frames), list(f.times)] for f in update.features],
+    }
+    pages = [
+        _page(torch.stack([k for k, _ in per_layer]), torch.stack([v for _, v in per_layer]), stream_id, model_id,
+              unit.uid, unit.kind, unit.frames, unit.times)
+        for unit, per_layer in zip(update.units, update.kv)
+    ]
+    arrays = {f"q{layer}": _f32(q) for layer, q in update.recent_queries.items()}
+    if update.features:
+        arrays["features"] = _f32(torch.stack([f.tokens for f in update.features]))
+    return Wire(meta, pages, arrays)
+
+
+def unpack_update(wire: Wire, device: str | torch.device, dtype: torch.dtype) -> SegmentUpdate:
+    meta = wire.meta
+    kv = []
+    for page in wire.pages:
+        keys, values = page.to_tensors(device)  # [L, Hkv, n, d]
+        # one storage per (unit, layer), as the encoder makes them: dropping one frees its bytes
+        kv.append([(keys[l].clone(), values[l].clone()) for l in range(keys.shape[0])])
+    features = []
+    if meta["features"]:
+        tokens = torch.from_numpy(np.array(wire.arrays["features"])).to(device, dtype)
+        features = [FrameFeature(tokens[i], tuple(f), tuple(t)) for i, (f, t) in enumerate(meta["features"])]
+    queries = {int(name[1:]): torch.from_numpy(np.array(a)).to(device, dtype) for name, a in wire.arrays.items() if name.startswith("q")}
+    pool_keep = meta["pool_keep"]
+    return SegmentUpdate(
+        segment=meta["segment"],
+        units=[_unit(u) for u in meta["units"]],
+        kv=kv,
+        recent_queries=queries,
+        features=features,
+        keep=meta["keep"],
+        pool_keep=None if pool_keep is None else [None if k is None else torch.tensor(k, dtype=torch.long) for k in pool_keep],
+    )
+
+
+# ---- snapshots --------------------------------------------------------------------------------
+def pack_snapshot(memory: StreamMemory, *, stream_id: str, model_id: str) -> Wire:
+    """Everything `memory` retains; per layer, tiers are packed as one page of concatenated tokens."""
+    layers = range(memory.dims.layers)
+    stack = lambda parts: (torch.stack([k for k, _ in parts]), torch.stack([v for _, v in parts]))  # noqa: E731
+    pages = [_page(*stack(memory.sinks), stream_id, model_id, -1, "sink")]
+    meta = {
+        "units": [_unit_meta(u) for u in memory.units.values()],
+        "next_position": memory.next_position,
+        "blocks": [list(memory.blocks[l].uids) for l in layers],
+        "window": memory.window.uids(),
+        "features": [[list(f.frames), list(f.times)] for f in memory.features],
+    }
+    arrays = {f"q{layer}": _f32(q) for layer, q in memory.recent_queries.items()}
+    for layer in layers:
+        blocks = memory.blocks[layer]
+        if len(blocks):
+            pages.append(_page(torch.cat(blocks.keys, 1)[None], torch.cat(blocks.values, 1)[None], stream_id, model_id,
+                               layer, "page", tier="blocks"))
+        window = memory.window.kv(layer)
+        if window is not None:
+            pages.append(_page(window[0][None], window[1][None], stream_id, model_id, layer, "page", tier="window"))
+        if memory.pools is not None and len(memory.pools[layer]):
+            pool = memory.pools[layer]
+            pages.append(_page(pool.keys[None], pool.values[None], stream_id, model_id, layer, "page", tier="pool"))
+            arrays[f"pool_positions{layer}"] = pool.positions.numpy()
+            arrays[f"pool_uids{layer}"] = pool.uids.numpy()
+    if memory.features:
+        arrays["features"] = _f32(torch.stack([f.tokens for f in memory.features]))
+    return Wire(meta, pages, arrays)
+
+
+def unpack_snapshot(wire: Wire, dims: ModelDims, config: EngineConfig, device, dtype: torch.dtype) -> StreamMemory:
+    meta, n = wire.meta, dims.tokens_per_frame
+    by_tier = {(p.header.extra.get("tier"), p.header.unit_id): p for p in wire.pages if p.header.kind == "page"}
+    sink_keys, sink_values = next(p for p in wire.pages if p.header.kind == "sink").to_tensors(device)
+    memory = StreamMemory(dims, config, [(sink_keys[l], sink_values[l]) for l in range(dims.layers)])
+    memory.units = {u.uid: u for u in map(_unit, meta["units"])}
+    memory.next_position = meta["next_position"]
+    per_layer_window: list[dict[int, tuple]] = []
+    for layer in range(dims.layers):
+        shared: dict[int, tuple] = {}
+        if ("blocks", layer) in by_tier:
+            keys, values = by_tier[("blocks", layer)].to_tensors(device)
+            for i, uid in enumerate(meta["blocks"][layer]):
+                kv = (keys[0, :, i * n : (i + 1) * n].clone(), values[0, :, i * n : (i + 1) * n].clone())
+                memory.blocks[layer].add(uid, *kv)
+                shared[uid] = kv
+        if ("window", layer) in by_tier:  # window units that are also blocks share their storage
+            keys, values = by_tier[("window", layer)].to_tensors(device)
+            for i, uid in enumerate(meta["window"]):
+                shared.setdefault(uid, (keys[0, :, i * n : (i + 1) * n].clone(), values[0, :, i * n : (i + 1) * n].clone()))
+        per_layer_window.append(shared)
+        if ("pool", layer) in by_tier:
+            keys, values = by_tier[("pool", layer)].to_tensors(device)
+            pool = memory.pools[layer]
+            pool.keys, pool.values = keys[0], values[0]
+            pool.positions = torch.from_numpy(np.array(wire.arrays[f"pool_positions{layer}"]))
+            pool.uids = torch.from_numpy(np.array(wire.arrays[f"pool_uids{layer}"]))
+    for uid in meta["window"]:
+        memory.window.push(uid, [per_layer_window[layer][uid] for layer in range(dims.layers)])
+    memory.recent_queries = {int(k[1:]): torch.from_numpy(np.array(a)).to(device, dtype)
+                             for k, a in wire.arrays.items() if k.startswith("q")}
+    if meta["features"]:
+        tokens = torch.from_numpy(np.array(wire.arrays["features"])).to(device, dtype)
+        memory.features = [FrameFeature(tokens[i], tuple(f), tuple(t)) for i, (f, t) in enumerate(meta["features"])]
+    return memory
