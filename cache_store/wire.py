@@ -17,7 +17,7 @@ from pipeline.config import EngineConfig
 from pipeline.kv_store import UnitInfo
 from pipeline.memory import SegmentUpdate, StreamMemory
 from pipeline.model import ModelDims
-from pipeline.segmenter import FrameFeature
+from pipeline.segmenter import FrameFeature, Segment
 
 
 @dataclass
@@ -50,6 +50,29 @@ def _f32(t: torch.Tensor) -> np.ndarray:  # bf16/fp16 -> fp32 is exact, and nump
     return t.detach().float().cpu().numpy()
 
 
+# ---- visual tokens and segments ----------------------------------------------------------------
+def pack_features(items: list[FrameFeature]) -> Wire:
+    meta = {"features": [[list(f.frames), list(f.times)] for f in items]}
+    return Wire(meta, arrays={"features": _f32(torch.stack([f.tokens for f in items]))} if items else {})
+
+
+def unpack_features(wire: Wire, device, dtype: torch.dtype) -> list[FrameFeature]:
+    if not wire.meta["features"]:
+        return []
+    tokens = torch.from_numpy(np.array(wire.arrays["features"])).to(device, dtype)  # [T, n, hidden]
+    return [FrameFeature(tokens[i], tuple(f), tuple(t)) for i, (f, t) in enumerate(wire.meta["features"])]
+
+
+def pack_segment(segment: Segment) -> Wire:
+    wire = pack_features(segment.items)
+    wire.meta["segment"] = segment.index
+    return wire
+
+
+def unpack_segment(wire: Wire, device, dtype: torch.dtype) -> Segment:
+    return Segment(wire.meta["segment"], unpack_features(wire, device, dtype))
+
+
 # ---- updates ----------------------------------------------------------------------------------
 def pack_update(update: SegmentUpdate, *, stream_id: str, model_id: str) -> Wire:
     meta = {
@@ -57,16 +80,15 @@ def pack_update(update: SegmentUpdate, *, stream_id: str, model_id: str) -> Wire
         "units": [_unit_meta(u) for u in update.units],
         "keep": update.keep,
         "pool_keep": None if update.pool_keep is None else [None if k is None else k.tolist() for k in update.pool_keep],
-        "features": [[list(f.frames), list(f.times)] for f in update.features],
     }
+    wire = pack_features(update.features)
+    meta.update(wire.meta)
     pages = [
         _page(torch.stack([k for k, _ in per_layer]), torch.stack([v for _, v in per_layer]), stream_id, model_id,
               unit.uid, unit.kind, unit.frames, unit.times)
         for unit, per_layer in zip(update.units, update.kv)
     ]
-    arrays = {f"q{layer}": _f32(q) for layer, q in update.recent_queries.items()}
-    if update.features:
-        arrays["features"] = _f32(torch.stack([f.tokens for f in update.features]))
+    arrays = {**wire.arrays, **{f"q{layer}": _f32(q) for layer, q in update.recent_queries.items()}}
     return Wire(meta, pages, arrays)
 
 
@@ -77,10 +99,7 @@ def unpack_update(wire: Wire, device: str | torch.device, dtype: torch.dtype) ->
         keys, values = page.to_tensors(device)  # [L, Hkv, n, d]
         # one storage per (unit, layer), as the encoder makes them: dropping one frees its bytes
         kv.append([(keys[l].clone(), values[l].clone()) for l in range(keys.shape[0])])
-    features = []
-    if meta["features"]:
-        tokens = torch.from_numpy(np.array(wire.arrays["features"])).to(device, dtype)
-        features = [FrameFeature(tokens[i], tuple(f), tuple(t)) for i, (f, t) in enumerate(meta["features"])]
+    features = unpack_features(wire, device, dtype)
     queries = {int(name[1:]): torch.from_numpy(np.array(a)).to(device, dtype) for name, a in wire.arrays.items() if name.startswith("q")}
     pool_keep = meta["pool_keep"]
     return SegmentUpdate(
@@ -105,9 +124,10 @@ def pack_snapshot(memory: StreamMemory, *, stream_id: str, model_id: str) -> Wir
         "next_position": memory.next_position,
         "blocks": [list(memory.blocks[l].uids) for l in layers],
         "window": memory.window.uids(),
-        "features": [[list(f.frames), list(f.times)] for f in memory.features],
     }
-    arrays = {f"q{layer}": _f32(q) for layer, q in memory.recent_queries.items()}
+    features = pack_features(memory.features)
+    meta.update(features.meta)
+    arrays = {**features.arrays, **{f"q{layer}": _f32(q) for layer, q in memory.recent_queries.items()}}
     for layer in layers:
         blocks = memory.blocks[layer]
         if len(blocks):
@@ -121,8 +141,6 @@ def pack_snapshot(memory: StreamMemory, *, stream_id: str, model_id: str) -> Wir
             pages.append(_page(pool.keys[None], pool.values[None], stream_id, model_id, layer, "page", tier="pool"))
             arrays[f"pool_positions{layer}"] = pool.positions.numpy()
             arrays[f"pool_uids{layer}"] = pool.uids.numpy()
-    if memory.features:
-        arrays["features"] = _f32(torch.stack([f.tokens for f in memory.features]))
     return Wire(meta, pages, arrays)
 
 
@@ -157,7 +175,5 @@ def unpack_snapshot(wire: Wire, dims: ModelDims, config: EngineConfig, device, d
         memory.window.push(uid, [per_layer_window[layer][uid] for layer in range(dims.layers)])
     memory.recent_queries = {int(k[1:]): torch.from_numpy(np.array(a)).to(device, dtype)
                              for k, a in wire.arrays.items() if k.startswith("q")}
-    if meta["features"]:
-        tokens = torch.from_numpy(np.array(wire.arrays["features"])).to(device, dtype)
-        memory.features = [FrameFeature(tokens[i], tuple(f), tuple(t)) for i, (f, t) in enumerate(meta["features"])]
+    memory.features = unpack_features(wire, device, dtype)
     return memory

@@ -6,6 +6,7 @@ from pipeline.errors import (
     InvalidInputError,
     NoFramesError,
     StreamKVError,
+    UnknownStreamError,
     UnsupportedModelError,
 )
 from pipeline.model import VideoLLM, load_model
@@ -14,5 +15,5 @@ from pipeline.session import StreamSession
 
 __all__ = [
     "PRESETS", "EngineConfig", "make_config", "ConfigError", "InvalidInputError", "NoFramesError",
-    "StreamKVError", "UnsupportedModelError", "VideoLLM", "load_model", "Answer", "Evidence", "StreamSession",
+    "StreamKVError", "UnknownStreamError", "UnsupportedModelError", "VideoLLM", "load_model", "Answer", "Evidence", "StreamSession",
 ]

@@ -1,0 +1,70 @@
+"""A retrieval+decode actor: answers questions for any stream it holds a replica of. Replicas
+start from a snapshot and apply every update in order, so several actors can serve one stream."""
+
+from __future__ import annotations
+
+from actors.spec import StreamSpec, lookup
+from cache_store.wire import Wire, pack_snapshot, unpack_snapshot, unpack_update
+from pipeline.answerer import Answerer
+from pipeline.errors import StreamKVError
+from pipeline.model import load_model
+
+
+class ReplicaGapError(StreamKVError, RuntimeError):
+    """An update arrived out of order: the replica must be restored from a snapshot."""
+
+
+class _Replica:
+    def __init__(self, spec: StreamSpec, memory, answerer: Answerer, applied: int):
+        self.spec, self.memory, self.answerer, self.applied = spec, memory, answerer, applied
+
+
+class AnswerWorker:
+    def __init__(self, model_dir: str, device: str = "cpu"):
+        self.model = load_model(model_dir, device=device)
+        self.streams: dict[str, _Replica] = {}
+
+    def restore(self, spec: StreamSpec, snapshot: Wire, applied: int) -> None:
+        """Hold a replica of the stream as of `applied` updates."""
+        config = spec.config()
+        memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
+        self.streams[spec.stream_id] = _Replica(spec, memory, Answerer(self.model, config, spec.system_prompt), applied)
+
+    def apply(self, stream_id: str, sequence: int, update: Wire) -> int:
+        """Apply update number `sequence` (1-based); idempotent for updates already applied."""
+        replica = lookup(self.streams, stream_id)
+        if sequence <= replica.applied:
+            return replica.applied
+        if sequence != replica.applied + 1:
+            raise ReplicaGapError(f"stream {stream_id!r}: have {replica.applied} updates, got number {sequence}")
+        replica.memory.apply(unpack_update(update, self.model.device, self.model.dtype))
+        replica.applied = sequence
+        return sequence
+
+    def check(self, stream_id: str, question: str, max_new_tokens: int) -> None:
+        """Validate a question before the coordinator flushes the stream's open segment for it."""
+        lookup(self.streams, stream_id).answerer.check(question, max_new_tokens)
+
+    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> dict:
+        replica = lookup(self.streams, stream_id)
+        answer = replica.answerer.ask(replica.memory, question, max_new_tokens)
+        return {
+            "text": answer.text,
+            "token_ids": answer.token_ids,
+            "evidence": [{"frames": list(e.frames), "times": list(e.times), "score": e.score, "layers": e.layers}
+                         for e in answer.evidence],
+            "applied": replica.applied,
+        }
+
+    def snapshot(self, stream_id: str) -> tuple[Wire, int]:
+        replica = lookup(self.streams, stream_id)
+        return pack_snapshot(replica.memory, stream_id=stream_id, model_id=self.model.name), replica.applied
+
+    def memory(self, stream_id: str) -> dict[str, int]:
+        return lookup(self.streams, stream_id).memory.memory()
+
+    def close(self, stream_id: str) -> bool:
+        return self.streams.pop(stream_id, None) is not None
+
+    def ping(self) -> int:
+        return len(self.streams)

@@ -1,0 +1,85 @@
+"""The segmenter/compressor actor: per stream, which frames form a segment (with StreamKV's
+merges), the compression decisions that need only the segment (guidance), and the segment's
+entry in the summary index (Redis, or embedded in this actor).
+
+Its only state is each stream's open segment; the coordinator keeps the frames pushed since the
+last closed segment and replays them into a restarted actor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from actors.spec import StreamSpec, lookup
+from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
+from cache_store.wire import Wire, pack_segment, pack_update, unpack_features, unpack_update
+from pipeline.compression import make_compressor
+from pipeline.kv_store import mean_key
+from pipeline.model import load_model
+from pipeline.segmenter import Segmenter
+
+
+class CompressorWorker:
+    def __init__(self, model_dir: str, device: str = "cpu", index_url: str | None = None):
+        self.model = load_model(model_dir, device=device)  # guidance runs the language model
+        self.index: SegmentIndex = RedisIndex(index_url) if index_url else EmbeddedIndex()
+        self.streams: dict[str, tuple[StreamSpec, Segmenter, object]] = {}
+
+    def open(self, spec: StreamSpec) -> None:
+        config = spec.config()
+        self.streams[spec.stream_id] = (spec, Segmenter(config), make_compressor(self.model, config))
+
+    def push(self, stream_id: str, features: Wire) -> list[Wire]:
+        """Frames in; the segments they close out (zero or more)."""
+        _, segmenter, _ = lookup(self.streams, stream_id)
+        closed = []
+        for item in unpack_features(features, "cpu", torch.float32):
+            closed += segmenter.push(item)
+        return [pack_segment(s) for s in closed]
+
+    def flush(self, stream_id: str) -> Wire | None:
+        _, segmenter, _ = lookup(self.streams, stream_id)
+        segment = segmenter.flush()
+        return None if segment is None else pack_segment(segment)
+
+    def decide(self, stream_id: str, update: Wire) -> Wire:
+        """Compression decisions about one encoded segment; records the segment in the index."""
+        _, _, compressor = lookup(self.streams, stream_id)
+        decoded = unpack_update(update, self.model.device, self.model.dtype)
+        compressor.decide(decoded)
+        if decoded.units:
+            self.index.put(_record(stream_id, decoded))
+        return pack_update(decoded, stream_id=stream_id, model_id=self.model.name)
+
+    def segments(self, stream_id: str) -> list[dict]:
+        return [{"segment": r.segment_id, "frames": list(r.frame_range), "times": list(r.time_range),
+                 "units": list(r.unit_ids)} for r in self.index.segments(stream_id)]
+
+    def close(self, stream_id: str) -> int:
+        """Forget the stream; returns how many index keys were deleted."""
+        self.streams.pop(stream_id, None)
+        return self.index.delete_stream(stream_id)
+
+    def index_keys(self, stream_id: str) -> int:
+        return self.index.count_keys(stream_id)
+
+    def ping(self) -> int:
+        return len(self.streams)
+
+
+def _record(stream_id: str, update) -> SegmentRecord:
+    """The segment's summary per layer: its summary block's mean key, else the mean of its frames'."""
+    units = update.units
+    summary = [i for i, u in enumerate(units) if u.kind == "summary"]
+    chosen = summary or list(range(len(units)))
+    layers = len(update.kv[0])
+    vectors = np.stack([
+        torch.stack([mean_key(update.kv[i][layer][0]) for i in chosen]).mean(0).flatten().cpu().numpy()
+        for layer in range(layers)
+    ]).astype(np.float32)  # [layers, Hkv * d]
+    return SegmentRecord(
+        stream_id=stream_id, segment_id=update.segment,
+        frame_range=(units[0].frames[0], units[-1].frames[1]), time_range=(units[0].times[0], units[-1].times[1]),
+        unit_ids=[u.uid for u in units], summary=vectors, extra={},
+    )

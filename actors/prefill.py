@@ -1,0 +1,84 @@
+"""The vision-encoder/prefill actor (GPU when present): visual tokens for frames of any stream,
+and each stream's streaming prefill on its own replica of the stream's memory.
+
+Its replica (sinks, local window, LiveVLM's long-term memory) is what new segments attend to. It
+applies every update after the compressor has decided, and runs the decisions that need the
+whole memory (VSB), which it records in the update for the other replicas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors.spec import StreamSpec, lookup
+from cache_store.wire import Wire, pack_snapshot, pack_update, unpack_segment, unpack_snapshot, unpack_update
+from pipeline.compression import make_compressor
+from pipeline.encoder import SegmentEncoder
+from pipeline.memory import StreamMemory
+from pipeline.model import load_model
+
+
+class _Stream:
+    def __init__(self, spec: StreamSpec, model, memory: StreamMemory | None = None):
+        self.spec = spec
+        config = spec.config()
+        self.encoder = SegmentEncoder(model, config)
+        self.compressor = make_compressor(model, config)
+        if memory is None:
+            from pipeline.answerer import Answerer  # the prompt prefix the answerers will use
+
+            prefix = Answerer(model, config, spec.system_prompt).prefix_ids
+            memory = StreamMemory(model.dims, config, self.encoder.encode_sinks(prefix))
+        self.memory = memory
+
+
+class PrefillWorker:
+    def __init__(self, model_dir: str, device: str = "cpu"):
+        self.model = load_model(model_dir, device=device)
+        self.streams: dict[str, _Stream] = {}
+
+    def open(self, spec: StreamSpec) -> Wire:
+        """Start a stream; returns the snapshot (sinks only) that answer replicas start from."""
+        self.streams[spec.stream_id] = stream = _Stream(spec, self.model)
+        return pack_snapshot(stream.memory, stream_id=spec.stream_id, model_id=self.model.name)
+
+    def restore(self, spec: StreamSpec, snapshot: Wire) -> None:
+        """Rebuild a stream's replica (after this actor restarted) from another replica's snapshot."""
+        config = spec.config()
+        memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
+        self.streams[spec.stream_id] = _Stream(spec, self.model, memory)
+
+    def encode_frames(self, batches: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
+        """Visual tokens for several streams' frames at once (cross-stream batching), per request."""
+        sizes = [len(frames) for frames in batches]
+        tokens = self.model.encode_frames(np.concatenate(batches), batch_size).float().cpu().numpy()
+        return np.split(tokens, np.cumsum(sizes)[:-1])
+
+    def encode_segment(self, stream_id: str, segment: Wire) -> Wire:
+        stream = lookup(self.streams, stream_id)
+        segment = unpack_segment(segment, self.model.device, self.model.dtype)
+        update = stream.encoder.encode(stream.memory, segment)
+        return pack_update(update, stream_id=stream_id, model_id=self.model.name)
+
+    def commit(self, stream_id: str, update: Wire) -> Wire:
+        """Apply a decided update to this replica and return it with the VSB decisions filled in."""
+        stream = lookup(self.streams, stream_id)
+        update = unpack_update(update, self.model.device, self.model.dtype)
+        stream.memory.apply(update)
+        stream.compressor.compact(stream.memory, update)
+        return pack_update(update, stream_id=stream_id, model_id=self.model.name)
+
+    def snapshot(self, stream_id: str) -> Wire:
+        return pack_snapshot(lookup(self.streams, stream_id).memory, stream_id=stream_id, model_id=self.model.name)
+
+    def close(self, stream_id: str) -> bool:
+        return self.streams.pop(stream_id, None) is not None
+
+    def ping(self) -> int:
+        return len(self.streams)
+
+
+def features_wire(tokens: np.ndarray, first_frame: int, times) -> Wire:
+    """Visual tokens [T, n, hidden] of consecutive frames, in the wire format of pack_features."""
+    meta = [[[first_frame + i, first_frame + i + 1], [float(t), float(t)]] for i, t in enumerate(times)]
+    return Wire({"features": meta}, arrays={"features": tokens})

@@ -1,0 +1,142 @@
+"""The Ray pipeline hosts the engine: same answers, isolated streams, recovery from dead actors."""
+
+import numpy as np
+import pytest
+import ray
+
+from actors.coordinator import StreamCoordinator
+from pipeline import InvalidInputError, StreamSession, UnknownStreamError, load_model
+
+QUESTIONS = ["what color was the star?", "which shape was red?"]
+CASES = {
+    "rekv": {"top_k": 4, "n_local": 24},
+    "streamkv": {"keep_ratio": 0.4, "top_k": 4, "min_frames": 3, "n_local": 24},
+    "livevlm": {"budget_tokens": 40, "n_local": 16, "vsb_queries": 4, "page_tokens": 4},
+}
+
+
+def video(frames: int, seed: int) -> np.ndarray:
+    """Scenes of a few frames each, so semantic segments are not all one."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (frames // 4 + 1, 3))
+    out = np.repeat(colours, 4, axis=0)[:frames, None, None, :].astype(np.int16)
+    out = out + rng.integers(-3, 4, (frames, 32, 32, 3))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def engine_answers(model, method, frames, chunks):
+    session = StreamSession(model, method=method, **CASES[method])
+    answers, start = [], 0
+    for size in chunks:
+        session.add_frames(frames[start : start + size])
+        start += size
+        answers.append(session.ask(QUESTIONS[len(answers) % 2], max_new_tokens=5))
+    return [(a.token_ids, [list(e.frames) for e in a.evidence]) for a in answers]
+
+
+def ray_answers(coordinator, stream_id, method, frames, chunks, between=None):
+    ray.get(coordinator.create_stream.remote(stream_id, method, CASES[method]))
+    answers, start = [], 0
+    for i, size in enumerate(chunks):
+        ray.get(coordinator.ingest.remote(stream_id, frames[start : start + size]))
+        start += size
+        if between is not None and i == 0:
+            between()
+        answer = ray.get(coordinator.ask.remote(stream_id, QUESTIONS[len(answers) % 2], 5))
+        answers.append((answer["token_ids"], [e["frames"] for e in answer["evidence"]]))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def engine_model(checkpoint_dirs):
+    return load_model(checkpoint_dirs["gqa"])
+
+
+@pytest.fixture(scope="module")
+def coordinator(ray_runtime, checkpoint_dirs, redis_server):
+    handle = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(
+        checkpoint_dirs["gqa"], answerers=2, index_url=redis_server.url)
+    yield handle
+    ray.kill(handle)
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_same_answers_and_evidence_as_the_engine(coordinator, engine_model, method):
+    frames, chunks = video(30, seed=1), [9, 13, 8]
+    expected = engine_answers(engine_model, method, frames, chunks)
+    assert ray_answers(coordinator, f"eq-{method}", method, frames, chunks) == expected
+
+
+def test_eight_concurrent_streams_are_isolated(coordinator, engine_model):
+    lengths = {f"cam{i}": 12 + 3 * i for i in range(8)}
+    videos = {sid: video(n, seed=100 + i) for i, (sid, n) in enumerate(lengths.items())}
+    ray.get([coordinator.create_stream.remote(sid, "rekv", CASES["rekv"]) for sid in lengths])
+    for start in range(0, max(lengths.values()), 6):  # every stream ingests at once, chunk by chunk
+        ray.get([coordinator.ingest.remote(sid, v[start : start + 6]) for sid, v in videos.items() if start < len(v)])
+    answers = ray.get([coordinator.ask.remote(sid, QUESTIONS[0], 5) for sid in lengths])
+    for (sid, n), answer in zip(lengths.items(), answers):
+        assert all(e["frames"][1] <= n for e in answer["evidence"])
+        session = StreamSession(engine_model, method="rekv", **CASES["rekv"])
+        session.add_frames(videos[sid])
+        expected = session.ask(QUESTIONS[0], max_new_tokens=5)
+        assert answer["token_ids"] == expected.token_ids
+        assert [e["frames"] for e in answer["evidence"]] == [list(e.frames) for e in expected.evidence]
+        assert ray.get(coordinator.status.remote(sid))["frames_ingested"] == n
+
+
+@pytest.mark.parametrize("victim", ["prefill", "compressor", "answerer"])
+def test_a_killed_actor_loses_nothing(coordinator, engine_model, victim):
+    """Kill one actor mid-stream (with a segment open); later answers still equal the engine's on
+    the whole video, so evidence from before the fault is still there."""
+    frames, chunks = video(30, seed=7), [10, 11, 9]
+    expected = engine_answers(engine_model, "streamkv", frames, chunks)
+    workers = ray.get(coordinator.workers.remote())
+    target = workers["answerers"][1] if victim == "answerer" else workers[victim]
+
+    def kill():
+        ray.kill(target, no_restart=False)
+
+    answers = ray_answers(coordinator, f"fault-{victim}", "streamkv", frames, chunks, between=kill)
+    assert answers == expected
+    status = ray.get(coordinator.status.remote(f"fault-{victim}"))
+    assert status["restarts"][victim] >= 1 and status["recoveries"] >= 1
+    assert status["frames_ingested"] == 30
+
+
+def test_redis_restart_keeps_the_index(coordinator, redis_server):
+    frames = video(24, seed=3)
+    ray.get(coordinator.create_stream.remote("redis", "streamkv", CASES["streamkv"]))
+    ray.get(coordinator.ingest.remote("redis", frames[:16]))
+    before = ray.get(coordinator.segments.remote("redis"))
+    redis_server.restart()
+    assert ray.get(coordinator.segments.remote("redis")) == before and before
+    ray.get(coordinator.ingest.remote("redis", frames[16:]))
+    ray.get(coordinator.ask.remote("redis", QUESTIONS[0], 3))
+    assert len(ray.get(coordinator.segments.remote("redis"))) > len(before)
+
+
+def test_delete_frees_replicas_and_index_keys(coordinator):
+    ray.get(coordinator.create_stream.remote("gone", "rekv", CASES["rekv"]))
+    ray.get(coordinator.ingest.remote("gone", video(16, seed=5)))
+    ray.get(coordinator.ask.remote("gone", QUESTIONS[0], 3))
+    assert ray.get(coordinator.index_keys.remote("gone")) > 0
+    workers = ray.get(coordinator.workers.remote())
+    held = [ray.get(w.ping.remote()) for w in [workers["prefill"], *workers["answerers"]]]
+    deleted = ray.get(coordinator.delete_stream.remote("gone"))
+    assert deleted["index_keys_deleted"] > 0 and ray.get(coordinator.index_keys.remote("gone")) == 0
+    assert [ray.get(w.ping.remote()) for w in [workers["prefill"], *workers["answerers"]]] == [h - 1 for h in held]
+    with pytest.raises(UnknownStreamError):
+        ray.get(coordinator.ask.remote("gone", QUESTIONS[0], 3))
+
+
+def test_bad_requests_are_typed_and_leave_the_stream_usable(coordinator):
+    ray.get(coordinator.create_stream.remote("bad", "rekv", CASES["rekv"]))
+    ray.get(coordinator.ingest.remote("bad", video(8, seed=9)))
+    with pytest.raises(InvalidInputError):
+        ray.get(coordinator.ingest.remote("bad", np.zeros((2, 8, 8), np.uint8)))
+    with pytest.raises(InvalidInputError):
+        ray.get(coordinator.ask.remote("bad", "", 3))
+    with pytest.raises(UnknownStreamError):
+        ray.get(coordinator.ingest.remote("nope", video(2, seed=1)))
+    assert ray.get(coordinator.ask.remote("bad", QUESTIONS[0], 3))["token_ids"]
+    assert ray.get(coordinator.status.remote("bad"))["frames_ingested"] == 8
