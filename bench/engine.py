@@ -5,7 +5,7 @@
 One tiny checkpoint, one run, every preset side by side. Each preset streams frames in chunks up
 to each length, then answers `--questions` questions (p50 latency). The reference is transformers'
 plain incremental forward (vision tower + language model with its own DynamicCache) over the
-same frames in the same chunks. Token-valued knobs of the presets (n_local, budget_tokens) are
+same frames in the same chunks; all run in lockstep (see run). Token-valued knobs of the presets (n_local, budget_tokens) are
 given by the papers for 196 tokens per frame; they are scaled here to the checkpoint's tokens per
 frame, so every method keeps the same number of frames' worth as in the papers.
 """
@@ -29,68 +29,68 @@ from transformers.cache_utils import DynamicCache
 from pipeline import StreamSession, load_model
 from pipeline.config import PRESETS, frame_scaled_options
 from synthetic.checkpoint import CheckpointSpec, build_checkpoint
+from synthetic.world import WorldConfig, generate_stream
 
 QUESTIONS = ["what color was the star?", "which shape was red?", "what is on screen now?", "how many circles?"]
 CHUNK = 8  # frames per add_frames call, as a camera feeding 16 s of video at 0.5 fps
 BENCH_SPEC = CheckpointSpec(image_size=64, patch_size=8, text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2)
 
 
-def frames_for(count: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (count, 64, 64, 3), dtype=np.uint8)
+def frames_for(count: int, seed: int = 90_000) -> np.ndarray:
+    """A synthetic-world video (scenes of 3-12 frames with hard cuts), 64x64."""
+    return generate_stream(count, seed, WorldConfig()).frames
 
 
-@torch.inference_mode()
-def plain_forward_seconds(model, frames: np.ndarray, marks: list[int]) -> dict[int, float]:
-    """transformers' own incremental forward over the same frames and chunks: cumulative seconds."""
-    lm, cache, out, elapsed = model.lm, DynamicCache(config=model.lm.config), {}, 0.0
-    start = time.perf_counter()
-    lm(input_ids=torch.tensor([model.prompt_parts("You are a helpful assistant.", "").prefix_ids]), past_key_values=cache, use_cache=True)
-    for i in range(0, len(frames), CHUNK):
-        embeds = model.encode_frames(frames[i : i + CHUNK]).flatten(0, 1)[None]
-        # the plain model has no streaming plan: its attention is ordinary SDPA over the whole cache
-        lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-        if i + CHUNK in marks:
-            elapsed = time.perf_counter() - start
-            out[i + CHUNK] = elapsed
-    return out
+class PlainForward:
+    """transformers' own incremental forward: vision tower + language model with its DynamicCache,
+    attention over the whole cache (what ingest would cost without a streaming engine)."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, DynamicCache(config=model.lm.config)
+        prefix = model.prompt_parts("You are a helpful assistant.", "").prefix_ids
+        with torch.inference_mode():
+            model.lm(input_ids=torch.tensor([prefix]), past_key_values=self.cache, use_cache=True)
+
+    @torch.inference_mode()
+    def add_frames(self, frames: np.ndarray) -> None:
+        embeds = self.model.encode_frames(frames).flatten(0, 1)[None]
+        self.model.lm(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True)
 
 
 def run(lengths: list[int], questions: int, out_dir: Path) -> dict:
+    """Every preset and the plain forward advance in lockstep, chunk by chunk in rotating order, and
+    answer in rotating order at each length: slow drift in machine load hits all of them alike."""
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(build_checkpoint(Path(tmp) / "bench", BENCH_SPEC))
     frames = frames_for(max(lengths))
     presets = {m: frame_scaled_options(m, model.dims.tokens_per_frame) for m in PRESETS}
-    results: dict = {"tokens_per_frame": model.dims.tokens_per_frame, "presets": presets, "methods": {}}
+    for method, options in presets.items():  # warm-up, untimed: first calls pay one-off costs
+        warm = StreamSession(model, method=method, **options)
+        warm.add_frames(frames[:CHUNK])
+        warm.ask(QUESTIONS[0], max_new_tokens=2)
+    PlainForward(model).add_frames(frames[:CHUNK])
+    sessions = {m: StreamSession(model, method=m, **options) for m, options in presets.items()}
+    plain = PlainForward(model)
+    ingest = {name: 0.0 for name in [*sessions, "plain"]}
+    rows: dict = {m: {} for m in sessions}
     with Progress(console=console) as progress:
-        task = progress.add_task("plain forward", total=max(lengths))
-        plain = plain_forward_seconds(model, frames, lengths)
-        progress.update(task, completed=max(lengths))
-        results["plain_seconds"] = plain
-        for method, options in presets.items():
-            task = progress.add_task(method, total=max(lengths))
-            session = StreamSession(model, method=method, **options)
-            ingest, rows, done = 0.0, {}, 0
-            for length in lengths:
-                while done < length:
-                    t0 = time.perf_counter()
-                    session.add_frames(frames[done : done + CHUNK])
-                    session.flush()
-                    ingest += time.perf_counter() - t0
-                    done += CHUNK
-                    progress.update(task, completed=done)
-                latencies = []
-                for q in range(questions):
-                    t0 = time.perf_counter()
-                    session.ask(QUESTIONS[q % len(QUESTIONS)], max_new_tokens=8)
-                    latencies.append(time.perf_counter() - t0)
-                rows[length] = {
-                    "ingest_fps": length / ingest,
-                    "ingest_vs_plain": ingest / plain[length],
-                    "retained_bytes": session.memory()["total"],
-                    "latency_p50_s": statistics.median(latencies),
-                }
-            results["methods"][method] = rows
+        task = progress.add_task("streaming", total=max(lengths))
+        for step, done in enumerate(range(0, max(lengths), CHUNK)):
+            chunk = frames[done : done + CHUNK]
+            names = list(ingest)
+            for name in names[step % len(names) :] + names[: step % len(names)]:
+                start = time.perf_counter()
+                if name == "plain":
+                    plain.add_frames(chunk)
+                else:
+                    sessions[name].add_frames(chunk)
+                    sessions[name].flush()
+                ingest[name] += time.perf_counter() - start
+            progress.update(task, completed=done + CHUNK)
+            if done + CHUNK in lengths:
+                measure(sessions, rows, done + CHUNK, ingest, questions)
+    results = {"tokens_per_frame": model.dims.tokens_per_frame, "presets": presets, "methods": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "engine.json").write_text(json.dumps(results, indent=1))
     report(results, lengths, console)
@@ -98,12 +98,29 @@ def run(lengths: list[int], questions: int, out_dir: Path) -> dict:
     return results
 
 
+def measure(sessions: dict, rows: dict, length: int, ingest: dict, questions: int) -> None:
+    latencies = {m: [] for m in sessions}
+    names = list(sessions)
+    for q in range(questions):
+        for name in names[q % len(names) :] + names[: q % len(names)]:
+            start = time.perf_counter()
+            sessions[name].ask(QUESTIONS[q % len(QUESTIONS)], max_new_tokens=8)
+            latencies[name].append(time.perf_counter() - start)
+    for name, session in sessions.items():
+        rows[name][length] = {
+            "ingest_fps": length / ingest[name],
+            "ingest_vs_plain": ingest[name] / ingest["plain"],
+            "retained_bytes": session.memory()["total"],
+            "latency_p50_s": statistics.median(latencies[name]),
+        }
+
+
 def report(results: dict, lengths: list[int], console: Console) -> None:
     table = Table(title=f"engine benchmark ({results['tokens_per_frame']} tokens/frame)")
     for column in ("method", "frames", "ingest fps", "ingest / plain", "retained KV", "answer p50", "p50 / p50@first"):
         table.add_column(column, justify="right")
     for method, rows in results["methods"].items():
-        first = rows[str(lengths[0])] if str(lengths[0]) in rows else rows[lengths[0]]
+        first = rows[lengths[0]]
         for length in lengths:
             row = rows[length]
             table.add_row(method, str(length), f"{row['ingest_fps']:.1f}", f"{row['ingest_vs_plain']:.2f}x",
@@ -137,7 +154,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--questions", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared CPU stable)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if any(n % CHUNK for n in args.lengths):
         parser.error(f"lengths must be multiples of {CHUNK}")
     run(sorted(args.lengths), args.questions, args.out)

@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--questions", type=int, default=100, help="per stream")
     parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared CPU stable)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     console = Console(stderr=True)
     model = load_model(args.model)

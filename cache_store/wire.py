@@ -133,9 +133,10 @@ def pack_snapshot(memory: StreamMemory, *, stream_id: str, model_id: str) -> Wir
         if len(blocks):
             pages.append(_page(torch.cat(blocks.keys, 1)[None], torch.cat(blocks.values, 1)[None], stream_id, model_id,
                                layer, "page", tier="blocks"))
-        window = memory.window.kv(layer)
-        if window is not None:
-            pages.append(_page(window[0][None], window[1][None], stream_id, model_id, layer, "page", tier="window"))
+        window = memory.window.parts(layer)
+        if window:
+            keys, values = torch.cat([k for k, _ in window], 1), torch.cat([v for _, v in window], 1)
+            pages.append(_page(keys[None], values[None], stream_id, model_id, layer, "page", tier="window"))
         if memory.pools is not None and len(memory.pools[layer]):
             pool = memory.pools[layer]
             pages.append(_page(pool.keys[None], pool.values[None], stream_id, model_id, layer, "page", tier="pool"))

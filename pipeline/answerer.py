@@ -93,14 +93,13 @@ class Answerer:
         """The base model on top_k frames sampled uniformly from the stream, encoded afresh."""
         items = memory.features
         picks = sorted(set(np.linspace(0, len(items) - 1, min(self.config.top_k, len(items))).round().astype(int).tolist()))
-        plan = ContextPlan(self.model.rotate, lambda layer, _q: memory.sinks[layer])
+        plan = ContextPlan(self.model.rotate, lambda layer, _q: [memory.sinks[layer]])
         self.model.forward(torch.cat([items[i].tokens for i in picks]), plan)
         n, spans = self.model.dims.tokens_per_frame, [(items[i].frames, items[i].times) for i in picks]
 
         def view(layer: int) -> LayerView:
             def gather(indices):
-                rows = torch.cat([torch.arange(i * n, (i + 1) * n) for i in indices]).to(self.model.device)
-                return plan.keys[layer].index_select(1, rows), plan.values[layer].index_select(1, rows)
+                return [(plan.keys[layer][:, i * n : (i + 1) * n], plan.values[layer][:, i * n : (i + 1) * n]) for i in indices]
 
             return LayerView(reps=torch.empty(0), gather=gather, spans=spans)
 

@@ -24,8 +24,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "streamkv"
 
-# context(layer, query_mean [Hq, d] fp32) -> (keys [Hkv, C, d], values [Hkv, C, d]) pre-RoPE
-ContextFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values [Hkv, n, d]
+# context(layer, query_mean [Hq, d] fp32) -> the context's parts in order, pre-RoPE; they are
+# concatenated once, together with the new tokens
+ContextFn = Callable[[int, torch.Tensor], list[KV]]
 
 
 class AttentionPlan(Protocol):
@@ -79,16 +81,11 @@ class ContextPlan:
 
     def attend(self, layer, query, key, value, scaling):
         query_mean = query.float().mean(dim=1)  # [Hq, d]
-        ctx_keys, ctx_values = self.context(layer, query_mean)
-        n_ctx, n_new = ctx_keys.shape[1], query.shape[1]
-        keys = torch.cat([ctx_keys, key], dim=1)
-        positions = torch.arange(n_ctx + n_new, device=query.device)
-        out = causal_attention(
-            self.rotate(query, positions[n_ctx:]),
-            self.rotate(keys, positions),
-            torch.cat([ctx_values, value], dim=1),
-            scaling,
-        )
+        parts = self.context(layer, query_mean)
+        keys = torch.cat([k for k, _ in parts] + [key], dim=1)
+        values = torch.cat([v for _, v in parts] + [value], dim=1)
+        n_ctx = keys.shape[1] - query.shape[1]
+        out = causal_attention(self.rotate(query, n_ctx), self.rotate(keys), values, scaling)
         self.keys[layer], self.values[layer], self.query_means[layer] = key, value, query_mean
         if self.keep_queries:
             self.last_queries[layer] = query[:, -self.keep_queries :]
@@ -102,27 +99,29 @@ class AnswerPlan:
     `capacity` answer tokens, so a decode step writes one slot instead of copying the context.
     """
 
-    def __init__(self, rotate: Callable, contexts: list[tuple[torch.Tensor, torch.Tensor]], capacity: int):
+    def __init__(self, rotate: Callable, contexts: list[list[KV]], capacity: int):
         self.rotate = rotate
         self.keys: list[torch.Tensor] = []  # per layer [Hkv, C + capacity, d], rotated
         self.values: list[torch.Tensor] = []
         self.lengths: list[int] = []
-        for ctx_keys, ctx_values in contexts:
-            kv_heads, n_ctx, head_dim = ctx_keys.shape
-            keys = ctx_keys.new_empty(kv_heads, n_ctx + capacity, head_dim)
-            values = ctx_values.new_empty(kv_heads, n_ctx + capacity, head_dim)
-            keys[:, :n_ctx] = rotate(ctx_keys, torch.arange(n_ctx, device=ctx_keys.device))
-            values[:, :n_ctx] = ctx_values
+        for parts in contexts:  # per layer, the context's parts in order
+            first = parts[0][0]
+            n_ctx = sum(k.shape[1] for k, _ in parts)
+            keys = first.new_empty(first.shape[0], n_ctx + capacity, first.shape[2])
+            values = torch.empty_like(keys)
+            offset = 0
+            for k, v in parts:
+                keys[:, offset : offset + k.shape[1]] = k
+                values[:, offset : offset + k.shape[1]] = v
+                offset += k.shape[1]
+            keys[:, :n_ctx] = rotate(keys[:, :n_ctx])
             self.keys.append(keys)
             self.values.append(values)
             self.lengths.append(n_ctx)
 
     def attend(self, layer, query, key, value, scaling):
         start, end = self.lengths[layer], self.lengths[layer] + query.shape[1]
-        positions = torch.arange(start, end, device=query.device)
-        self.keys[layer][:, start:end] = self.rotate(key, positions)
+        self.keys[layer][:, start:end] = self.rotate(key, start)
         self.values[layer][:, start:end] = value
         self.lengths[layer] = end
-        return causal_attention(
-            self.rotate(query, positions), self.keys[layer][:, :end], self.values[layer][:, :end], scaling
-        )
+        return causal_attention(self.rotate(query, start), self.keys[layer][:, :end], self.values[layer][:, :end], scaling)

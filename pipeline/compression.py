@@ -47,10 +47,8 @@ class Guidance(KeepAll):
         if self.config.keep_ratio >= 1.0:
             return  # keep everything
 
-        def segment_context(layer: int, _query_mean) -> KV:  # the guidance prompt sees only the segment
-            return torch.cat([kv[i][layer][0] for i in range(len(units))], 1), torch.cat(
-                [kv[i][layer][1] for i in range(len(units))], 1
-            )
+        def segment_context(layer: int, _query_mean) -> list[KV]:  # the prompt sees only the segment
+            return [kv[i][layer] for i in range(len(units))]
 
         plan = ContextPlan(self.model.rotate, segment_context)
         self.model.forward(self.prompt, plan)
@@ -92,13 +90,12 @@ class VSB(KeepAll):
         """
         pool = memory.pools[layer]
         sinks = memory.sinks[layer][0]
-        short = memory.window.kv(layer)
-        keys = torch.cat([sinks, pool.keys] + ([short[0]] if short is not None else []), dim=1)
+        keys = torch.cat([sinks, pool.keys] + [k for k, _ in memory.window.parts(layer)], dim=1)
         queries = memory.recent_queries[layer]  # [Hq, r, d]
         n_all, r = keys.shape[1], queries.shape[1]
         positions = torch.arange(n_all, device=keys.device)
-        rotated_q = self.model.rotate(queries, positions[n_all - r :]).float()
-        rotated_k = self.model.rotate(keys, positions).float()
+        rotated_q = self.model.rotate(queries, n_all - r).float()
+        rotated_k = self.model.rotate(keys).float()
         rotated_k = rotated_k.repeat_interleave(self.model.dims.group, dim=0)  # [Hq, N_all, d]
         logits = rotated_q @ rotated_k.transpose(1, 2) * self.model.scaling  # [Hq, r, N_all]
         causal = positions[None, :] <= positions[n_all - r :, None]  # [r, N_all]

@@ -22,7 +22,7 @@ class SegmentEncoder:
         """Per-layer pre-RoPE KV of the prompt prefix (system turn, user-turn header)."""
         dims = self.model.dims
         empty = torch.empty(dims.kv_heads, 0, dims.head_dim, device=self.model.device, dtype=self.model.dtype)
-        plan = ContextPlan(self.model.rotate, lambda layer, _q: (empty, empty))
+        plan = ContextPlan(self.model.rotate, lambda layer, _q: [(empty, empty)])
         self.model.forward(self.model.embed(prefix_ids), plan)
         return [(plan.keys[layer], plan.values[layer]) for layer in range(dims.layers)]
 

@@ -74,9 +74,9 @@ class LayerBlocks:
         del self.keys[:count], self.values[:count], self.uids[:count]
         self._reps = self._reps[count:].clone()
 
-    def gather(self, indices: list[int]) -> KV:
-        """The selected blocks' KV concatenated in the given order: [Hkv, sum n, d]."""
-        return torch.cat([self.keys[i] for i in indices], dim=1), torch.cat([self.values[i] for i in indices], dim=1)
+    def gather(self, indices: list[int]) -> list[KV]:
+        """The selected blocks' KV, in the given order."""
+        return [(self.keys[i], self.values[i]) for i in indices]
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values]
@@ -108,13 +108,9 @@ class Window:
     def uids(self) -> list[int]:
         return [uid for uid, _ in self.entries]
 
-    def kv(self, layer: int) -> KV | None:
-        if not self.entries:
-            return None
-        return (
-            torch.cat([kv[layer][0] for _, kv in self.entries], dim=1),
-            torch.cat([kv[layer][1] for _, kv in self.entries], dim=1),
-        )
+    def parts(self, layer: int) -> list[KV]:
+        """One layer's window KV, unit by unit, oldest first."""
+        return [kv[layer] for _, kv in self.entries]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for _, per_layer in self.entries for kv in per_layer for t in kv]

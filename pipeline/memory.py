@@ -18,11 +18,6 @@ from pipeline.retrieval import LayerView
 from pipeline.segmenter import FrameFeature
 
 
-def _cat(parts: list[KV]) -> KV:
-    parts = [p for p in parts if p is not None]
-    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
-
-
 @dataclass
 class SegmentUpdate:
     segment: int
@@ -52,10 +47,10 @@ class StreamMemory:
         self.next_position = sinks[0][0].shape[1]  # original position of the next token
 
     # ---- encoding ---------------------------------------------------------------------------
-    def ingest_context(self, layer: int) -> KV:
+    def ingest_context(self, layer: int) -> list[KV]:
         """What new tokens attend to: sinks, LiveVLM's long-term memory, the local window."""
         pool = self.pools[layer] if self.pools is not None and len(self.pools[layer]) else None
-        return _cat([self.sinks[layer], pool and (pool.keys, pool.values), self.window.kv(layer)])
+        return [self.sinks[layer], *([(pool.keys, pool.values)] if pool else []), *self.window.parts(layer)]
 
     def next_units(self, kinds_frames_times: list[tuple], segment: int) -> list[UnitInfo]:
         """UnitInfos for the next blocks of the stream (not yet registered: apply does that)."""
@@ -110,12 +105,10 @@ class StreamMemory:
             first, last = self.units[int(pool.uids[s])], self.units[int(pool.uids[e - 1])]
             spans.append(((first.frames[0], last.frames[1]), (first.times[0], last.times[1])))
 
-        def gather(indices: list[int]) -> KV:
-            ranges = [torch.arange(*pages[i]) for i in indices]
-            index = torch.cat(ranges).to(pool.keys.device)
-            return pool.keys.index_select(1, index), pool.values.index_select(1, index)
+        def gather(indices: list[int]) -> list[KV]:
+            return [(pool.keys[:, slice(*pages[i])], pool.values[:, slice(*pages[i])]) for i in indices]
 
-        return LayerView(reps=reps, gather=gather, spans=spans, tail=self.window.kv(layer))
+        return LayerView(reps=reps, gather=gather, spans=spans, tail=self.window.parts(layer))
 
     # ---- accounting -------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:

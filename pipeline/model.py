@@ -77,7 +77,8 @@ class VideoLLM:
         )
         # The rotary helper of the text model's own modeling file (Qwen2's for LLaVA-OneVision).
         attention_module = self.lm.layers[0].self_attn
-        self._apply_rotary = sys.modules[type(attention_module).__module__].apply_rotary_pos_emb
+        self._rotate_half = sys.modules[type(attention_module).__module__].rotate_half
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, d]
         self.scaling = attention_module.scaling
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
@@ -159,12 +160,19 @@ class VideoLLM:
         return self.model.lm_head(hidden).float()
 
     @torch.inference_mode()
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Apply the model's RoPE to x [..., heads, T, d] at `positions` [T]."""
-        cos, sin = self.lm.rotary_emb(x, positions[None])  # [1, T, d]
-        rotated, _ = self._apply_rotary(x[None], x[None], cos, sin)
-        return rotated[0]
+    def rotate(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The model's RoPE on x [..., heads, T, d] at positions start..start+T-1.
 
+        The model's own apply_rotary_pos_emb, written for one tensor (it rotates two), over a
+        cos/sin table computed by the model's rotary module and kept for reuse.
+        """
+        end = start + x.shape[-2]
+        if self._rope_table is None or self._rope_table[0].shape[0] < end:
+            size = max(end, 2 * (0 if self._rope_table is None else self._rope_table[0].shape[0]), 4096)
+            cos, sin = self.lm.rotary_emb(x, torch.arange(size, device=x.device)[None])
+            self._rope_table = (cos[0], sin[0])  # [positions, d]
+        cos, sin = (t[start:end].to(x.dtype) for t in self._rope_table)
+        return x * cos + self._rotate_half(x) * sin
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None) -> VideoLLM:
     """Load a LLaVA-OneVision checkpoint (model + processor) from a local directory, offline.

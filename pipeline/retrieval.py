@@ -20,10 +20,10 @@ from pipeline.kv_store import KV
 @dataclass
 class LayerView:
     reps: torch.Tensor  # [U, Hkv, d] fp32 representatives of the candidates, in time order
-    gather: Callable[[list[int]], KV]  # KV of the chosen candidates, concatenated in the given order
+    gather: Callable[[list[int]], list[KV]]  # KV of the chosen candidates, in the given order
     spans: list[tuple[tuple[int, int], tuple[float, float]]]  # (frames, times) of each candidate
     always: list[int] = field(default_factory=list)  # candidates always included (the most recent)
-    tail: KV | None = None  # KV always appended after the chosen candidates (short-term memory)
+    tail: list[KV] = field(default_factory=list)  # KV always after the chosen ones (short-term memory)
 
 
 def block_scores(reps: torch.Tensor, query_mean: torch.Tensor, similarity: str = "dot") -> torch.Tensor:
@@ -89,12 +89,7 @@ class Selection:
         for i, count in zip(scored, counts):
             self.chosen[i] = choose(self.scores[i], count, self.views[i].always)
 
-    def context(self, layer: int, sinks: KV) -> KV:
-        """[sinks | chosen candidates | tail] for one layer, pre-RoPE."""
+    def context(self, layer: int, sinks: KV) -> list[KV]:
+        """[sinks | chosen candidates | tail] for one layer, pre-RoPE, as parts."""
         view = self.views[layer]
-        parts = [sinks]
-        if self.chosen[layer]:
-            parts.append(view.gather(self.chosen[layer]))
-        if view.tail is not None:
-            parts.append(view.tail)
-        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+        return [sinks, *view.gather(self.chosen[layer]), *view.tail]

@@ -95,17 +95,18 @@ def test_pages_are_repositioned_so_attention_equals_a_direct_computation(gqa_mod
     pool = session.store.pools[0]
     expected_pages = max(1, round(0.4 * len(pool.pages(4))))
     assert len(selection.chosen[0]) == expected_pages
-    ctx_k, ctx_v = selection.context(0, session.store.sinks[0])
+    parts = selection.context(0, session.store.sinks[0])
+    ctx_k, ctx_v = torch.cat([k for k, _ in parts], 1), torch.cat([v for _, v in parts], 1)
     pages = [pool.pages(4)[i] for i in selection.chosen[0]]
     page_keys = torch.cat([pool.keys[:, s:e] for s, e in pages], dim=1)
-    window_k, _ = session.store.window.kv(0)
+    window_k = torch.cat([k for k, _ in session.store.window.parts(0)], 1)
     assert torch.equal(ctx_k, torch.cat([session.store.sinks[0][0], page_keys, window_k], dim=1))
 
     rng = torch.Generator().manual_seed(0)
     q = torch.randn(dims.q_heads, 3, dims.head_dim, generator=rng)
     k = torch.randn(dims.kv_heads, 3, dims.head_dim, generator=rng)
     v = torch.randn(dims.kv_heads, 3, dims.head_dim, generator=rng)
-    out = AnswerPlan(gqa_model.rotate, [(ctx_k, ctx_v)], capacity=3).attend(0, q, k, v, gqa_model.scaling)
+    out = AnswerPlan(gqa_model.rotate, [parts], capacity=3).attend(0, q, k, v, gqa_model.scaling)
 
     keys, values = torch.cat([ctx_k, k], 1), torch.cat([ctx_v, v], 1)
     n = keys.shape[1]
