@@ -13,7 +13,7 @@ import torch
 
 from actors.spec import StreamSpec, lookup
 from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
-from cache_store.wire import Wire, pack_segment, pack_update, unpack_features, unpack_update
+from cache_store.wire import Wire, pack_segment, unpack_features, unpack_update
 from pipeline.compression import make_compressor
 from pipeline.kv_store import mean_key
 from pipeline.model import load_model
@@ -43,14 +43,17 @@ class CompressorWorker:
         segment = segmenter.flush()
         return None if segment is None else pack_segment(segment)
 
-    def decide(self, stream_id: str, update: Wire) -> Wire:
-        """Compression decisions about one encoded segment; records the segment in the index."""
+    def decide(self, stream_id: str, update: Wire) -> list[list[int]] | None:
+        """Compression decisions about one encoded segment (guidance): per layer, blocks to keep."""
         _, _, compressor = lookup(self.streams, stream_id)
         decoded = unpack_update(update, self.model.device, self.model.dtype)
         compressor.decide(decoded)
-        if decoded.units:
-            self.index.put(_record(stream_id, decoded))
-        return pack_update(decoded, stream_id=stream_id, model_id=self.model.name)
+        return decoded.keep
+
+    def record(self, stream_id: str, update: Wire) -> None:
+        """The committed segment's entry in the summary index."""
+        if update.meta["units"]:
+            self.index.put(segment_record(stream_id, unpack_update(update, "cpu", torch.float32)))
 
     def segments(self, stream_id: str) -> list[dict]:
         return [{"segment": r.segment_id, "frames": list(r.frame_range), "times": list(r.time_range),
@@ -68,7 +71,7 @@ class CompressorWorker:
         return len(self.streams)
 
 
-def _record(stream_id: str, update) -> SegmentRecord:
+def segment_record(stream_id: str, update) -> SegmentRecord:
     """The segment's summary per layer: its summary block's mean key, else the mean of its frames'."""
     units = update.units
     summary = [i for i, u in enumerate(units) if u.kind == "summary"]

@@ -1,8 +1,8 @@
 """The stream coordinator: the one place that orders each stream's work across the actors.
 
     ingest(frames) -> prefill.encode_frames (batched across streams) -> compressor.push
-      -> per closed segment: prefill.encode_segment -> compressor.decide -> prefill.commit
-      -> every answer replica applies the update
+      -> per closed segment: prefill.encode_segment (-> compressor.decide -> prefill.commit, when
+         the decision is guidance's) -> every answer replica applies it, the index records it
     ask(question)  -> compressor.flush (+ the segment path above) -> one answer replica
 
 Memory is replicated: the prefill actor's replica and each answer actor's replica apply the same
@@ -44,11 +44,12 @@ class _Stream:
     pending: list[tuple[int, np.ndarray, float]] = field(default_factory=list)  # frames in the open segment
     recoveries: int = 0
     last_error: str | None = None
+    publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
 
 
 class StreamCoordinator:
     def __init__(self, model_dir: str, device: str = "cpu", answerers: int = 1, index_url: str | None = None,
-                 actor_cpus: float = 0.1, batch_wait_s: float = 0.005):
+                 actor_cpus: float = 0.1):
         def spawn(cls, *args):
             return ray.remote(cls).options(num_cpus=actor_cpus, max_restarts=-1).remote(*args)
 
@@ -59,7 +60,7 @@ class StreamCoordinator:
         self.streams: dict[str, _Stream] = {}
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0}
         self._batch: list[tuple[np.ndarray, asyncio.Future]] = []
-        self._batch_wait_s = batch_wait_s
+        self._batch_running = False
 
     # ---- streams --------------------------------------------------------------------------
     async def create_stream(self, stream_id: str, method: str = "rekv", options: dict | None = None,
@@ -87,15 +88,18 @@ class StreamCoordinator:
 
     async def memory(self, stream_id: str) -> dict[str, int]:
         stream = self._stream(stream_id)
+        await self._published(stream)
         return await self._on_answerer(stream, 0, lambda a: a.memory.remote(stream_id))
 
     async def segments(self, stream_id: str) -> list[dict]:
         stream = self._stream(stream_id)
+        await self._published(stream)
         return await self._on_compressor(stream, lambda: self.compressor.segments.remote(stream_id))
 
     async def delete_stream(self, stream_id: str) -> dict:
         stream = self._stream(stream_id)
         async with stream.lock:
+            await self._published(stream)
             del self.streams[stream_id]
             index_keys = await self.compressor.close.remote(stream_id)
             await self.prefill.close.remote(stream_id)
@@ -107,6 +111,8 @@ class StreamCoordinator:
         return {"prefill": self.prefill, "compressor": self.compressor, "answerers": list(self.answerers)}
 
     async def index_keys(self, stream_id: str) -> int:
+        if stream_id in self.streams:
+            await self._published(self.streams[stream_id])
         return await self.compressor.index_keys.remote(stream_id)
 
     # ---- ingest (the FrameSink contract of actors.decoder) ---------------------------------
@@ -134,43 +140,62 @@ class StreamCoordinator:
             segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream_id))
             if segment is not None:
                 await self._commit(stream, segment)
+            await self._published(stream)
             # answers are read-only: decode outside the lock, so ingest goes on meanwhile
         return await self._on_answerer(stream, index, lambda a: a.ask.remote(stream_id, question, max_new_tokens))
 
     # ---- the segment path -----------------------------------------------------------------
     async def _commit(self, stream: _Stream, segment) -> None:
         sid = stream.spec.stream_id
-        update = await self._on_prefill(stream, lambda: self.prefill.encode_segment.remote(sid, segment))
-        update = await self._on_compressor(stream, lambda: self.compressor.decide.remote(sid, update))
-        update = await self._on_prefill(stream, lambda: self.prefill.commit.remote(sid, update))
+        guided = stream.spec.config().compression == "guidance"  # the one decision made elsewhere
+
+        async def encode_and_commit():
+            update = await self.prefill.encode_segment.remote(sid, segment, not guided)
+            if not guided:
+                return update
+            keep = await self._on_compressor(stream, lambda: self.compressor.decide.remote(sid, update))
+            return await self.prefill.commit.remote(sid, keep)
+
+        update = await self._on_prefill(stream, encode_and_commit)
         stream.applied += 1
         closed_until = segment.meta["features"][-1][0][1]  # frames before it are in a closed segment
         stream.pending = [p for p in stream.pending if p[0] >= closed_until]
         sequence = stream.applied
-        await asyncio.gather(*[
-            self._on_answerer(stream, i, lambda a: a.apply.remote(sid, sequence, update))
-            for i in range(len(self.answerers))
-        ])
+        # Replicas and the index catch up in the background: Ray runs one caller's calls to an
+        # actor in submission order, and a question first waits for its stream's updates.
+        stream.publishing = [t for t in stream.publishing if not t.done()] + [
+            asyncio.ensure_future(self._on_compressor(stream, lambda: self.compressor.record.remote(sid, update))),
+            *[asyncio.ensure_future(self._on_answerer(stream, i, lambda a: a.apply.remote(sid, sequence, update)))
+              for i in range(len(self.answerers))],
+        ]
+
+    async def _published(self, stream: _Stream) -> None:
+        """Wait until every committed update of the stream reached every replica and the index."""
+        tasks, stream.publishing = stream.publishing, []
+        await asyncio.gather(*tasks)
 
     async def _encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        """Cross-stream batching: requests arriving within batch_wait_s share one vision call."""
+        """Cross-stream batching without added latency: a vision call goes out at once; requests
+        that arrive while it runs are sent together as the next call."""
         future = asyncio.get_running_loop().create_future()
         self._batch.append((frames, future))
-        if len(self._batch) == 1:
-            asyncio.get_running_loop().create_task(self._run_batch())
+        if not self._batch_running:
+            self._batch_running = True
+            asyncio.get_running_loop().create_task(self._run_batches())
         return await future
 
-    async def _run_batch(self) -> None:
-        await asyncio.sleep(self._batch_wait_s)
-        batch, self._batch = self._batch, []
-        try:  # stateless: once a restarted actor answers, simply run it again
-            results = await self._until_alive(lambda: self.prefill.encode_frames.remote([frames for frames, _ in batch]))
-        except Exception as error:  # noqa: BLE001 - handed to every waiting stream
-            for _, future in batch:
-                future.set_exception(error)
-            return
-        for (_, future), tokens in zip(batch, results):
-            future.set_result(tokens)
+    async def _run_batches(self) -> None:
+        while self._batch:
+            batch, self._batch = self._batch, []
+            try:  # stateless: once a restarted actor answers, simply run it again
+                results = await self._until_alive(lambda: self.prefill.encode_frames.remote([f for f, _ in batch]))
+            except Exception as error:  # noqa: BLE001 - handed to every waiting stream
+                for _, future in batch:
+                    future.set_exception(error)
+                continue
+            for (_, future), tokens in zip(batch, results):
+                future.set_result(tokens)
+        self._batch_running = False
 
     # ---- calls with recovery --------------------------------------------------------------
     async def _on_prefill(self, stream: _Stream, call):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from actors.spec import StreamSpec, lookup
+from pipeline.errors import UnknownStreamError
 from cache_store.wire import Wire, pack_snapshot, pack_update, unpack_segment, unpack_snapshot, unpack_update
 from pipeline.compression import make_compressor
 from pipeline.encoder import SegmentEncoder
@@ -30,6 +31,7 @@ class _Stream:
             prefix = Answerer(model, config, spec.system_prompt).prefix_ids
             memory = StreamMemory(model.dims, config, self.encoder.encode_sinks(prefix))
         self.memory = memory
+        self.pending = None  # the last encoded update, until its decisions come back (commit)
 
 
 class PrefillWorker:
@@ -54,16 +56,26 @@ class PrefillWorker:
         tokens = self.model.encode_frames(np.concatenate(batches), batch_size).float().cpu().numpy()
         return np.split(tokens, np.cumsum(sizes)[:-1])
 
-    def encode_segment(self, stream_id: str, segment: Wire) -> Wire:
+    def encode_segment(self, stream_id: str, segment: Wire, decided_here: bool) -> Wire:
+        """Encode a closed segment. When its decisions need no other actor (`decided_here`), commit
+        it at once and return it committed; otherwise return it for the compressor to decide on."""
         stream = lookup(self.streams, stream_id)
         segment = unpack_segment(segment, self.model.device, self.model.dtype)
-        update = stream.encoder.encode(stream.memory, segment)
-        return pack_update(update, stream_id=stream_id, model_id=self.model.name)
+        stream.pending = stream.encoder.encode(stream.memory, segment)
+        if decided_here:
+            return self.commit(stream_id, None)
+        return pack_update(stream.pending, stream_id=stream_id, model_id=self.model.name)
 
-    def commit(self, stream_id: str, update: Wire) -> Wire:
-        """Apply a decided update to this replica and return it with the VSB decisions filled in."""
+    def commit(self, stream_id: str, keep: list[list[int]] | None) -> Wire:
+        """Apply the pending update with the compressor's `keep` decisions to this replica; return it,
+        with the decisions that need the whole memory (VSB) recorded, for the other replicas."""
         stream = lookup(self.streams, stream_id)
-        update = unpack_update(update, self.model.device, self.model.dtype)
+        update, stream.pending = stream.pending, None
+        if update is None:
+            raise UnknownStreamError(f"stream {stream_id!r} has no encoded segment to commit")
+        stream.compressor.decide(update)  # decisions of its own (VSB: no blocks)
+        if keep is not None:
+            update.keep = keep
         stream.memory.apply(update)
         stream.compressor.compact(stream.memory, update)
         return pack_update(update, stream_id=stream_id, model_id=self.model.name)

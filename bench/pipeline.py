@@ -1,0 +1,118 @@
+"""Ray pipeline benchmark: aggregate ingest and answer latency for N concurrent streams, against
+the single-process engine on the same model and frames, in one run.
+
+    python -m bench.pipeline [--streams 1 4 16] [--frames 64] [--method rekv]
+
+Every stream ingests the same number of frames in chunks of 8, all streams submitting at once;
+then every stream is asked one question at once. Object-store use is read from Ray at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from actors.coordinator import StreamCoordinator
+from bench.engine import BENCH_SPEC, CHUNK, QUESTIONS, frames_for
+from synthetic.checkpoint import CheckpointSpec
+
+# A model with ~10x the compute per frame of the tiny one, for a view less dominated by call overhead
+SIZES = {"tiny": BENCH_SPEC, "medium": CheckpointSpec(image_size=64, patch_size=8, vision_hidden=128, vision_layers=4,
+                                                      vision_heads=4, text_hidden=256, text_layers=4, text_heads=8,
+                                                      text_kv_heads=2, text_intermediate=512)}
+from pipeline import StreamSession, load_model
+from pipeline.config import frame_scaled_options
+from synthetic.checkpoint import build_checkpoint
+
+
+def engine_run(model_dir: Path, method: str, options: dict, frames: np.ndarray) -> dict:
+    model = load_model(model_dir)
+    session = StreamSession(model, method=method, **options)
+    start = time.perf_counter()
+    for i in range(0, len(frames), CHUNK):
+        session.add_frames(frames[i : i + CHUNK])
+    session.flush()
+    ingest = time.perf_counter() - start
+    start = time.perf_counter()
+    session.ask(QUESTIONS[0], max_new_tokens=8)
+    return {"ingest_fps": len(frames) / ingest, "latency_p50_s": time.perf_counter() - start}
+
+
+def pipeline_run(coordinator, n_streams: int, method: str, options: dict, frames: np.ndarray) -> dict:
+    ids = [f"bench-{n_streams}-{i}" for i in range(n_streams)]
+    ray.get([coordinator.create_stream.remote(sid, method, options) for sid in ids])
+    start = time.perf_counter()
+    for i in range(0, len(frames), CHUNK):
+        ray.get([coordinator.ingest.remote(sid, frames[i : i + CHUNK]) for sid in ids])
+    ingest = time.perf_counter() - start
+    latencies = []
+
+    def timed_ask(sid):
+        return coordinator.ask.remote(sid, QUESTIONS[0], 8)
+
+    start = time.perf_counter()
+    pending = {timed_ask(sid): sid for sid in ids}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        ray.get(done[0])
+        latencies.append(time.perf_counter() - start)
+        del pending[done[0]]
+    used = ray.cluster_resources().get("object_store_memory", 0) - ray.available_resources().get("object_store_memory", 0)
+    ray.get([coordinator.delete_stream.remote(sid) for sid in ids])
+    return {"aggregate_ingest_fps": n_streams * len(frames) / ingest, "latency_p50_s": statistics.median(latencies),
+            "object_store_bytes": used}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--method", default="rekv")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console()
+    frames = frames_for(args.frames)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_checkpoint(Path(tmp) / "bench", SIZES[args.size])
+        options = frame_scaled_options(args.method, load_model(model_dir).dims.tokens_per_frame)
+        repo = str(Path(__file__).resolve().parent.parent)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": str(args.threads)}})
+        try:
+            coordinator = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(str(model_dir))
+            pipeline_run(coordinator, 1, args.method, options, frames[: 2 * CHUNK])  # warm-up
+            results = {"method": args.method, "size": args.size, "frames_per_stream": args.frames, "options": options,
+                       "engine": engine_run(model_dir, args.method, options, frames), "pipeline": {}}
+            for n in args.streams:
+                results["pipeline"][n] = pipeline_run(coordinator, n, args.method, options, frames)
+        finally:
+            ray.shutdown()
+    table = Table(title=f"Ray pipeline vs engine ({args.method}, {args.size} model, {args.frames} frames per stream)")
+    for column in ("streams", "aggregate ingest fps", "vs engine (1 stream)", "answer p50", "object store"):
+        table.add_column(column, justify="right")
+    engine = results["engine"]
+    table.add_row("engine", f"{engine['ingest_fps']:.1f}", "1.00x", f"{engine['latency_p50_s'] * 1000:.0f} ms", "-")
+    for n, row in results["pipeline"].items():
+        table.add_row(str(n), f"{row['aggregate_ingest_fps']:.1f}", f"{row['aggregate_ingest_fps'] / engine['ingest_fps']:.2f}x",
+                      f"{row['latency_p50_s'] * 1000:.0f} ms", f"{row['object_store_bytes'] / 2**20:.1f} MiB")
+    console.print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
