@@ -95,13 +95,14 @@ class Answerer:
         picks = sorted(set(np.linspace(0, len(items) - 1, min(self.config.top_k, len(items))).round().astype(int).tolist()))
         plan = ContextPlan(self.model.rotate, lambda layer, _q: [memory.sinks[layer]])
         self.model.forward(torch.cat([items[i].tokens for i in picks]), plan)
-        n, spans = self.model.dims.tokens_per_frame, [(items[i].frames, items[i].times) for i in picks]
+        n = self.model.dims.tokens_per_frame
 
         def view(layer: int) -> LayerView:
             def gather(indices):
                 return [(plan.keys[layer][:, i * n : (i + 1) * n], plan.values[layer][:, i * n : (i + 1) * n]) for i in indices]
 
-            return LayerView(reps=torch.empty(0), gather=gather, spans=spans)
+            return LayerView(reps=torch.empty(0), gather=gather, span=lambda i: (items[picks[i]].frames, items[picks[i]].times),
+                             size=len(picks))
 
         return Selection(self.config, [view(layer) for layer in range(self.model.dims.layers)])
 
@@ -146,7 +147,7 @@ def _evidence(selection: Selection) -> list[Evidence]:
     for layer, chosen in enumerate(selection.chosen):
         view, scores = selection.views[layer], selection.scores[layer]
         for i in chosen:
-            frames, times = view.spans[i]
+            frames, times = view.span(i)
             entry = found.setdefault(frames, [times, 0.0, 0])
             entry[1] += float(scores[i]) if scores is not None else 0.0
             entry[2] += 1

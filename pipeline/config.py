@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
 
+# METHODS.md's list of what the guidance prompt asks the model to attend to, said briefly
 GUIDANCE_PROMPT = (
-    "Remember what matters in this part of the video: the objects and their attributes, such as "
-    "shape, colour, size and position; the actions and when they happen; any text and numbers on "
-    "screen; causes and anything unusual; how many things there are and where they are; and "
-    "states that are easily confused with one another."
+    "Attend to objects and attributes, actions and their timing, text and numbers on screen, causes "
+    "and anomalies, counts and layout, and states easily confused."
 )
 
 

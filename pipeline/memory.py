@@ -88,9 +88,13 @@ class StreamMemory:
         if self.pools is not None:
             return self._page_view(layer)
         blocks = self.blocks[layer]
-        spans = [(self.units[u].frames, self.units[u].times) for u in blocks.uids]
-        recent = list(range(len(blocks)))[len(blocks) - self.config.recent_blocks :] if self.config.recent_blocks else []
-        return LayerView(reps=blocks.reps, gather=blocks.gather, spans=spans, always=recent)
+        recent = list(range(max(0, len(blocks) - self.config.recent_blocks), len(blocks)))
+
+        def span(i: int):
+            unit = self.units[blocks.uids[i]]
+            return unit.frames, unit.times
+
+        return LayerView(reps=blocks.reps, gather=blocks.gather, span=span, size=len(blocks), always=recent)
 
     def _page_view(self, layer: int) -> LayerView:
         """Long-term pages (LiveVLM PaR), with the short-term window as the tail."""
@@ -100,15 +104,14 @@ class StreamMemory:
             reps = torch.stack([mean_key(pool.keys[:, s:e]) for s, e in pages])
         else:
             reps = torch.empty(0, self.dims.kv_heads, self.dims.head_dim)
-        spans = []
-        for s, e in pages:
-            first, last = self.units[int(pool.uids[s])], self.units[int(pool.uids[e - 1])]
-            spans.append(((first.frames[0], last.frames[1]), (first.times[0], last.times[1])))
+        def span(i: int):
+            first, last = self.units[int(pool.uids[pages[i][0]])], self.units[int(pool.uids[pages[i][1] - 1])]
+            return (first.frames[0], last.frames[1]), (first.times[0], last.times[1])
 
         def gather(indices: list[int]) -> list[KV]:
             return [(pool.keys[:, slice(*pages[i])], pool.values[:, slice(*pages[i])]) for i in indices]
 
-        return LayerView(reps=reps, gather=gather, spans=spans, tail=self.window.parts(layer))
+        return LayerView(reps=reps, gather=gather, span=span, size=len(pages), tail=self.window.parts(layer))
 
     # ---- accounting -------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:

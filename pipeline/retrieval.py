@@ -21,7 +21,8 @@ from pipeline.kv_store import KV
 class LayerView:
     reps: torch.Tensor  # [U, Hkv, d] fp32 representatives of the candidates, in time order
     gather: Callable[[list[int]], list[KV]]  # KV of the chosen candidates, in the given order
-    spans: list[tuple[tuple[int, int], tuple[float, float]]]  # (frames, times) of each candidate
+    span: Callable[[int], tuple[tuple[int, int], tuple[float, float]]]  # (frames, times) of a candidate
+    size: int  # number of candidates
     always: list[int] = field(default_factory=list)  # candidates always included (the most recent)
     tail: list[KV] = field(default_factory=list)  # KV always after the chosen ones (short-term memory)
 
@@ -62,7 +63,8 @@ class Selection:
         self.config = config
         self.views = views
         self.scores: list[torch.Tensor | None] = [None] * len(views)
-        self.chosen: list[list[int]] = [list(range(len(v.spans))) for v in views]
+        everything = config.retrieval in ("none", "uniform")  # no scoring: every candidate is chosen
+        self.chosen: list[list[int]] = [list(range(v.size)) if everything else [] for v in views]
 
     def base_count(self, view: LayerView) -> int:
         if self.config.retrieval == "page":
@@ -71,7 +73,7 @@ class Selection:
 
     def choose_layer(self, layer: int, query_mean: torch.Tensor) -> list[int]:
         view = self.views[layer]
-        if self.config.retrieval in ("none", "uniform") or len(view.reps) == 0:
+        if self.config.retrieval in ("none", "uniform") or view.size == 0:
             return self.chosen[layer]
         self.scores[layer] = block_scores(view.reps, query_mean, self.config.similarity)
         self.chosen[layer] = choose(self.scores[layer], self.base_count(view), view.always)
