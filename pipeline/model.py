@@ -194,9 +194,13 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
         if not isinstance(dtype, torch.dtype):
             raise InvalidInputError("dtype must be a torch dtype name such as 'float32' or 'bfloat16'")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    register_attention()
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, local_files_only=True, attn_implementation={"text_config": ATTENTION_NAME, "vision_config": "sdpa"}
-    )
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    return VideoLLM(model.to(device).eval(), processor, name=path.name)
+    return wrap_model(model.to(device), processor, name=path.name)
+
+
+def wrap_model(model: LlavaOnevisionForConditionalGeneration, processor, name: str) -> VideoLLM:
+    """A VideoLLM over an already built model (e.g. random weights for a benchmark)."""
+    register_attention()
+    model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
+    return VideoLLM(model.eval(), processor, name=name)
