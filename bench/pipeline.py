@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{row['latency_p50_s'] * 1000:.0f} ms", f"{row['object_store_bytes'] / 2**20:.1f} MiB")
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"pipeline_{args.size}.json").write_text(json.dumps(results, indent=1))
     return results
 
 
