@@ -24,8 +24,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.answerer import AnswerWorker, ReplicaGapError
 from actors.compressor import CompressorWorker
+from actors.decoder import DecoderActor
 from actors.prefill import PrefillWorker, features_wire
 from actors.spec import StreamSpec
+from pipeline.decode import DecodeConfig
 from pipeline.errors import InvalidInputError, UnknownStreamError
 from pipeline.session import check_frames, check_times
 
@@ -45,6 +47,7 @@ class _Stream:
     recoveries: int = 0
     last_error: str | None = None
     publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
+    decoder: object | None = None  # a DecoderActor pulling frames from the stream's source
 
 
 class StreamCoordinator:
@@ -73,17 +76,48 @@ class StreamCoordinator:
         await self.compressor.open.remote(spec)
         await asyncio.gather(*[a.restore.remote(spec, snapshot, 0) for a in self.answerers])
         self.streams[stream_id] = _Stream(spec, config.frame_rate)
-        return self.status(stream_id)
+        return await self.status(stream_id)
 
     def list_streams(self) -> list[str]:
         return sorted(self.streams)
 
-    def status(self, stream_id: str) -> dict:
+    async def attach_source(self, stream_id: str, source: str | None, fps: float | None = None,
+                            size: tuple[int, int] | None = None, policy: str = "block", chunk_frames: int = 8,
+                            max_in_flight: int = 1) -> dict:
+        """Pull the stream's frames from `source` (file path, http(s) or rtsp URL; None: pushed
+        bytes) with a decoder actor. Backpressure: "block" loses nothing (files, uploads); "drop"
+        drops the newest frames while `max_in_flight` chunks are unfinished (live sources), and
+        the stream's status counts them. Keep `max_in_flight` at 1: with more, Ray may start this
+        async actor's ingest calls out of order and a later chunk would be refused as going back
+        in time (the FrameSink contract carries no sequence number yet)."""
         stream = self._stream(stream_id)
+        if stream.decoder is not None:
+            raise InvalidInputError(f"stream {stream_id!r} already has a source")
+        sink = ray.get_runtime_context().current_actor
+        stream.decoder = DecoderActor.options(num_cpus=0.05).remote(
+            stream_id, source, DecodeConfig(fps=fps, size=size), sink, chunk_frames, max_in_flight, policy)
+        return await stream.decoder.start.remote()
+
+    async def push(self, stream_id: str, chunk: bytes, seq: int | None = None) -> int:
+        """Feed encoded video bytes to a push-mode source (attach_source with source=None).
+        Concurrent uploaders number their chunks (`seq` from 0) so they are written in order."""
+        return await self._decoder(stream_id).push.remote(chunk, seq)
+
+    async def close_source(self, stream_id: str, wait_s: float | None = None) -> dict:
+        """End a pushed source; with `wait_s`, wait for its frames to be ingested."""
+        decoder = self._decoder(stream_id)
+        await decoder.close.remote()
+        return await decoder.wait.remote(wait_s) if wait_s else await decoder.status.remote()
+
+    async def status(self, stream_id: str) -> dict:
+        stream = self._stream(stream_id)
+        source = await stream.decoder.status.remote() if stream.decoder is not None else None
         return {
             "stream_id": stream_id, "method": stream.spec.method, "frames_ingested": stream.frames_seen,
-            "segments": stream.applied, "last_time": stream.last_time, "recoveries": stream.recoveries,
-            "restarts": dict(self.restarts), "last_error": stream.last_error,
+            "frames_decoded": source and source["frames_decoded"], "frames_dropped": source and source["frames_dropped"],
+            "source_state": source and source["state"], "segments": stream.applied, "last_time": stream.last_time,
+            "recoveries": stream.recoveries, "restarts": dict(self.restarts),
+            "last_error": stream.last_error or (source and source["last_error"]),
         }
 
     async def memory(self, stream_id: str) -> dict[str, int]:
@@ -98,6 +132,8 @@ class StreamCoordinator:
 
     async def delete_stream(self, stream_id: str) -> dict:
         stream = self._stream(stream_id)
+        if stream.decoder is not None:
+            await stream.decoder.stop.remote()
         async with stream.lock:
             await self._published(stream)
             del self.streams[stream_id]
@@ -254,6 +290,12 @@ class StreamCoordinator:
                 await asyncio.sleep(delay)
                 waited += delay
                 delay = min(2 * delay, 2.0)
+
+    def _decoder(self, stream_id: str):
+        decoder = self._stream(stream_id).decoder
+        if decoder is None:
+            raise InvalidInputError(f"stream {stream_id!r} has no source attached")
+        return decoder
 
     def _stream(self, stream_id: str) -> _Stream:
         try:

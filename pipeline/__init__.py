@@ -1,6 +1,11 @@
-"""streamkv's Ray-free core: load a Video-LLM, stream frames into its KV cache, ask questions."""
+"""streamkv's Ray-free core: load a Video-LLM, stream frames into its KV cache, ask questions.
 
-from pipeline.config import PRESETS, EngineConfig, make_config
+Exports load lazily (PEP 562): actor workers that need only `pipeline.decode` or the errors do
+not pay for importing transformers.
+"""
+
+from importlib import import_module
+
 from pipeline.errors import (
     ConfigError,
     InvalidInputError,
@@ -9,11 +14,21 @@ from pipeline.errors import (
     UnknownStreamError,
     UnsupportedModelError,
 )
-from pipeline.model import VideoLLM, load_model
-from pipeline.answerer import Answer, Evidence
-from pipeline.session import StreamSession
+
+_LAZY = {
+    "PRESETS": "pipeline.config", "EngineConfig": "pipeline.config", "make_config": "pipeline.config",
+    "VideoLLM": "pipeline.model", "load_model": "pipeline.model",
+    "Answer": "pipeline.answerer", "Evidence": "pipeline.answerer",
+    "StreamSession": "pipeline.session",
+}
 
 __all__ = [
-    "PRESETS", "EngineConfig", "make_config", "ConfigError", "InvalidInputError", "NoFramesError",
-    "StreamKVError", "UnknownStreamError", "UnsupportedModelError", "VideoLLM", "load_model", "Answer", "Evidence", "StreamSession",
+    *_LAZY, "ConfigError", "InvalidInputError", "NoFramesError", "StreamKVError", "UnknownStreamError",
+    "UnsupportedModelError",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -140,3 +140,53 @@ def test_bad_requests_are_typed_and_leave_the_stream_usable(coordinator):
         ray.get(coordinator.ingest.remote("nope", video(2, seed=1)))
     assert ray.get(coordinator.ask.remote("bad", QUESTIONS[0], 3))["token_ids"]
     assert ray.get(coordinator.status.remote("bad"))["frames_ingested"] == 8
+
+
+def wait_source(coordinator, stream_id, timeout_s=120):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = ray.get(coordinator.status.remote(stream_id))
+        if status["source_state"] in ("finished", "failed", "stopped"):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"source of {stream_id} did not finish: {status}")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from pipeline.video_io import write_video
+
+    path = tmp_path_factory.mktemp("clips") / "scenes.mp4"
+    write_video(path, video(60, seed=21), fps=2.0)
+    return str(path)
+
+
+def test_a_file_source_with_block_loses_nothing(coordinator, engine_model, clip):
+    ray.get(coordinator.create_stream.remote("file-block", "rekv", CASES["rekv"]))
+    ray.get(coordinator.attach_source.remote("file-block", clip, None, None, "block", 8, 1))
+    status = wait_source(coordinator, "file-block")
+    assert status["source_state"] == "finished" and status["frames_dropped"] == 0
+    assert status["frames_ingested"] == status["frames_decoded"] == 60
+    assert ray.get(coordinator.ask.remote("file-block", QUESTIONS[0], 3))["evidence"]
+
+
+def test_a_live_source_that_outruns_the_pipeline_drops_and_counts(coordinator, clip):
+    ray.get(coordinator.create_stream.remote("file-drop", "streamkv", CASES["streamkv"]))
+    ray.get(coordinator.attach_source.remote("file-drop", clip, None, None, "drop", 2, 1))
+    status = wait_source(coordinator, "file-drop")
+    assert status["frames_dropped"] > 0  # decoding (hundreds of fps) outruns streamkv's ingest
+    assert status["frames_ingested"] + status["frames_dropped"] == status["frames_decoded"] == 60
+    assert ray.get(coordinator.ask.remote("file-drop", QUESTIONS[0], 3))["token_ids"]
+
+
+def test_a_corrupt_source_fails_that_stream_only(coordinator, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all" * 100)
+    ray.get(coordinator.create_stream.remote("corrupt", "rekv", CASES["rekv"]))
+    ray.get(coordinator.attach_source.remote("corrupt", str(broken)))
+    status = wait_source(coordinator, "corrupt")
+    assert status["source_state"] == "failed" and "VideoDecodeError" in str(status["last_error"])
+    ray.get(coordinator.ingest.remote("corrupt", video(4, seed=2)))  # the stream itself still works
+    assert ray.get(coordinator.status.remote("corrupt"))["frames_ingested"] == 4

@@ -1,0 +1,535 @@
+"""DecoderActor: decodes ONE video stream with PyAV and feeds its frames, in chunks, to a sink actor.
+
+    sink = MySink.remote()                       # implements the FrameSink contract below
+    dec = DecoderActor.remote("cam-1", "rtsp://...", DecodeConfig(fps=2), sink,
+                              chunk_frames=8, max_in_flight=2, policy="drop")
+    dec.start.remote()
+    ray.get(dec.status.remote())                 # answers at once, even while decoding
+    ray.get(dec.wait.remote(timeout_s=60))       # status once finished / failed / stopped
+
+Push mode (`source=None`): the owner feeds the container bytes (MPEG-TS, Matroska/WebM,
+fragmented MP4: streamable formats) with `push(chunk, seq)` and ends them with `close()`.
+
+Threads. Decoding runs in a background thread of the actor (`pipeline.decode.open_source`). The
+actor is a threaded actor with concurrency groups, so control calls never queue behind work:
+the default group (start, status, stop; 4 threads), "push" (push, close; 2 threads) and "wait"
+(wait; 8 threads). A blocked `push` (buffer full) or a long `wait` does not delay `status`.
+
+Chunks. Decoded (sampled) frames are grouped into chunks of `chunk_frames` frames (the last chunk
+of a stream, or the chunk before a resolution change, may be shorter) and sent as
+`sink.ingest.remote(stream_id, frames, times)`. At most `max_in_flight` calls are un-finished at
+any time: finished calls are collected with `ray.wait`, and each one's result is checked.
+
+Backpressure, when a chunk is ready and `max_in_flight` calls are still un-finished:
+- "block": wait for a call to finish. Nothing is lost; decoding (and, for a pushed upload, the
+  uploader's `push`) slows to the sink's pace. For files and uploads.
+- "drop": drop the chunk, i.e. the NEWEST decoded frames, and go on decoding, so the stream
+  never falls behind a live source; the next chunk is sent once a slot is free. Dropped frames
+  are counted (`frames_dropped`); the sink sees them as a gap in `times`.
+Invariant once a stream has ended: frames_sent + frames_dropped == frames_decoded (frames still
+buffered in a partial chunk when the stream is stopped or fails count as dropped).
+
+Failures. A decode/source error (`VideoDecodeError`, `SourceUnavailableError`, ...) first
+delivers the frames decoded before it (the partial chunk is flushed, in-flight calls are
+awaited), then ends the stream in state "failed" with `last_error`. A sink call that raises, or a
+sink that dies, ends the stream in state "failed" at once (decoding stops; frames not sent count
+as dropped). Neither crashes the actor process: `status()` keeps answering. Each stream has its
+own actor, so one stream's failure never touches another's.
+
+Restarts. `DecoderActor` has `max_restarts=0`: a restarted decoder would start its source over
+and re-send frames. The owner (stream coordinator) decides whether to start a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+import numpy as np
+import ray
+
+from pipeline.decode import DecodeConfig, FrameSource, PushBuffer, PushBufferTimeout, open_source
+from pipeline.errors import ConfigError, InvalidInputError
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["block", "drop"]
+POLICIES = ("block", "drop")
+STATES = ("starting", "running", "finished", "failed", "stopped")
+TERMINAL_STATES = frozenset({"finished", "failed", "stopped"})
+_POLL_S = 0.1  # how often a blocked decode thread re-checks stop()
+
+__all__ = ["FrameSink", "StreamDecoder", "DecoderActor", "POLICIES", "STATES", "TERMINAL_STATES"]
+
+
+@runtime_checkable
+class FrameSink(Protocol):
+    """The contract a frame sink (the stream coordinator) implements, as a Ray actor.
+
+    `ingest(stream_id, frames, times)` is called as `sink.ingest.remote(...)` by the decoder of
+    `stream_id`:
+    - `frames`: np.ndarray [T, H, W, 3] uint8 RGB, C-contiguous, 1 <= T <= chunk_frames. It
+      arrives zero-copy from the object store and is READ-ONLY; the buffer belongs to the decoder
+      actor, so copy whatever must be kept after the call returns or after the decoder is gone.
+    - `times`: np.ndarray [T] float64, seconds since the first frame of the source
+      (`DecodedFrame.time`), strictly increasing within and across the calls of one stream.
+      A jump larger than the sampling interval is a gap in the source or frames dropped by the
+      "drop" policy.
+    - Calls of one stream are SUBMITTED in time order, and up to `max_in_flight` of them may be
+      un-finished at once. A default (non-threaded, non-async) sink actor executes them one at a
+      time in submission order. An async or threaded sink may run them concurrently and must
+      order chunks by `times[0]` itself.
+    - Returning means "consumed": the call's completion frees a slot of the decoder's window,
+      which is how backpressure works. Return only once the chunk is processed, or queued in a
+      bounded queue of the sink's own. The return value is ignored.
+    - Raising (any exception), or the sink actor dying, FAILS the stream: the decoder stops and
+      reports state "failed" with `last_error` naming the exception. Raise only when the stream
+      cannot go on.
+    - End of stream is not signalled through the sink: the owner learns it from the decoder's
+      `status()` / `wait()` (state "finished", "failed" or "stopped").
+    """
+
+    def ingest(self, stream_id: str, frames: np.ndarray, times: np.ndarray) -> Any: ...
+
+
+class _SinkFailed(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _error_info(exc: BaseException, where: str) -> dict:
+    cause = getattr(exc, "cause", None)  # RayTaskError carries the sink's own exception
+    if isinstance(cause, BaseException):
+        exc = cause
+    return {"type": type(exc).__name__, "message": str(exc), "where": where}
+
+
+def _source_kind(source: object) -> str:
+    if source is None:
+        return "push"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "bytes"
+    if isinstance(source, str) and "://" in source:
+        return urlsplit(source).scheme.lower()
+    return "file"
+
+
+def _source_name(source: object) -> str:
+    if source is None:
+        return "<push stream>"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    text = str(source)
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.password is not None:  # never report credentials
+            netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+            text = parts._replace(netloc=netloc).geturl()
+    return text
+
+
+class StreamDecoder:
+    """One stream's decoder; `DecoderActor` is the Ray actor. See the module docstring.
+
+    Args:
+        stream_id: the stream's id, passed on every sink call.
+        source: a local path, an http(s):// or rtsp(s):// URL, the bytes of a whole video, or
+            None for push mode (bytes arrive through `push`).
+        config: how to decode and sample (`DecodeConfig`); None for the defaults.
+        sink: an actor handle implementing `FrameSink`.
+        chunk_frames: frames per `ingest` call (>= 1).
+        max_in_flight: un-finished `ingest` calls allowed at once (>= 1).
+        policy: "block" or "drop", what to do when the window is full.
+        push_buffer_bytes: push mode: bytes buffered before `push` blocks.
+        source_format: force a demuxer (e.g. "mpegts") instead of probing.
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        source: str | Path | bytes | None,
+        config: DecodeConfig | None,
+        sink: Any,
+        chunk_frames: int = 8,
+        max_in_flight: int = 2,
+        policy: Policy = "block",
+        *,
+        push_buffer_bytes: int = 8 * 2**20,
+        source_format: str | None = None,
+    ) -> None:
+        if not isinstance(stream_id, str) or not stream_id:
+            raise InvalidInputError(f"stream_id must be a non-empty string, got {stream_id!r}")
+        if int(chunk_frames) != chunk_frames or chunk_frames < 1:
+            raise ConfigError(f"chunk_frames must be an int >= 1, got {chunk_frames!r}")
+        if int(max_in_flight) != max_in_flight or max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        if policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if config is not None and not isinstance(config, DecodeConfig):
+            raise ConfigError(f"config must be a DecodeConfig or None, got {type(config).__name__}")
+        if not hasattr(sink, "ingest"):
+            raise InvalidInputError("sink must be an actor handle with an `ingest` method (FrameSink)")
+        self.stream_id = stream_id
+        self._source = source
+        self._config = config or DecodeConfig()
+        self._sink = sink
+        self._chunk_frames = int(chunk_frames)
+        self._max_in_flight = int(max_in_flight)
+        self._policy = policy
+        self._format = source_format
+        self._push = PushBuffer(push_buffer_bytes) if source is None else None
+
+        self._lock = threading.Lock()  # counters and state, for consistent status snapshots
+        self._state = "starting"
+        self._started = False
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._frame_source: FrameSource | None = None
+        self._pending: list[ray.ObjectRef] = []
+        self._pending_frames: dict[ray.ObjectRef, int] = {}
+        self._frames_decoded = 0
+        self._frames_sent = 0
+        self._frames_delivered = 0
+        self._frames_dropped = 0
+        self._chunks_sent = 0
+        self._chunks_dropped = 0
+        self._max_seen_in_flight = 0
+        self._last_error: dict | None = None
+        self._started_at: float | None = None
+        self._ended_at: float | None = None
+
+        # push ordering (see push())
+        self._push_cond = threading.Condition()
+        self._stash: dict[int, bytes] = {}
+        self._next_seq = 0
+        self._auto_seq = 0
+        self._draining = False
+        self._close_at: int | None = None
+
+    # --- control ---------------------------------------------------------------------------------
+
+    def start(self) -> dict:
+        """Start decoding in the background (idempotent); returns status()."""
+        with self._lock:
+            if not self._started and not self._stop.is_set():
+                self._started = True
+                self._started_at = time.time()
+                self._thread = threading.Thread(target=self._run, name=f"decode-{self.stream_id}", daemon=True)
+                self._thread.start()
+        return self.status()
+
+    def stop(self, timeout_s: float = 5.0) -> dict:
+        """Stop decoding: close the source, send nothing more. In-flight sink calls are not
+        cancelled. Waits up to `timeout_s` for the decode thread; returns status(). A stream
+        that had already ended keeps its final state."""
+        self._stop.set()
+        with self._lock:
+            source, thread = self._frame_source, self._thread
+        if thread is None:  # never started
+            self._end("stopped")
+        if self._push is not None:
+            self._push.abort("decoder stopped")
+        if source is not None:
+            try:
+                source.close()
+            except Exception:  # closing races with the decode thread; it closes on its own
+                log.debug("%s: close during stop", self.stream_id, exc_info=True)
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():  # e.g. still inside a network open with retries: it exits later
+                self._end("stopped")
+        return self.status()
+
+    def status(self) -> dict:
+        """A snapshot; never blocks on decoding or on the sink.
+
+        state: "starting" (created, or opening / waiting for pushed bytes), "running",
+        "finished", "failed", "stopped". frames_decoded: sampled frames the source yielded;
+        frames_sent: frames in submitted ingest calls; frames_delivered: frames in calls that
+        completed successfully; frames_dropped: by the "drop" policy, or left unsent by a stop or
+        failure. chunks_in_flight: un-finished ingest calls now (<= max_in_flight);
+        max_chunks_in_flight: the most seen. last_error: None or {"type", "message", "where":
+        "source" | "sink"}. source: kind ("file", "http", "rtsp", "push", "bytes", ...), name (URL
+        credentials masked), source_frames (frames decoded before sampling), stream_info,
+        push_buffered_bytes."""
+        with self._lock:
+            src = self._frame_source
+            info = getattr(src, "stream_info", None)
+            return {
+                "stream_id": self.stream_id,
+                "state": self._state,
+                "policy": self._policy,
+                "chunk_frames": self._chunk_frames,
+                "max_in_flight": self._max_in_flight,
+                "frames_decoded": self._frames_decoded,
+                "frames_sent": self._frames_sent,
+                "frames_delivered": self._frames_delivered,
+                "frames_dropped": self._frames_dropped,
+                "chunks_sent": self._chunks_sent,
+                "chunks_dropped": self._chunks_dropped,
+                "chunks_in_flight": len(self._pending),
+                "max_chunks_in_flight": self._max_seen_in_flight,
+                "last_error": None if self._last_error is None else dict(self._last_error),
+                "source": {
+                    "kind": _source_kind(self._source),
+                    "name": getattr(src, "name", None) or _source_name(self._source),
+                    "source_frames": getattr(src, "frames_decoded", 0),
+                    "stream_info": None if info is None else {
+                        "width": info.width, "height": info.height, "fps": info.fps,
+                        "duration": info.duration, "codec": info.codec,
+                    },
+                    "push_buffered_bytes": None if self._push is None else self._push.buffered_bytes,
+                },
+                "started_at": self._started_at,
+                "ended_at": self._ended_at,
+            }
+
+    @ray.method(concurrency_group="wait")
+    def wait(self, timeout_s: float | None = None) -> dict:
+        """Block until the stream has ended (finished, failed or stopped) or `timeout_s` passed;
+        returns status()."""
+        self._done.wait(timeout_s)
+        return self.status()
+
+    # --- push mode -------------------------------------------------------------------------------
+
+    @ray.method(concurrency_group="push")
+    def push(self, chunk: bytes, seq: int | None = None, timeout_s: float | None = None) -> int:
+        """Feed container bytes (push mode only); returns the bytes still buffered.
+
+        Ordering: Ray runs a threaded actor's calls in any order, so either wait for each push
+        before sending the next (then `seq` may be left out), or number the chunks 0, 1, 2, ...
+        with `seq`: chunks are then written to the decoder in `seq` order whatever order the
+        calls run in, and a repeated `seq` is ignored (safe retries). Do not mix the two styles.
+
+        Backpressure: the call that writes a chunk blocks while the decoder's buffer is full; a
+        chunk that arrives before an earlier `seq` is parked and its call returns at once, so
+        bound the number of un-finished pushes. After `timeout_s` the writing call raises
+        `PushBufferTimeout`; its chunk stays queued, first in line (with `seq`, pushing it again
+        is harmless; without, do not push it again).
+        Raises InvalidInputError if the stream is not in push mode, was closed, or has ended.
+        """
+        if self._push is None:
+            raise InvalidInputError(f"stream {self.stream_id!r} is not in push mode (it has a source)")
+        if self._stop.is_set() or self._done.is_set():
+            raise InvalidInputError(f"stream {self.stream_id!r} has ended ({self._state}); push() refused")
+        data = bytes(chunk)
+        with self._push_cond:
+            if self._close_at is not None and (seq is None or seq >= self._close_at):
+                raise InvalidInputError(f"stream {self.stream_id!r}: push() after close()")
+            if seq is None:
+                seq = self._auto_seq
+                self._auto_seq += 1
+            elif int(seq) != seq or seq < 0:
+                raise InvalidInputError(f"seq must be an int >= 0, got {seq!r}")
+            if seq < self._next_seq:
+                return self._push.buffered_bytes  # a repeat of a chunk already written
+            self._stash.setdefault(int(seq), data)  # a repeat of a parked chunk keeps the first copy
+            if self._draining:
+                return self._push.buffered_bytes  # the active writer will write it in order
+            self._draining = True
+        self._drain(timeout_s)
+        return self._push.buffered_bytes
+
+    @ray.method(concurrency_group="push")
+    def close(self, chunks: int | None = None) -> None:
+        """End the pushed stream. With `seq`-numbered pushes pass `chunks`, the total number of
+        chunks: the end takes effect once chunks 0 .. chunks-1 are all written. Without it the
+        stream ends after the chunks already received."""
+        if self._push is None:
+            raise InvalidInputError(f"stream {self.stream_id!r} is not in push mode (it has a source)")
+        with self._push_cond:
+            if chunks is None:
+                chunks = max([self._next_seq, self._auto_seq, *(s + 1 for s in self._stash)])
+            self._close_at = int(chunks)
+            if self._draining:
+                return  # the active writer closes the buffer when it gets there
+            if self._next_seq >= self._close_at:
+                self._push.close()
+
+    def _drain(self, timeout_s: float | None) -> None:
+        """Write parked chunks in seq order, as the single active writer."""
+        seq, data = -1, b""
+        try:
+            while True:
+                with self._push_cond:
+                    seq = self._next_seq
+                    data = self._stash.pop(seq, None)
+                    if data is None:
+                        self._draining = False
+                        if self._close_at is not None and seq >= self._close_at:
+                            self._push.close()
+                        return
+                    self._next_seq += 1
+                self._push.push(data, timeout=timeout_s)
+        except PushBufferTimeout:
+            with self._push_cond:  # nothing was written: the chunk stays first in line
+                self._stash[seq] = data
+                self._next_seq = seq
+                self._draining = False
+            raise
+        except BaseException:
+            with self._push_cond:
+                self._draining = False
+                self._stash.clear()  # the stream is over (stopped, failed or closed)
+            raise
+
+    # --- decode thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        images: list[np.ndarray] = []
+        times: list[float] = []
+        try:
+            source = open_source(self._push if self._push is not None else self._source, self._config,
+                                 format=self._format)
+            with self._lock:
+                self._frame_source = source
+                if self._push is None and not self._stop.is_set():
+                    self._state = "running"
+            if self._stop.is_set():
+                source.close()
+                raise _Stopped
+            try:
+                for frame in source:
+                    if self._stop.is_set():
+                        raise _Stopped
+                    with self._lock:
+                        self._frames_decoded += 1
+                        if self._state == "starting":
+                            self._state = "running"
+                    if images and frame.image.shape != images[0].shape:  # resolution change
+                        self._send(images, times)
+                        images, times = [], []
+                    images.append(frame.image)
+                    times.append(frame.time)
+                    if len(images) == self._chunk_frames:
+                        self._send(images, times)
+                        images, times = [], []
+                if self._stop.is_set():
+                    raise _Stopped
+            except (_Stopped, _SinkFailed):
+                raise
+            except Exception as exc:  # decode / source error: deliver what came before it, then fail
+                if self._stop.is_set():
+                    raise _Stopped from exc  # an error caused by stop() closing the source
+                self._fail(exc, "source")
+                if images:
+                    self._send(images, times)
+                    images, times = [], []
+                self._drain_in_flight()
+                self._end("failed")
+                return
+            finally:
+                source.close()
+            if images:
+                self._send(images, times)
+                images, times = [], []
+            self._drain_in_flight()
+            self._end("finished")
+        except _Stopped:
+            self._count_dropped(len(images))
+            self._end("stopped")
+        except _SinkFailed as exc:
+            self._count_dropped(len(images))
+            self._fail(exc.cause, "sink")
+            self._end("failed")
+        except Exception as exc:  # opening failed, or anything unexpected: never kill the actor
+            self._count_dropped(len(images))
+            if self._stop.is_set() and self._last_error is None:
+                self._end("stopped")
+            else:
+                self._fail(exc, "source")
+                self._end("failed")
+        finally:
+            if self._push is not None:
+                self._push.abort("decoding ended")
+
+    def _send(self, images: list[np.ndarray], times: list[float]) -> None:
+        """Send one chunk through the window, applying the backpressure policy."""
+        self._reap()
+        if len(self._pending) >= self._max_in_flight:
+            if self._policy == "drop":
+                self._count_dropped(len(images), chunk=True)
+                return
+            while len(self._pending) >= self._max_in_flight:
+                if self._stop.is_set():
+                    raise _Stopped  # the caller counts the chunk as dropped
+                ray.wait(self._pending, num_returns=1, timeout=_POLL_S)
+                self._reap()
+        frames = np.stack(images)
+        stamps = np.asarray(times, dtype=np.float64)
+        ref = self._sink.ingest.remote(self.stream_id, frames, stamps)
+        with self._lock:
+            self._pending = self._pending + [ref]
+            self._pending_frames[ref] = len(images)
+            self._frames_sent += len(images)
+            self._chunks_sent += 1
+            self._max_seen_in_flight = max(self._max_seen_in_flight, len(self._pending))
+
+    def _reap(self) -> None:
+        """Collect finished sink calls; raise _SinkFailed for the first that failed."""
+        if not self._pending:
+            return
+        ready, _ = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+        if not ready:
+            return
+        failure = None
+        delivered = 0
+        for ref in ready:
+            try:
+                ray.get(ref)
+                delivered += self._pending_frames[ref]
+            except Exception as exc:  # RayTaskError (sink raised) or RayActorError (sink died)
+                failure = failure or exc
+        done = set(ready)
+        with self._lock:
+            self._pending = [r for r in self._pending if r not in done]
+            for ref in ready:
+                del self._pending_frames[ref]
+            self._frames_delivered += delivered
+        if failure is not None:
+            raise _SinkFailed(failure)
+
+    def _drain_in_flight(self) -> None:
+        while self._pending:
+            if self._stop.is_set():
+                raise _Stopped
+            ray.wait(self._pending, num_returns=len(self._pending), timeout=_POLL_S)
+            self._reap()
+
+    def _count_dropped(self, n: int, chunk: bool = False) -> None:
+        if n:
+            with self._lock:
+                self._frames_dropped += n
+                self._chunks_dropped += int(chunk)
+
+    def _fail(self, exc: BaseException, where: str) -> None:
+        with self._lock:
+            if self._last_error is None:  # keep the first cause
+                self._last_error = _error_info(exc, where)
+        log.warning("stream %s: %s error: %s", self.stream_id, where, self._last_error)
+
+    def _end(self, state: str) -> None:
+        with self._lock:
+            if self._state not in TERMINAL_STATES:
+                self._state = state
+                self._ended_at = time.time()
+        self._done.set()
+
+
+DecoderActor = ray.remote(
+    num_cpus=0.05,
+    max_restarts=0,
+    max_concurrency=4,  # default group: start, status, stop
+    concurrency_groups={"push": 2, "wait": 8},
+)(StreamDecoder)
