@@ -5,7 +5,9 @@
 Streams come from the synthetic world on held-out seeds (>= 90000, never used in training), each
 with questions spread over the stream; each question sees only the frames before it. Every
 method streams the same frames and answers the same questions. Token-valued knobs are scaled to
-the model's tokens per frame (see pipeline.config.frame_scaled_options).
+the model's tokens per frame (see pipeline.config.frame_scaled_options); with --context-frames C
+(default 32, the demo model's training clip length) every method shows the model about C frames
+at once: uniform-C, recent-C, top-C retrieval, LiveVLM sized to C (see context_options).
 Writes bench/results/qa.json, qa.md and qa_accuracy_vs_memory.png.
 """
 
@@ -31,8 +33,8 @@ from synthetic.world import KINDS, SYSTEM_PROMPT, WorldConfig, generate_stream, 
 # (label, preset, overrides)
 METHODS: list[tuple[str, str, dict]] = [
     ("full", "full", {}),
-    ("uniform-32", "uniform", {"top_k": 32}),
-    ("recent-32", "recent", {"recent_blocks": 32}),
+    ("uniform", "uniform", {}),
+    ("recent", "recent", {}),
     ("rekv", "rekv", {}),
     ("streamkv keep=1.0", "streamkv", {"keep_ratio": 1.0}),
     ("streamkv keep=0.4", "streamkv", {"keep_ratio": 0.4}),
@@ -44,8 +46,27 @@ METHODS: list[tuple[str, str, dict]] = [
 HELD_OUT_SEED = 90_000
 
 
-def run_method(model, preset: str, overrides: dict, streams, asked) -> dict:
-    options = {**frame_scaled_options(preset, model.dims.tokens_per_frame), **overrides}
+def context_options(preset: str, frames: int, tokens_per_frame: int) -> dict:
+    """Budgets so that every method shows the model about `frames` frames at once (its training
+    clip length): retrieved blocks, local windows, LiveVLM's short-term + 40% of long-term."""
+    per_preset = {
+        "full": {},
+        "uniform": {"top_k": frames},
+        "recent": {"recent_blocks": frames},
+        "rekv": {"top_k": frames, "n_local": frames * tokens_per_frame},
+        "streamkv": {"top_k": frames, "n_local": frames * tokens_per_frame, "recent_blocks": max(1, frames // 4)},
+        "livevlm": {"n_local": frames // 4 * tokens_per_frame,
+                    "budget_tokens": round(frames * 3 / 4 / 0.4) * tokens_per_frame},
+    }
+    return per_preset[preset]
+
+
+def run_method(model, preset: str, overrides: dict, streams, asked, context_frames: int | None) -> dict:
+    tokens_per_frame = model.dims.tokens_per_frame
+    options = frame_scaled_options(preset, tokens_per_frame)
+    if context_frames:
+        options.update(context_options(preset, context_frames, tokens_per_frame))
+    options.update(overrides)
     records, latencies, ingest_s, frames_total, retained = [], [], 0.0, 0, []
     for stream, stream_questions in zip(streams, asked):
         session = StreamSession(model, method=preset, system_prompt=SYSTEM_PROMPT, **options)
@@ -124,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--streams", type=int, default=3)
     parser.add_argument("--questions", type=int, default=100, help="per stream")
     parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--context-frames", type=int, default=32,
+                        help="frames each method shows the model at once (0: the papers' scaled budgets)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared CPU stable)")
     args = parser.parse_args(argv)
@@ -136,12 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
     asked = [questions(stream, args.questions, seed) for stream, seed in zip(streams, seeds)]
     methods = [m for m in METHODS if not args.methods or m[0] in args.methods]
     results = {"frames": args.frames, "streams": args.streams, "questions": sum(map(len, asked)),
+               "context_frames": args.context_frames,
                "model": str(args.model), "seeds": seeds, "methods": {}}
     with Progress(console=console) as progress:
         task = progress.add_task("methods", total=len(methods))
         for label, preset, overrides in methods:
             progress.update(task, description=label)
-            results["methods"][label] = run_method(model, preset, overrides, streams, asked)
+            results["methods"][label] = run_method(model, preset, overrides, streams, asked, args.context_frames)
             progress.advance(task)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "qa.json").write_text(json.dumps(results, indent=1))
