@@ -26,8 +26,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from pipeline import StreamSession, load_model
-from pipeline.config import frame_scaled_options
-from synthetic.demo import DEFAULT_MODEL, first_word
+from synthetic.demo import DEFAULT_MODEL, context_options, first_word
 from synthetic.world import KINDS, SYSTEM_PROMPT, WorldConfig, generate_stream, questions
 
 # (label, preset, overrides)
@@ -46,27 +45,9 @@ METHODS: list[tuple[str, str, dict]] = [
 HELD_OUT_SEED = 90_000
 
 
-def context_options(preset: str, frames: int, tokens_per_frame: int) -> dict:
-    """Budgets so that every method shows the model about `frames` frames at once (its training
-    clip length): retrieved blocks, local windows, LiveVLM's short-term + 40% of long-term."""
-    per_preset = {
-        "full": {},
-        "uniform": {"top_k": frames},
-        "recent": {"recent_blocks": frames},
-        "rekv": {"top_k": frames, "n_local": frames * tokens_per_frame},
-        "streamkv": {"top_k": frames, "n_local": frames * tokens_per_frame, "recent_blocks": max(1, frames // 4)},
-        "livevlm": {"n_local": frames // 4 * tokens_per_frame,
-                    "budget_tokens": round(frames * 3 / 4 / 0.4) * tokens_per_frame},
-    }
-    return per_preset[preset]
-
-
 def run_method(model, preset: str, overrides: dict, streams, asked, context_frames: int | None) -> dict:
     tokens_per_frame = model.dims.tokens_per_frame
-    options = frame_scaled_options(preset, tokens_per_frame)
-    if context_frames:
-        options.update(context_options(preset, context_frames, tokens_per_frame))
-    options.update(overrides)
+    options = {**context_options(preset, context_frames, tokens_per_frame), **overrides}
     records, latencies, ingest_s, frames_total, retained = [], [], 0.0, 0, []
     for stream, stream_questions in zip(streams, asked):
         session = StreamSession(model, method=preset, system_prompt=SYSTEM_PROMPT, **options)

@@ -23,6 +23,25 @@ from synthetic.world import SYSTEM_PROMPT, WorldConfig, generate_stream, questio
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 
+def context_options(preset: str, frames: int | None, tokens_per_frame: int) -> dict:
+    """The preset's options sized so the method shows the model about `frames` frames at once (a
+    small model's training clip length): retrieved blocks, local windows, LiveVLM's short-term +
+    40% of long-term. frames=None/0: the papers' budgets, scaled to tokens per frame."""
+    options = frame_scaled_options(preset, tokens_per_frame)
+    if not frames:
+        return options
+    per_preset = {
+        "full": {},
+        "uniform": {"top_k": frames},
+        "recent": {"recent_blocks": frames},
+        "rekv": {"top_k": frames, "n_local": frames * tokens_per_frame},
+        "streamkv": {"top_k": frames, "n_local": frames * tokens_per_frame, "recent_blocks": max(1, frames // 4)},
+        "livevlm": {"n_local": frames // 4 * tokens_per_frame,
+                    "budget_tokens": round(frames * 3 / 4 / 0.4) * tokens_per_frame},
+    }
+    return {**options, **per_preset[preset]}
+
+
 def first_word(text: str) -> str:
     words = text.strip().lower().replace("?", " ").replace(".", " ").split()
     return words[0] if words else ""
@@ -35,6 +54,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--frames", type=int, default=600)
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--seed", type=int, default=90001)
+    parser.add_argument("--context-frames", type=int, default=32,
+                        help="frames shown to the model at once (the demo model was trained on <= 32)")
     args = parser.parse_args(argv)
 
     console = Console()
@@ -42,7 +63,7 @@ def main(argv: list[str] | None = None) -> float:
     stream = generate_stream(args.frames, args.seed, WorldConfig())
     asked = questions(stream, args.questions, args.seed)
     session = StreamSession(model, method=args.method, system_prompt=SYSTEM_PROMPT,
-                            **frame_scaled_options(args.method, model.dims.tokens_per_frame))
+                            **context_options(args.method, args.context_frames, model.dims.tokens_per_frame))
     console.print(f"[bold]{args.method}[/] on a {args.frames}-frame stream (seed {args.seed}), model {args.model.name}")
     table = Table("t (s)", "question", "answer", "truth", "", "evidence (s)")
     correct, latencies, done = 0, [], 0
