@@ -20,7 +20,7 @@ from pipeline.compression import make_compressor
 from pipeline.config import EngineConfig, make_config
 from pipeline.encoder import SegmentEncoder
 from pipeline.errors import InvalidInputError
-from pipeline.memory import StreamMemory
+from pipeline.memory import SegmentUpdate, StreamMemory
 from pipeline.model import VideoLLM
 from pipeline.segmenter import FrameFeature, Segment, Segmenter
 
@@ -55,11 +55,12 @@ class StreamSession:
             self.last_time = times[-1]
             return self.frames_seen
 
-    def _encode_segment(self, segment: Segment) -> None:
+    def _encode_segment(self, segment: Segment) -> SegmentUpdate:
         update = self.encoder.encode(self.store, segment)
         self.compressor.decide(update)
         self.store.apply(update)
         self.compressor.compact(self.store, update)
+        return update
 
     def flush(self) -> None:
         """Encode the open partial segment now (done before every question)."""

@@ -50,34 +50,30 @@ def direct_retrieval(model, session, question, top_k):
     return chosen
 
 
+def selection_after(model, frames: int, seed: int, method: str, **options):
+    """A session that streamed `frames` random frames, and its retrieval for QUESTION."""
+    session = StreamSession(model, method=method, **options)
+    session.add_frames(np.random.default_rng(seed).integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8))
+    session.flush()
+    return session, session.answerer.select(session.store, model.tokenize(QUESTION))
+
+
 @torch.inference_mode()
 def test_rekv_chooses_the_top_scoring_blocks_per_layer(tiny_model):
-    frames = np.random.default_rng(3).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
-    session = StreamSession(tiny_model, method="rekv", top_k=3, n_local=None)
-    session.add_frames(frames)
-    session.flush()
-    selection = session.answerer.select(session.store, tiny_model.tokenize(QUESTION))
+    session, selection = selection_after(tiny_model, 12, 3, "rekv", top_k=3, n_local=None)
     expected = direct_retrieval(tiny_model, session, QUESTION, top_k=3)
     assert selection.chosen == expected
     assert len({tuple(c) for c in expected}) > 1 or tiny_model.dims.layers == 1  # layers differ
 
 
 def test_recent_blocks_are_always_retrieved(gqa_model):
-    frames = np.random.default_rng(4).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-    session = StreamSession(gqa_model, method="rekv", top_k=5, recent_blocks=3)
-    session.add_frames(frames)
-    session.flush()
-    selection = session.answerer.select(session.store, gqa_model.tokenize(QUESTION))
+    _, selection = selection_after(gqa_model, 16, 4, "rekv", top_k=5, recent_blocks=3)
     for chosen in selection.chosen:
         assert len(chosen) == 5 and chosen[-3:] == [13, 14, 15]
 
 
 def test_adaptive_retrieval_spends_the_whole_budget(gqa_model):
-    frames = np.random.default_rng(5).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
-    session = StreamSession(gqa_model, method="streamkv", keep_ratio=1.0, top_k=8, min_frames=2, max_frames=8)
-    session.add_frames(frames)
-    session.flush()
-    selection = session.answerer.select(session.store, gqa_model.tokenize(QUESTION))
+    _, selection = selection_after(gqa_model, 40, 5, "streamkv", keep_ratio=1.0, top_k=8, min_frames=2, max_frames=8)
     counts = [len(c) for c in selection.chosen]
     assert sum(counts) == 8 * gqa_model.dims.layers
     assert all(4 <= c <= 12 for c in counts)
@@ -86,11 +82,8 @@ def test_adaptive_retrieval_spends_the_whole_budget(gqa_model):
 @torch.inference_mode()
 def test_pages_are_repositioned_so_attention_equals_a_direct_computation(gqa_model):
     """LiveVLM PaR: retrieved pages of position-free keys, rotated at contiguous positions."""
-    frames = np.random.default_rng(6).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
-    session = StreamSession(gqa_model, method="livevlm", budget_tokens=48, n_local=16, page_tokens=4, vsb_queries=4)
-    session.add_frames(frames)
-    session.flush()
-    selection = session.answerer.select(session.store, gqa_model.tokenize(QUESTION))
+    session, selection = selection_after(gqa_model, 30, 6, "livevlm", budget_tokens=48, n_local=16, page_tokens=4,
+                                         vsb_queries=4)
     dims = gqa_model.dims
     pool = session.store.pools[0]
     expected_pages = max(1, round(0.4 * len(pool.pages(4))))

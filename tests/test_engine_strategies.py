@@ -14,6 +14,7 @@ from pipeline.compression import vsb_select
 from pipeline.config import make_config
 from pipeline.memory import StreamMemory
 from pipeline.segmenter import FrameFeature, Segmenter
+from tests.stages import stream_updates
 
 
 # ---- layer-adaptive budgets -------------------------------------------------------------------
@@ -197,14 +198,8 @@ def test_a_replica_applying_the_same_updates_answers_the_same(gqa_model, method,
     frames, _ = scenes_video([6, 5, 7, 4])
     session = StreamSession(gqa_model, method=method, **options)
     replica = StreamMemory(gqa_model.dims, session.config, session.store.sinks)
-    for i, tokens in enumerate(gqa_model.encode_frames(frames)):
-        item = FrameFeature(tokens, (i, i + 1), (float(i), float(i)))
-        for segment in session.segmenter.push(item) + ([session.segmenter.flush()] if i == len(frames) - 1 else []):
-            update = session.encoder.encode(session.store, segment)
-            session.compressor.decide(update)
-            session.store.apply(update)
-            session.compressor.compact(session.store, update)
-            replica.apply(update)
+    for update in stream_updates(session, frames):
+        replica.apply(update)
     assert replica.memory() == session.store.memory()
     a = session.answerer.ask(session.store, "what color was the star?", max_new_tokens=5)
     b = session.answerer.ask(replica, "what color was the star?", max_new_tokens=5)

@@ -8,7 +8,7 @@ import pytest
 from cache_store.wire import pack_snapshot, pack_update, unpack_snapshot, unpack_update
 from pipeline import StreamSession
 from pipeline.memory import StreamMemory
-from pipeline.segmenter import FrameFeature
+from tests.stages import stream_updates
 
 CASES = [
     ("rekv", {"top_k": 4, "n_local": 32}),
@@ -23,15 +23,9 @@ def test_replicas_from_wire_updates_and_snapshots_answer_the_same(gqa_model, met
     frames = np.random.default_rng(11).integers(0, 256, (22, 32, 32, 3), dtype=np.uint8)
     session = StreamSession(gqa_model, method=method, **options)
     from_updates = StreamMemory(gqa_model.dims, session.config, session.store.sinks)
-    for i, tokens in enumerate(gqa_model.encode_frames(frames)):
-        item = FrameFeature(tokens, (i, i + 1), (float(i), float(i)))
-        for segment in session.segmenter.push(item) + ([session.segmenter.flush()] if i == len(frames) - 1 else []):
-            update = session.encoder.encode(session.store, segment)
-            session.compressor.decide(update)
-            session.store.apply(update)
-            session.compressor.compact(session.store, update)
-            wire = pickle.loads(pickle.dumps(pack_update(update, stream_id="s", model_id="m")))  # as Ray ships it
-            from_updates.apply(unpack_update(wire, "cpu", gqa_model.dtype))
+    for update in stream_updates(session, frames):
+        wire = pickle.loads(pickle.dumps(pack_update(update, stream_id="s", model_id="m")))  # as Ray ships it
+        from_updates.apply(unpack_update(wire, "cpu", gqa_model.dtype))
     snapshot = pickle.loads(pickle.dumps(pack_snapshot(session.store, stream_id="s", model_id="m")))
     from_snapshot = unpack_snapshot(snapshot, gqa_model.dims, session.config, "cpu", gqa_model.dtype)
     expected = session.answerer.ask(session.store, "what color was the star?", max_new_tokens=5)
