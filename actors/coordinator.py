@@ -62,6 +62,7 @@ class StreamCoordinator:
         self._next_answerer = itertools.cycle(range(len(self.answerers)))
         self.streams: dict[str, _Stream] = {}
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0}
+        self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
         self._batch: list[tuple[np.ndarray, asyncio.Future]] = []
         self._batch_running = False
 
@@ -200,7 +201,8 @@ class StreamCoordinator:
         # Replicas and the index catch up in the background: Ray runs one caller's calls to an
         # actor in submission order, and a question first waits for its stream's updates.
         stream.publishing = [t for t in stream.publishing if not t.done()] + [
-            asyncio.ensure_future(self._on_compressor(stream, lambda: self.compressor.record.remote(sid, update))),
+            # the index write needs no stream state in the compressor: after a restart, just retry
+            asyncio.ensure_future(self._until_alive(lambda: self.compressor.record.remote(sid, update))),
             *[asyncio.ensure_future(self._on_answerer(stream, i, lambda a: a.apply.remote(sid, sequence, update)))
               for i in range(len(self.answerers))],
         ]
@@ -236,8 +238,9 @@ class StreamCoordinator:
     # ---- calls with recovery --------------------------------------------------------------
     async def _on_prefill(self, stream: _Stream, call):
         async def restore():
-            snapshot, _ = await self._on_answerer(stream, 0, lambda a: a.snapshot.remote(stream.spec.stream_id))
-            await self.prefill.restore.remote(stream.spec, snapshot)
+            await self._published(stream)  # the answer replica must hold every committed update
+            snapshot, applied = await self._on_answerer(stream, 0, lambda a: a.snapshot.remote(stream.spec.stream_id))
+            await self.prefill.restore.remote(stream.spec, snapshot, applied)
 
         return await self._with_recovery(stream, "prefill", call, restore)
 
@@ -256,12 +259,12 @@ class StreamCoordinator:
         answerer = self.answerers[index]
 
         async def restore():
-            snapshot = await self._on_prefill(stream, lambda: self.prefill.snapshot.remote(stream.spec.stream_id))
-            await answerer.restore.remote(stream.spec, snapshot, stream.applied)
+            snapshot, applied = await self._on_prefill(stream, lambda: self.prefill.snapshot.remote(stream.spec.stream_id))
+            await answerer.restore.remote(stream.spec, snapshot, applied)
 
-        return await self._with_recovery(stream, "answerer", lambda: call(answerer), restore)
+        return await self._with_recovery(stream, "answerer", lambda: call(answerer), restore, f"answerer{index}")
 
-    async def _with_recovery(self, stream: _Stream, kind: str, call, restore):
+    async def _with_recovery(self, stream: _Stream, kind: str, call, restore, actor: str | None = None):
         """Run `call`; if its actor was lost (or restarted without the stream), restore the stream
         there and run it again."""
         for attempt in range(RECOVERY_ATTEMPTS):
@@ -275,7 +278,8 @@ class StreamCoordinator:
                     raise
                 stream.recoveries += 1
                 self.restarts[kind] += isinstance(error, ACTOR_LOST)
-                await self._until_alive(restore)
+                async with self._restoring.setdefault(actor or kind, asyncio.Lock()):
+                    await self._until_alive(restore)
 
     @staticmethod
     async def _until_alive(call, timeout_s: float = 120.0):

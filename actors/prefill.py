@@ -32,6 +32,7 @@ class _Stream:
             memory = StreamMemory(model.dims, config, self.encoder.encode_sinks(prefix))
         self.memory = memory
         self.pending = None  # the last encoded update, until its decisions come back (commit)
+        self.applied = 0  # updates committed
 
 
 class PrefillWorker:
@@ -44,11 +45,13 @@ class PrefillWorker:
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model)
         return pack_snapshot(stream.memory, stream_id=spec.stream_id, model_id=self.model.name)
 
-    def restore(self, spec: StreamSpec, snapshot: Wire) -> None:
-        """Rebuild a stream's replica (after this actor restarted) from another replica's snapshot."""
+    def restore(self, spec: StreamSpec, snapshot: Wire, applied: int) -> None:
+        """Rebuild a stream's replica (after this actor restarted) from another replica's snapshot
+        taken after `applied` updates."""
         config = spec.config()
         memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
-        self.streams[spec.stream_id] = _Stream(spec, self.model, memory)
+        self.streams[spec.stream_id] = stream = _Stream(spec, self.model, memory)
+        stream.applied = applied
 
     def encode_frames(self, batches: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
         """Visual tokens for several streams' frames at once (cross-stream batching), per request."""
@@ -78,10 +81,13 @@ class PrefillWorker:
             update.keep = keep
         stream.memory.apply(update)
         stream.compressor.compact(stream.memory, update)
+        stream.applied += 1
         return pack_update(update, stream_id=stream_id, model_id=self.model.name)
 
-    def snapshot(self, stream_id: str) -> Wire:
-        return pack_snapshot(lookup(self.streams, stream_id).memory, stream_id=stream_id, model_id=self.model.name)
+    def snapshot(self, stream_id: str) -> tuple[Wire, int]:
+        """The replica and how many updates it holds."""
+        stream = lookup(self.streams, stream_id)
+        return pack_snapshot(stream.memory, stream_id=stream_id, model_id=self.model.name), stream.applied
 
     def close(self, stream_id: str) -> bool:
         return self.streams.pop(stream_id, None) is not None
