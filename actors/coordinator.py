@@ -52,13 +52,19 @@ class _Stream:
 
 class StreamCoordinator:
     def __init__(self, model_dir: str, device: str = "cpu", answerers: int = 1, index_url: str | None = None,
-                 actor_cpus: float = 0.1):
-        def spawn(cls, *args):
-            return ray.remote(cls).options(num_cpus=actor_cpus, max_restarts=-1).remote(*args)
+                 actor_cpus: float = 0.1, placement: dict[str, dict] | None = None):
+        """placement: extra Ray options per actor kind ("prefill", "compressor", "answerer",
+        "decoder"), e.g. {"prefill": {"num_gpus": 1}, "decoder": {"resources": {"decoder": 1}}}
+        to pin kinds to node types (see ray_cluster.yaml)."""
+        self.placement = placement or {}
 
-        self.prefill = spawn(PrefillWorker, model_dir, device)
-        self.compressor = spawn(CompressorWorker, model_dir, device, index_url)
-        self.answerers = [spawn(AnswerWorker, model_dir, device) for _ in range(max(1, answerers))]
+        def spawn(cls, kind, *args):
+            options = {"num_cpus": actor_cpus, "max_restarts": -1, **self.placement.get(kind, {})}
+            return ray.remote(cls).options(**options).remote(*args)
+
+        self.prefill = spawn(PrefillWorker, "prefill", model_dir, device)
+        self.compressor = spawn(CompressorWorker, "compressor", model_dir, device, index_url)
+        self.answerers = [spawn(AnswerWorker, "answerer", model_dir, device) for _ in range(max(1, answerers))]
         self._next_answerer = itertools.cycle(range(len(self.answerers)))
         self.streams: dict[str, _Stream] = {}
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0}
@@ -95,7 +101,7 @@ class StreamCoordinator:
         if stream.decoder is not None:
             raise InvalidInputError(f"stream {stream_id!r} already has a source")
         sink = ray.get_runtime_context().current_actor
-        stream.decoder = DecoderActor.options(num_cpus=0.05).remote(
+        stream.decoder = DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
             stream_id, source, DecodeConfig(fps=fps, size=size), sink, chunk_frames, max_in_flight, policy)
         return await stream.decoder.start.remote()
 

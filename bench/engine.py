@@ -149,13 +149,13 @@ def plot(results: dict, lengths: list[int], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--questions", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared CPU stable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if any(n % CHUNK for n in args.lengths):
         parser.error(f"lengths must be multiples of {CHUNK}")
