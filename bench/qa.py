@@ -14,6 +14,7 @@ Writes bench/results/qa.json, qa.md and qa_accuracy_vs_memory.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -21,13 +22,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from pipeline import StreamSession, load_model
 from synthetic.demo import DEFAULT_MODEL, context_options, first_word
-from synthetic.world import KINDS, SYSTEM_PROMPT, WorldConfig, generate_stream, questions
+from synthetic.world import (
+    COLORS, KINDS, SHAPES, SYSTEM_PROMPT, Stream, WorldConfig, check_answerable, generate_scenes, generate_stream,
+    make_question, questions, render_frames,
+)
 
 # (label, preset, overrides)
 METHODS: list[tuple[str, str, dict]] = [
@@ -43,6 +48,41 @@ METHODS: list[tuple[str, str, dict]] = [
     ("livevlm", "livevlm", {}),
 ]
 HELD_OUT_SEED = 90_000
+RARE_SHAPES = ("moon", "ring")
+
+
+def needle_stream(n_frames: int, seed: int, appearances: int = 2) -> Stream:
+    """The world with two rare shapes: common scenes show the other six shapes; each rare shape
+    appears in `appearances` scenes only, in a colour no common shape has, so questions about it
+    can be answered only from those few frames."""
+    config = WorldConfig(shapes=tuple(s for s in SHAPES if s not in RARE_SHAPES))
+    scenes = generate_scenes(n_frames, seed, config)
+    rng = np.random.default_rng([seed, 4242])
+    spare = [c for c in COLORS if c not in {s.color for s in scenes}]
+    slots = rng.choice(np.arange(1, len(scenes) - 1), size=len(RARE_SHAPES) * appearances, replace=False)
+    for k, slot in enumerate(sorted(slots, key=lambda _: rng.random())):
+        shape = RARE_SHAPES[k % len(RARE_SHAPES)]
+        scenes[slot] = dataclasses.replace(scenes[slot], shape=shape, color=spare[k % len(RARE_SHAPES)])
+    world = WorldConfig()
+    frames = render_frames(scenes, range(n_frames), world, seed)
+    return Stream(frames, np.arange(n_frames) / world.fps, scenes, [s.start for s in scenes[1:]], world, seed)
+
+
+def needle_questions(stream: Stream, n: int, seed: int) -> list:
+    """Questions about the rare shapes and their colours, asked after they first appeared."""
+    rng = np.random.default_rng([seed, 777])
+    rare = [s for s in stream.scenes if s.shape in RARE_SHAPES]
+    out = []
+    for _ in range(20 * n):
+        if len(out) == n:
+            break
+        scene = rare[int(rng.integers(len(rare)))]
+        kind, params = (("attribute", {"shape": scene.shape}) if rng.random() < 0.5
+                        else ("reverse", {"color": scene.color}))
+        question = make_question(stream, kind, params, int(rng.integers(scene.end, len(stream.frames) + 1)))
+        if question is not None and check_answerable(stream, question):
+            out.append(question)
+    return sorted(out, key=lambda q: q.ask_at)
 
 
 def run_method(model, preset: str, overrides: dict, streams, asked, context_frames: int | None) -> dict:
@@ -83,8 +123,8 @@ def run_method(model, preset: str, overrides: dict, streams, asked, context_fram
 
 
 def report(results: dict, console: Console) -> str:
-    table = Table(title=f"long-stream QA ({results['frames']} frames x {results['streams']} streams, "
-                        f"{results['questions']} questions)")
+    table = Table(title=f"long-stream QA, {results['world']} world ({results['frames']} frames x "
+                        f"{results['streams']} streams, {results['questions']} questions)")
     columns = ["method", "accuracy", *KINDS, "evidence hit", "retained KV", "p50", "p95", "ingest fps"]
     for column in columns:
         table.add_column(column, justify="right")
@@ -125,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--streams", type=int, default=3)
     parser.add_argument("--questions", type=int, default=100, help="per stream")
+    parser.add_argument("--world", choices=("needles", "plain"), default="needles",
+                        help="needles: rare shapes seen in a few scenes, questions about them; plain: the default world")
     parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
     parser.add_argument("--context-frames", type=int, default=32,
                         help="frames each method shows the model at once (0: the papers' scaled budgets)")
@@ -136,10 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console(stderr=True)
     model = load_model(args.model)
     seeds = [HELD_OUT_SEED + i for i in range(args.streams)]
-    streams = [generate_stream(args.frames, seed, WorldConfig()) for seed in seeds]
-    asked = [questions(stream, args.questions, seed) for stream, seed in zip(streams, seeds)]
+    if args.world == "needles":
+        streams = [needle_stream(args.frames, seed) for seed in seeds]
+        asked = [needle_questions(stream, args.questions, seed) for stream, seed in zip(streams, seeds)]
+    else:
+        streams = [generate_stream(args.frames, seed, WorldConfig()) for seed in seeds]
+        asked = [questions(stream, args.questions, seed) for stream, seed in zip(streams, seeds)]
     methods = [m for m in METHODS if not args.methods or m[0] in args.methods]
-    results = {"frames": args.frames, "streams": args.streams, "questions": sum(map(len, asked)),
+    results = {"frames": args.frames, "streams": args.streams, "questions": sum(map(len, asked)), "world": args.world,
                "context_frames": args.context_frames,
                "model": str(args.model), "seeds": seeds, "methods": {}}
     with Progress(console=console) as progress:
