@@ -193,6 +193,8 @@ class StreamCoordinator:
         guided = stream.spec.config().compression == "guidance"  # the one decision made elsewhere
 
         async def encode_and_commit():
+            # Values, not refs, travel on: an object the prefill actor returned can be lost with it
+            # (actor tasks are not reconstructed), and the replicas still need the update.
             update = await self.prefill.encode_segment.remote(sid, segment, not guided)
             if not guided:
                 return update
