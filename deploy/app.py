@@ -1,0 +1,648 @@
+"""The HTTP API: a FastAPI app served by the Ray Serve deployment `StreamKVAPI`.
+
+    serve run deploy/serve.yaml                          # args in the YAML (or STREAMKV_* env)
+    serve run deploy.app:build_app model_dir=models/demo api_token=secret
+
+Where things live. The deployment is a thin, stateless HTTP layer. All stream state is in ONE
+`StreamCoordinator` actor (actors/coordinator.py), a named, detached actor
+(`coordinator_name`, namespace "streamkv") that the first replica creates with fractional CPUs
+(`get_if_exists`), so every replica of the deployment (and a later redeploy) talks to the same
+one; the coordinator owns the prefill, compressor, answer and decoder actors. Kill it with
+`ray.kill(ray.get_actor(name, namespace="streamkv"))` to drop every stream.
+
+Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status):
+    GET  /healthz                       liveness (also pings the coordinator); no auth
+    GET  /metrics                       Prometheus text; no auth
+    GET  /v1/models                     the served model
+    POST /v1/streams                    create (push mode, or `source` to pull) -> 201 status
+    GET  /v1/streams                    the caller's streams with their status
+    GET  /v1/streams/{id}               status: frames decoded/ingested/dropped/pending, segments,
+                                        retained KV bytes, source state, last error
+    DELETE /v1/streams/{id}
+    GET  /v1/streams/{id}/segments      closed segments with their frame/time ranges
+    POST /v1/streams/{id}/chunks        raw encoded video bytes (MPEG-TS, Matroska, fragmented MP4;
+                                        application/octet-stream or video/*), `?seq=` optional
+    POST /v1/streams/{id}/close         end a pushed source (`?wait_s=` waits for its frames)
+    POST /v1/chat/completions           OpenAI-compatible; the video is a content part
+                                        {"type": "video_url", "video_url": {"url": "stream://<id>"}}
+                                        (or an http(s) URL: a one-shot stream, deleted afterwards)
+
+Streaming answers: the coordinator answers a question as a whole (`ask`), so `stream: true` runs
+the question first and then sends the text as SSE `chat.completion.chunk` events, a word at a
+time, the last one carrying `finish_reason`, `usage` and `evidence`, then `data: [DONE]`. A bad
+question therefore still gets a plain 4xx JSON error rather than a broken event stream.
+
+Push mode: the decoder is attached on the first chunk (the coordinator's pushed-source reader
+gives up after 10 s without data, so it is not started before there is any). Keep pushing at
+least every 10 s, or close the source; a stream whose source ended takes no more chunks (409).
+"""
+
+
+import asyncio
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import ray
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deploy import auth
+from deploy.schemas import (
+    STREAM_ID_PATTERN, ChatCompletion, ChatCompletionRequest, CreateStream, Deleted, ErrorResponse, Health,
+    ModelList, PushResult, SegmentList, StreamList, StreamStatus, TextPart, VideoPart,
+)
+from pipeline.decode import PushBufferTimeout
+from pipeline.errors import (
+    ConfigError, InvalidInputError, NoFramesError, SourceUnavailableError, StreamKVError, UnknownStreamError,
+    VideoDecodeError,
+)
+
+COORDINATOR_NAMESPACE = "streamkv"
+PULL_SCHEMES = ("http", "https", "rtsp")
+TERMINAL = ("finished", "failed", "stopped")
+_STREAM_ID = re.compile(STREAM_ID_PATTERN)
+
+
+# ---- configuration ------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    model_dir: str
+    index_url: str | None = None
+    answerers: int = 1
+    api_tokens: list[str] = field(default_factory=list)
+    allow_local_files: bool = False
+    max_upload_bytes: int = 64 * 2**20
+    max_json_bytes: int = 1 * 2**20
+    model_name: str | None = None
+    device: str = "cpu"
+    actor_cpus: float = 0.1  # each prefill/compressor/answer actor
+    coordinator_cpus: float = 0.1
+    coordinator_name: str = "streamkv-coordinator"
+    default_max_tokens: int = 64
+    oneshot_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if not self.model_name:
+            self.model_name = Path(self.model_dir).name or "streamkv"
+
+
+def _flag(value) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def settings_from_args(args: dict | None) -> Settings:
+    """Builder args (YAML `args:` or `serve run ... key=value`), falling back to STREAMKV_* env."""
+    args = dict(args or {})
+
+    def get(key, default=None):
+        value = args.get(key)
+        return value if value is not None else os.environ.get(f"STREAMKV_{key.upper()}", default)
+
+    model_dir = get("model_dir")
+    if not model_dir:
+        raise ConfigError("model_dir is required (builder arg or STREAMKV_MODEL_DIR)")
+    path = Path(str(model_dir)).expanduser()
+    if not path.is_absolute() and path.exists():  # replicas do not share the caller's cwd
+        path = path.resolve()
+    return Settings(
+        model_dir=str(path),
+        index_url=get("index_url") or None,
+        answerers=int(get("answerers", 1)),
+        api_tokens=auth.parse_tokens(get("api_token")),
+        allow_local_files=_flag(get("allow_local_files", False)),
+        max_upload_bytes=int(get("max_upload_bytes", 64 * 2**20)),
+        max_json_bytes=int(get("max_json_bytes", 2**20)),
+        model_name=get("model_name") or None,
+        device=str(get("device", "cpu")),
+        actor_cpus=float(get("actor_cpus", 0.1)),
+        coordinator_cpus=float(get("coordinator_cpus", 0.1)),
+        coordinator_name=str(get("coordinator_name", "streamkv-coordinator")),
+        default_max_tokens=int(get("default_max_tokens", 64)),
+        oneshot_timeout_s=float(get("oneshot_timeout_s", 120.0)),
+    )
+
+
+SETTINGS: Settings | None = None  # this replica's settings (set by the deployment's constructor)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, type_: str, message: str):
+        super().__init__(message)
+        self.status, self.type, self.message = status, type_, message
+
+
+def error_json(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+_TYPED = [  # most specific first
+    (UnknownStreamError, 404), (NoFramesError, 409), (VideoDecodeError, 422), (SourceUnavailableError, 422),
+    (ConfigError, 422), (InvalidInputError, 422),
+]
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user's exception inside a Ray task error (which is also an instance of its class)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def _message(exc: BaseException) -> str:
+    cause = _cause(exc)
+    if isinstance(cause, KeyError) and cause.args:  # KeyError's str() is the repr of its argument
+        return str(cause.args[0])
+    return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+
+
+def typed_status(exc: BaseException) -> int:
+    for cls, status in _TYPED:
+        if isinstance(exc, cls):
+            return status
+    if isinstance(exc, PushBufferTimeout):
+        return 503
+    return 500  # UnsupportedModelError, PageCorruptError: the server's fault, not the request's
+
+
+def _error_name(exc: BaseException) -> str:
+    for cls, _ in _TYPED:
+        if isinstance(exc, cls):
+            return cls.__name__
+    return type(_cause(exc)).__name__
+
+
+RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503)}
+
+app = FastAPI(
+    title="streamkv", version="0.1.0", responses=RESPONSES,
+    description="Questions about live video streams over a bounded Video-LLM KV cache. "
+                "OpenAI-compatible /v1/chat/completions with stream:// video parts.",
+)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return error_json(exc.status, exc.type, exc.message, headers)
+
+
+@app.exception_handler(StreamKVError)
+async def _typed_error(request: Request, exc: StreamKVError):
+    return error_json(typed_status(exc), _error_name(exc), _message(exc))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_json(400, "invalid_json", "the request body is not valid JSON")
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{where or 'body'}: {e.get('msg')}")
+    return error_json(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    kinds = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "too_large"}
+    return error_json(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    if isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError)):
+        return error_json(503, "unavailable", "the stream coordinator is unavailable; retry later")
+    return error_json(500, "internal_error", f"{type(_cause(exc)).__name__}: {_message(exc)}")
+
+
+# ---- request size limits (pure ASGI, so it also covers bodies without Content-Length) -------------
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit: `max_upload_bytes` for chunk uploads, `max_json_bytes`
+    elsewhere. Checked on Content-Length first, then on the bytes actually received."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or SETTINGS is None:
+            return await self.app(scope, receive, send)
+        upload = scope["path"].rstrip("/").endswith("/chunks")
+        limit = SETTINGS.max_upload_bytes if upload else SETTINGS.max_json_bytes
+        message = f"request body over the limit of {limit} bytes"
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > limit
+            except ValueError:
+                return await error_json(400, "bad_request", "invalid Content-Length")(scope, receive, send)
+            if too_big:
+                return await error_json(413, "too_large", message)(scope, receive, send)
+        state = {"received": 0, "over": False, "started": False}
+
+        async def limited_receive():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                state["received"] += len(msg.get("body", b""))
+                if state["received"] > limit:
+                    state["over"] = True
+                    raise _BodyTooLarge(message)
+            return msg
+
+        async def guarded_send(msg):
+            if state["over"]:  # whatever the app made of the aborted read, the answer is 413
+                return
+            state["started"] = state["started"] or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if state["over"] and not state["started"]:
+            await error_json(413, "too_large", message)(scope, receive, send)
+
+
+app.add_middleware(BodyLimitMiddleware)
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+class _StreamMetrics:
+    """Per-stream figures read from the coordinator at scrape time."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, dict]] = []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        ingested = CounterMetricFamily("streamkv_frames_ingested", "Frames ingested into the stream's memory",
+                                       labels=["stream"])
+        dropped = CounterMetricFamily("streamkv_frames_dropped", "Decoded frames dropped by backpressure",
+                                      labels=["stream"])
+        decoded = CounterMetricFamily("streamkv_frames_decoded", "Frames decoded from the source", labels=["stream"])
+        retained = GaugeMetricFamily("streamkv_retained_kv_bytes", "Bytes of KV retained by the stream",
+                                     labels=["stream"])
+        segments = GaugeMetricFamily("streamkv_segments", "Segments committed", labels=["stream"])
+        for name, row in self.rows:
+            ingested.add_metric([name], row.get("frames_ingested") or 0)
+            dropped.add_metric([name], row.get("frames_dropped") or 0)
+            decoded.add_metric([name], row.get("frames_decoded") or 0)
+            segments.add_metric([name], row.get("segments") or 0)
+            if row.get("retained_bytes") is not None:
+                retained.add_metric([name], row["retained_bytes"])
+        yield from (ingested, dropped, decoded, retained, segments)
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.streams = _StreamMetrics()
+        self.registry.register(self.streams)
+        self.answer_latency = Histogram(
+            "streamkv_answer_latency_seconds", "Time to answer a question (coordinator ask)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=self.registry)
+        self.answers = Counter("streamkv_answers", "Questions answered", ["outcome"], registry=self.registry)
+        self.chunks = Counter("streamkv_chunk_bytes", "Encoded video bytes received", registry=self.registry)
+
+
+# ---- the deployment -------------------------------------------------------------------------------
+async def _owner(request: Request) -> str:
+    tokens = SETTINGS.api_tokens if SETTINGS is not None else []
+    try:
+        return auth.authenticate(tokens, request.headers.get("authorization"))
+    except auth.Unauthorized as exc:
+        raise APIError(401, "unauthorized", str(exc)) from None
+
+
+def _check_id(stream_id: str) -> str:
+    if not _STREAM_ID.match(stream_id):
+        raise APIError(404, "UnknownStreamError", f"no stream {stream_id!r}")
+    return stream_id
+
+
+def _split_words(text: str) -> list[str]:
+    return re.findall(r"\s*\S+\s*", text) or ([text] if text else [])
+
+
+def _plain(value: Any):
+    """JSON for numpy scalars/arrays and tuples in coordinator results."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def get_or_create_coordinator(s: Settings):
+    from actors.coordinator import StreamCoordinator
+
+    return ray.remote(StreamCoordinator).options(
+        name=s.coordinator_name, namespace=COORDINATOR_NAMESPACE, get_if_exists=True, lifetime="detached",
+        num_cpus=s.coordinator_cpus,
+    ).remote(s.model_dir, s.device, s.answerers, s.index_url, s.actor_cpus)
+
+
+@serve.deployment(name="StreamKVAPI", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64)
+@serve.ingress(app)
+class StreamKVAPI:
+    def __init__(self, settings: dict):
+        # Serve pickles this class's methods by value, with a copy of the module's globals: set
+        # the settings on the imported module, which the middleware and auth dependency read.
+        import deploy.app as module
+
+        self.s = module.Settings(**settings)
+        module.SETTINGS = self.s
+        self.coord = get_or_create_coordinator(self.s)
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        self._push_settings: dict[str, tuple[float | None, str]] = {}  # push streams not yet attached
+
+    # ---- helpers ----
+    async def _status(self, owner: str, stream_id: str) -> dict:
+        internal = auth.internal_id(owner, stream_id)
+        status = await self.coord.status.remote(internal)
+        try:
+            memory = await self.coord.memory.remote(internal)
+            retained = int(memory.get("total", 0))
+        except StreamKVError:
+            retained = None
+        decoded, dropped = status.get("frames_decoded"), status.get("frames_dropped")
+        pending = None if decoded is None else max(0, decoded - status["frames_ingested"] - (dropped or 0))
+        last_error = status.get("last_error")
+        if isinstance(last_error, dict):  # the decoder's {type, message, where}
+            last_error = f"{last_error.get('type')}: {last_error.get('message')} (in {last_error.get('where')})"
+        mode = None if status.get("source_state") is None else (
+            "pull" if internal not in self._push_settings else "push")
+        return StreamStatus(
+            stream_id=stream_id, method=status["method"], mode=mode, frames_ingested=status["frames_ingested"],
+            frames_decoded=decoded, frames_dropped=dropped, frames_pending=pending,
+            source_state=status.get("source_state"), segments=status["segments"], last_time=status.get("last_time"),
+            retained_bytes=retained, recoveries=status.get("recoveries", 0), last_error=last_error,
+        ).model_dump()
+
+    def _source(self, source: str) -> str:
+        parts = urlsplit(source)
+        scheme = parts.scheme.lower()
+        if scheme in PULL_SCHEMES:
+            if not parts.netloc:
+                raise APIError(422, "invalid_source", f"source URL {source!r} has no host")
+            return source
+        if scheme == "file" or not scheme or (len(scheme) == 1 and source[1:3] in (":\\", ":/")):
+            if not self.s.allow_local_files:
+                raise APIError(400, "invalid_source", "local files are not allowed as sources on this server "
+                                                      f"(allowed schemes: {', '.join(PULL_SCHEMES)})")
+            path = Path(parts.path if scheme == "file" else source)
+            if not path.is_file():
+                raise APIError(422, "invalid_source", f"no such file: {str(path)!r}")
+            return str(path)
+        raise APIError(400, "invalid_source", f"source scheme {scheme!r} not allowed "
+                                              f"(allowed: {', '.join(PULL_SCHEMES)})")
+
+    async def _ask(self, internal: str, question: str, max_tokens: int) -> dict:
+        start = time.perf_counter()
+        try:
+            answer = await self.coord.ask.remote(internal, question, max_tokens)
+        except Exception:
+            self.metrics.answers.labels("error").inc()
+            raise
+        self.metrics.answer_latency.observe(time.perf_counter() - start)
+        self.metrics.answers.labels("ok").inc()
+        return answer
+
+    async def _oneshot(self, owner: str, url: str, question: str, max_tokens: int) -> dict:
+        """A question about a whole video file / URL: a temporary stream, deleted afterwards."""
+        source = self._source(url)
+        internal = auth.internal_id(owner, f"oneshot-{uuid.uuid4().hex[:12]}")
+        await self.coord.create_stream.remote(internal, "rekv", {}, "You are a helpful assistant.")
+        try:
+            await self.coord.attach_source.remote(internal, source, None, None, "block", 8, 1)
+            deadline = time.monotonic() + self.s.oneshot_timeout_s
+            while True:
+                status = await self.coord.status.remote(internal)
+                if status["source_state"] in TERMINAL:
+                    break
+                if time.monotonic() > deadline:
+                    raise APIError(504, "timeout", f"the video did not finish decoding in {self.s.oneshot_timeout_s} s")
+                await asyncio.sleep(0.2)
+            if status["source_state"] == "failed" and not status["frames_ingested"]:
+                raise APIError(422, "VideoDecodeError", f"the video could not be read: {status['last_error']}")
+            return await self._ask(internal, question, max_tokens)
+        finally:
+            try:
+                await self.coord.delete_stream.remote(internal)
+            except Exception:  # noqa: BLE001 - best effort clean-up
+                pass
+
+    # ---- service routes ----
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    async def healthz(self):
+        try:
+            streams = await asyncio.wait_for(self.coord.list_streams.remote(), timeout=10)
+        except Exception as exc:  # noqa: BLE001
+            raise APIError(503, "unavailable", f"coordinator not answering: {type(exc).__name__}") from None
+        return Health(model=self.s.model_name, streams=len(streams))
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+    async def metrics(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        internals = await self.coord.list_streams.remote()
+
+        async def row(internal):
+            try:
+                status = await self.coord.status.remote(internal)
+                memory = await self.coord.memory.remote(internal)
+                return internal, {**status, "retained_bytes": memory.get("total")}
+            except StreamKVError:
+                return None
+
+        rows = await asyncio.gather(*[row(i) for i in internals])
+        self.metrics.streams.rows = [r for r in rows if r is not None]
+        return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"])
+    async def models(self, owner: str = Depends(_owner)):
+        return {"object": "list", "data": [{"id": self.s.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "streamkv"}]}
+
+    # ---- streams ----
+    @app.post("/v1/streams", status_code=201, response_model=StreamStatus, tags=["streams"])
+    async def create_stream(self, body: CreateStream, owner: str = Depends(_owner)):
+        stream_id = body.stream_id or f"s-{uuid.uuid4().hex[:12]}"
+        internal = auth.internal_id(owner, stream_id)
+        source = self._source(body.source) if body.source is not None else None
+        await self.coord.create_stream.remote(internal, body.method, body.options, body.system_prompt)
+        if source is None:
+            self._push_settings[internal] = (body.fps, body.policy or "block")
+        else:
+            policy = body.policy or ("drop" if source.lower().startswith("rtsp") else "block")
+            try:
+                await self.coord.attach_source.remote(internal, source, body.fps, None, policy, 8, 1)
+            except Exception:  # no half-made stream left behind
+                await self.coord.delete_stream.remote(internal)
+                raise
+        return await self._status(owner, stream_id)
+
+    @app.get("/v1/streams", response_model=StreamList, tags=["streams"])
+    async def list_streams(self, owner: str = Depends(_owner)):
+        names = [p for p in (auth.public_id(owner, i) for i in await self.coord.list_streams.remote()) if p]
+
+        async def one(name):
+            try:
+                return await self._status(owner, name)
+            except UnknownStreamError:  # deleted meanwhile
+                return None
+
+        rows = await asyncio.gather(*[one(n) for n in names])
+        return {"object": "list", "data": [r for r in rows if r is not None]}
+
+    @app.get("/v1/streams/{stream_id}", response_model=StreamStatus, tags=["streams"])
+    async def get_stream(self, stream_id: str, owner: str = Depends(_owner)):
+        return await self._status(owner, _check_id(stream_id))
+
+    @app.delete("/v1/streams/{stream_id}", response_model=Deleted, tags=["streams"])
+    async def delete_stream(self, stream_id: str, owner: str = Depends(_owner)):
+        internal = auth.internal_id(owner, _check_id(stream_id))
+        await self.coord.delete_stream.remote(internal)
+        self._push_settings.pop(internal, None)
+        return {"stream_id": stream_id, "deleted": True}
+
+    @app.get("/v1/streams/{stream_id}/segments", response_model=SegmentList, tags=["streams"])
+    async def segments(self, stream_id: str, owner: str = Depends(_owner)):
+        internal = auth.internal_id(owner, _check_id(stream_id))
+        data = await self.coord.segments.remote(internal)
+        return {"object": "list", "stream_id": stream_id, "data": json.loads(json.dumps(data, default=_plain))}
+
+    @app.post(
+        "/v1/streams/{stream_id}/chunks", status_code=202, response_model=PushResult, tags=["streams"],
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "video/*": {"schema": {"type": "string", "format": "binary"}}}}},
+    )
+    async def push_chunk(self, stream_id: str, request: Request, seq: int | None = Query(None, ge=0),
+                         owner: str = Depends(_owner)):
+        internal = auth.internal_id(owner, _check_id(stream_id))
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/octet-stream" and not ctype.startswith("video/"):
+            raise APIError(415, "unsupported_media_type",
+                           f"chunks are raw video bytes: Content-Type application/octet-stream or video/*, not {ctype!r}")
+        body = await request.body()  # BodyLimitMiddleware bounds it
+        if not body:
+            raise APIError(400, "empty_body", "the chunk is empty")
+        status = await self.coord.status.remote(internal)  # 404 before anything is attached
+        if status["source_state"] is None:
+            fps, policy = self._push_settings.get(internal, (None, "block"))
+            self._push_settings.setdefault(internal, (fps, policy))
+            try:
+                await self.coord.attach_source.remote(internal, None, fps, None, policy, 8, 1)
+            except InvalidInputError:
+                pass  # a concurrent first chunk attached it
+        try:
+            buffered = await self.coord.push.remote(internal, body, seq)
+        except InvalidInputError as exc:  # not push mode, closed, or the source has ended
+            raise APIError(409, "InvalidInputError", _message(exc)) from None
+        self.metrics.chunks.inc(len(body))
+        status = await self.coord.status.remote(internal)
+        return PushResult(stream_id=stream_id, bytes_received=len(body), buffered_bytes=int(buffered or 0),
+                          source_state=status.get("source_state"))
+
+    @app.post("/v1/streams/{stream_id}/close", response_model=StreamStatus, tags=["streams"])
+    async def close_source(self, stream_id: str, wait_s: float | None = Query(None, ge=0, le=300),
+                           owner: str = Depends(_owner)):
+        internal = auth.internal_id(owner, _check_id(stream_id))
+        try:
+            await self.coord.close_source.remote(internal, wait_s or None)
+        except InvalidInputError as exc:
+            raise APIError(409, "InvalidInputError", _message(exc)) from None
+        return await self._status(owner, stream_id)
+
+    # ---- questions ----
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, tags=["openai"],
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(self, body: ChatCompletionRequest, owner: str = Depends(_owner)):
+        if body.model != self.s.model_name:
+            raise APIError(404, "model_not_found", f"model {body.model!r} is not served here; see GET /v1/models")
+        urls, question = [], None
+        for message in body.messages:
+            if message.role != "user" or message.content is None:
+                continue
+            parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+            texts = [p.text for p in parts if isinstance(p, TextPart)]
+            urls += [p.video_url.url for p in parts if isinstance(p, VideoPart)]
+            if any(t.strip() for t in texts):
+                question = "\n".join(t for t in texts if t.strip())
+        if question is None:
+            raise APIError(422, "invalid_request", "no user message with text (the question)")
+        if len(set(urls)) != 1:
+            raise APIError(422, "invalid_request", "exactly one video_url content part is needed "
+                                                   "(stream://<stream-id>, or an http(s) URL)")
+        url = urls[0]
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.s.default_max_tokens
+        stream_id = None
+        if url.startswith("stream://"):
+            stream_id = _check_id(url[len("stream://"):].strip("/"))
+            answer = await self._ask(auth.internal_id(owner, stream_id), question, max_tokens)
+        else:
+            answer = await self._oneshot(owner, url, question, max_tokens)
+        evidence = [{"frames": list(e["frames"]), "times": [float(t) for t in e["times"]],
+                     "score": None if e.get("score") is None else float(e["score"]),
+                     "layers": json.loads(json.dumps(e.get("layers"), default=_plain))} for e in answer["evidence"]]
+        n = len(answer["token_ids"])
+        finish = "length" if n >= max_tokens else "stop"
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
+        if not body.stream:
+            return {"id": ident, "object": "chat.completion", "created": created, "model": self.s.model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer["text"]},
+                                 "finish_reason": finish}],
+                    "usage": usage, "evidence": evidence, "stream_id": stream_id}
+
+        def event(delta: dict, finish_reason=None, **extra) -> str:
+            chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.s.model_name,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        async def events():
+            yield event({"role": "assistant", "content": ""})
+            for piece in _split_words(answer["text"]):
+                yield event({"content": piece})
+            yield event({}, finish, usage=usage, evidence=evidence, stream_id=stream_id)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """Serve application builder (`serve run deploy/serve.yaml` or `serve run deploy.app:build_app k=v`).
+
+    args: model_dir (required), index_url, answerers, api_token (one, comma-separated, or a list),
+    allow_local_files, max_upload_bytes, max_json_bytes, model_name, device, actor_cpus,
+    coordinator_cpus, coordinator_name, api_cpus (the HTTP replica's CPUs, default 0.05), replicas.
+    Missing args come from STREAMKV_<NAME> environment variables.
+    """
+    args = dict(args or {})
+    settings = settings_from_args(args)
+    api_cpus = float(args.get("api_cpus") or os.environ.get("STREAMKV_API_CPUS", 0.05))
+    replicas = int(args.get("replicas") or os.environ.get("STREAMKV_REPLICAS", 1))
+    return StreamKVAPI.options(num_replicas=replicas, ray_actor_options={"num_cpus": api_cpus}).bind(asdict(settings))

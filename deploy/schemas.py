@@ -1,0 +1,169 @@
+"""Request and response models of the HTTP API (deploy/app.py). They are the OpenAPI document.
+
+Stream ids are what clients see; the coordinator holds each stream under an owner-scoped id
+(deploy/auth.py), so two tokens may use the same name without meeting.
+"""
+
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_QUESTION_CHARS = 8000  # the tokenizer's limit (config.max_question_tokens) is checked as well
+MAX_MESSAGES = 64
+
+
+class ErrorBody(BaseModel):
+    type: str = Field(description="error class, e.g. UnknownStreamError, invalid_request, unauthorized")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# ---- streams -----------------------------------------------------------------------------------
+class CreateStream(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stream_id: str | None = Field(None, pattern=STREAM_ID_PATTERN, description="generated when left out")
+    method: str = Field("rekv", max_length=32, description="full | recent | rekv | streamkv | livevlm")
+    options: dict[str, Any] = Field(default_factory=dict, description="engine knobs (pipeline/config.py)")
+    system_prompt: str | None = Field("You are a helpful assistant.", max_length=4000)
+    source: str | None = Field(None, max_length=2048,
+                               description="URL to pull (http, https, rtsp; local files only when enabled); "
+                                           "left out: push mode (POST /v1/streams/{id}/chunks)")
+    fps: float | None = Field(None, gt=0, le=120, description="sampling rate; none keeps every frame")
+    policy: Literal["block", "drop"] | None = Field(
+        None, description="backpressure: block loses nothing (files, uploads), drop keeps up with live sources; "
+                          "default block, drop for rtsp")
+
+
+class StreamStatus(BaseModel):
+    stream_id: str
+    method: str
+    mode: Literal["push", "pull"] | None = None
+    frames_ingested: int
+    frames_decoded: int | None = None
+    frames_dropped: int | None = None
+    frames_pending: int | None = Field(None, description="decoded, not yet ingested nor dropped (lag in frames)")
+    source_state: str | None = None
+    segments: int
+    last_time: float | None = None
+    retained_bytes: int | None = None
+    recoveries: int = 0
+    last_error: str | None = None
+
+
+class StreamList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[StreamStatus]
+
+
+class SegmentList(BaseModel):
+    object: Literal["list"] = "list"
+    stream_id: str
+    data: list[dict[str, Any]]
+
+
+class Deleted(BaseModel):
+    stream_id: str
+    deleted: bool = True
+
+
+class PushResult(BaseModel):
+    stream_id: str
+    bytes_received: int
+    buffered_bytes: int
+    source_state: str | None = None
+
+
+# ---- OpenAI-compatible chat ---------------------------------------------------------------------
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_QUESTION_CHARS)
+
+
+class VideoURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: str = Field(max_length=2048, description="stream://<stream-id>, or an http(s) URL for a one-shot question")
+
+
+class VideoPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = TextPart | VideoPart
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = Field(None)
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # temperature, top_p, ... are accepted and ignored (greedy)
+
+    model: str = Field(max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    stream: bool = False
+
+
+class Evidence(BaseModel):
+    frames: list[int]
+    times: list[float]
+    score: float | None = None
+    layers: Any = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    evidence: list[Evidence] = Field(description="the frame/time ranges the answer attended to")
+    stream_id: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "streamkv"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    streams: int

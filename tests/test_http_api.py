@@ -1,0 +1,290 @@
+"""The HTTP API over real HTTP: a Serve app started once for the module on the shared Ray runtime."""
+
+import io
+import socket
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+
+TOKEN_A, TOKEN_B = "token-a-secret", "token-b-secret"
+MAX_UPLOAD = 2 * 2**20
+MAX_JSON = 64 * 2**10
+CLIP_FRAMES = 24
+QUESTION = "what color was the star?"
+
+
+def video(frames: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (frames // 4 + 1, 3))
+    out = np.repeat(colours, 4, axis=0)[:frames, None, None, :].astype(np.int16)
+    out = out + rng.integers(-3, 4, (frames, 32, 32, 3))
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def mpegts(frames: np.ndarray, fps: float = 4.0) -> bytes:
+    from pipeline.video_io import write_video
+
+    buf = io.BytesIO()
+    write_video(buf, frames, fps, container_format="mpegts")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_runtime, checkpoint_dirs):
+    import ray
+    from ray import serve
+
+    from deploy.app import COORDINATOR_NAMESPACE, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    coordinator = f"http-test-{uuid.uuid4().hex[:8]}"
+    app = build_app({
+        "model_dir": checkpoint_dirs["gqa"], "model_name": "tiny-gqa", "api_token": [TOKEN_A, TOKEN_B],
+        "max_upload_bytes": MAX_UPLOAD, "max_json_bytes": MAX_JSON, "coordinator_name": coordinator,
+        "actor_cpus": 0.05, "coordinator_cpus": 0.05, "api_cpus": 0.05,
+    })
+    serve.run(app, name="streamkv-http-test", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.delete("streamkv-http-test")
+        try:
+            ray.kill(ray.get_actor(coordinator, namespace=COORDINATOR_NAMESPACE))
+        except ValueError:
+            pass
+        serve.shutdown()
+
+
+def client(base: str, token: str | None = TOKEN_A) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=base, headers=headers, timeout=120)
+
+
+def wait_ingested(http: httpx.Client, stream_id: str, frames: int | None = None, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = http.get(f"/v1/streams/{stream_id}")
+        assert r.status_code == 200, r.text
+        status = r.json()
+        if status["source_state"] in ("finished", "failed", "stopped") and (
+                frames is None or status["frames_ingested"] >= frames or status["source_state"] != "finished"):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"stream {stream_id} not ingested: {status}")
+
+
+def ask_body(stream_id: str, question: str = QUESTION, max_tokens: int = 4, **extra) -> dict:
+    return {"model": "tiny-gqa", "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": f"stream://{stream_id}"}}, {"type": "text", "text": question}]}],
+        **extra}
+
+
+@pytest.fixture(scope="module")
+def cam(server):
+    """Token A's stream "cam", fed a real MPEG-TS clip through the push route."""
+    with client(server) as http:
+        r = http.post("/v1/streams", json={"stream_id": "cam", "method": "rekv", "options": {"top_k": 4, "n_local": 24}})
+        assert r.status_code == 201, r.text
+        data = mpegts(video(CLIP_FRAMES, seed=1))
+        r = http.post("/v1/streams/cam/chunks", content=data, headers={"Content-Type": "video/mp2t"})
+        assert r.status_code == 202, r.text
+        r = http.post("/v1/streams/cam/close", params={"wait_s": 60})
+        assert r.status_code == 200, r.text
+        status = wait_ingested(http, "cam", CLIP_FRAMES)
+        assert status["source_state"] == "finished" and status["frames_ingested"] == CLIP_FRAMES, status
+    return "cam"
+
+
+def test_health_models_and_openapi(server):
+    assert httpx.get(f"{server}/healthz", timeout=120).json()["status"] == "ok"
+    with client(server) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tiny-gqa"]
+        r = http.get("/openapi.json")
+        assert r.status_code == 200, r.text
+        paths = r.json()["paths"]
+        assert {"/v1/streams", "/v1/streams/{stream_id}/chunks", "/v1/chat/completions"} <= set(paths)
+
+
+def test_stream_lifecycle(server, cam):
+    with client(server) as http:
+        assert http.post("/v1/streams", json={"stream_id": "life"}).status_code == 201
+        data = mpegts(video(16, seed=2))
+        half = len(data) // 2  # two numbered chunks of one container
+        for seq, part in enumerate([data[:half], data[half:]]):
+            r = http.post("/v1/streams/life/chunks", params={"seq": seq}, content=part,
+                          headers={"Content-Type": "application/octet-stream"})
+            assert r.status_code == 202, r.text
+        http.post("/v1/streams/life/close", params={"wait_s": 60})
+        status = wait_ingested(http, "life", 16)
+        assert status["frames_ingested"] == 16 and status["frames_dropped"] == 0 and status["mode"] == "push"
+        assert status["retained_bytes"] > 0
+        assert {s["stream_id"] for s in http.get("/v1/streams").json()["data"]} >= {"life", "cam"}
+
+        answer = http.post("/v1/chat/completions", json=ask_body("life")).json()
+        assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"] is not None
+        assert answer["evidence"] and all(e["frames"][1] <= 16 for e in answer["evidence"])
+        segments = http.get("/v1/streams/life/segments").json()["data"]
+        assert segments, "a question closes the open segment"
+
+        assert http.delete("/v1/streams/life").json()["deleted"] is True
+        assert http.get("/v1/streams/life").status_code == 404
+        assert http.post("/v1/chat/completions", json=ask_body("life")).status_code == 404
+
+
+def test_openai_client_plain_and_streaming(server, cam):
+    from openai import OpenAI
+
+    oai = OpenAI(base_url=f"{server}/v1", api_key=TOKEN_A, max_retries=0, timeout=120)
+    messages = ask_body(cam, max_tokens=6)["messages"]
+    plain = oai.chat.completions.create(model="tiny-gqa", messages=messages, max_tokens=6)
+    text = plain.choices[0].message.content
+    assert isinstance(text, str) and plain.usage.completion_tokens >= 1
+    assert plain.model_extra["evidence"] and plain.model_extra["stream_id"] == cam
+
+    chunks = list(oai.chat.completions.create(model="tiny-gqa", messages=messages, max_tokens=6, stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text  # greedy: the same answer
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].model_extra["evidence"] == plain.model_extra["evidence"]
+
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=ask_body(cam, stream=True),
+                      headers={"Authorization": f"Bearer {TOKEN_A}"}, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_auth_and_isolation(server, cam):
+    assert httpx.get(f"{server}/v1/streams").status_code == 401
+    with client(server, "wrong") as http:
+        r = http.get("/v1/streams")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+        assert http.post("/v1/chat/completions", json=ask_body(cam)).status_code == 401
+    with client(server, TOKEN_B) as http:
+        assert http.get(f"/v1/streams/{cam}").status_code == 404
+        assert http.get(f"/v1/streams/{cam}/segments").status_code == 404
+        assert http.post("/v1/chat/completions", json=ask_body(cam)).status_code == 404
+        assert http.delete(f"/v1/streams/{cam}").status_code == 404
+        assert http.post(f"/v1/streams/{cam}/chunks", content=b"x" * 10,
+                         headers={"Content-Type": "video/mp2t"}).status_code == 404
+        assert cam not in {s["stream_id"] for s in http.get("/v1/streams").json()["data"]}
+        assert http.post("/v1/streams", json={"stream_id": cam}).status_code == 201  # B's own "cam"
+        assert http.get(f"/v1/streams/{cam}").json()["frames_ingested"] == 0
+        assert http.post("/v1/chat/completions", json=ask_body(cam)).status_code == 409  # no frames yet
+        assert http.delete(f"/v1/streams/{cam}").status_code == 200
+    with client(server) as http:
+        assert http.get(f"/v1/streams/{cam}").json()["frames_ingested"] == CLIP_FRAMES
+        assert http.post("/v1/chat/completions", json=ask_body(cam)).status_code == 200
+
+
+def test_bad_requests_are_4xx_and_leave_other_streams_answering(server, cam):
+    def err(r, status):
+        assert r.status_code == status, (r.status_code, r.text)
+        assert set(r.json()["error"]) == {"type", "message"}
+        return r.json()["error"]
+
+    with client(server) as http:
+        before = http.post("/v1/chat/completions", json=ask_body(cam)).json()["choices"][0]["message"]["content"]
+        assert err(http.get("/v1/streams/nope"), 404)["type"] == "UnknownStreamError"
+        err(http.post("/v1/chat/completions", json=ask_body("nope")), 404)
+        err(http.get("/v1/nothing-here"), 404)
+        # corrupt upload: accepted as bytes, the stream's source fails, nothing else is touched
+        assert http.post("/v1/streams", json={"stream_id": "broken"}).status_code == 201
+        r = http.post("/v1/streams/broken/chunks", content=b"not a video at all" * 500,
+                      headers={"Content-Type": "video/mp2t"})
+        assert r.status_code in (202, 409), r.text
+        http.post("/v1/streams/broken/close", params={"wait_s": 30})
+        status = wait_ingested(http, "broken")
+        assert status["source_state"] == "failed" and "VideoDecodeError" in status["last_error"], status
+        err(http.post("/v1/streams/broken/chunks", content=b"\0" * 10, headers={"Content-Type": "video/mp2t"}), 409)
+        err(http.post("/v1/chat/completions", json=ask_body("broken")), 409)  # no frames
+        # wrong content types
+        err(http.post(f"/v1/streams/{cam}/chunks", json={"a": 1}), 415)
+        err(http.post("/v1/streams", content=b"stream_id=x", headers={"Content-Type": "text/plain"}), 422)
+        # huge bodies
+        err(http.post(f"/v1/streams/{cam}/chunks", content=b"\0" * (MAX_UPLOAD + 1),
+                      headers={"Content-Type": "video/mp2t"}), 413)
+        err(http.post("/v1/chat/completions", json=ask_body(cam, question="x " * MAX_JSON)), 413)
+        # malformed or invalid JSON
+        err(http.post("/v1/streams", content=b"{not json", headers={"Content-Type": "application/json"}), 400)
+        err(http.post("/v1/chat/completions", content=b'{"model": ', headers={"Content-Type": "application/json"}), 400)
+        err(http.post("/v1/streams", json={"stream_id": "bad/id"}), 422)
+        err(http.post("/v1/streams", json={"method": "no-such-method"}), 422)
+        err(http.post("/v1/streams", json={"options": {"no_such_knob": 1}}), 422)
+        err(http.post("/v1/streams", json={"source": "file:///etc/passwd"}), 400)
+        err(http.post("/v1/streams", json={"source": "ftp://example.com/x.mp4"}), 400)
+        err(http.post("/v1/streams", json={"stream_id": cam}), 422)  # already in use
+        # questions: too long (in characters, then in tokens), empty, no video, bad max_tokens, unknown model
+        err(http.post("/v1/chat/completions", json=ask_body(cam, question="word " * 2000)), 422)
+        err(http.post("/v1/chat/completions", json=ask_body(cam, question="star " * 1000)), 422)
+        err(http.post("/v1/chat/completions", json=ask_body(cam, question="   ")), 422)
+        err(http.post("/v1/chat/completions", json={"model": "tiny-gqa", "messages": [
+            {"role": "user", "content": QUESTION}]}), 422)
+        err(http.post("/v1/chat/completions", json=ask_body(cam, max_tokens=0)), 422)
+        err(http.post("/v1/chat/completions", json={**ask_body(cam), "model": "gpt-4"}), 404)
+        err(http.post("/v1/chat/completions", json=ask_body(cam, question=QUESTION).__or__(
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})), 422)
+
+        after = http.post("/v1/chat/completions", json=ask_body(cam))
+        assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == before
+        assert http.get(f"/v1/streams/{cam}").json()["frames_ingested"] == CLIP_FRAMES
+        assert http.delete("/v1/streams/broken").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def clip_url(tmp_path_factory):
+    """An mp4 served over loopback HTTP (the decoder actor pulls it like any http source)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipeline.video_io import write_video
+
+    root = tmp_path_factory.mktemp("www")
+    write_video(root / "clip.mp4", video(20, seed=5), fps=4.0)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/clip.mp4"
+    httpd.shutdown()
+
+
+def test_pull_source_and_one_shot_url(server, cam, clip_url):
+    with client(server) as http:
+        r = http.post("/v1/streams", json={"stream_id": "pulled", "source": clip_url})
+        assert r.status_code == 201 and r.json()["mode"] == "pull", r.text
+        status = wait_ingested(http, "pulled", 20)
+        assert status["source_state"] == "finished" and status["frames_ingested"] == 20, status
+        err = http.post("/v1/streams/pulled/chunks", content=b"\0" * 10, headers={"Content-Type": "video/mp4"})
+        assert err.status_code == 409  # not a push-mode stream
+        assert http.post("/v1/chat/completions", json=ask_body("pulled")).json()["evidence"]
+        assert http.delete("/v1/streams/pulled").status_code == 200
+
+        body = ask_body("x")
+        body["messages"][0]["content"][0]["video_url"]["url"] = clip_url
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["evidence"] and r.json()["stream_id"] is None, r.text
+        assert {s["stream_id"] for s in http.get("/v1/streams").json()["data"]} == {cam}  # one-shot stream gone
+        body["messages"][0]["content"][0]["video_url"]["url"] = "file:///etc/passwd"
+        assert http.post("/v1/chat/completions", json=body).status_code == 400  # local files not enabled
+
+
+def test_metrics(server, cam):
+    with client(server) as http:
+        http.post("/v1/chat/completions", json=ask_body(cam))
+    text = httpx.get(f"{server}/metrics").text
+    assert "streamkv_answer_latency_seconds_bucket" in text
+    lines = [line for line in text.splitlines() if line.startswith("streamkv_frames_ingested_total{") and ":cam" in line]
+    assert lines and float(lines[0].rsplit(" ", 1)[1]) == CLIP_FRAMES
+    assert any(line.startswith("streamkv_retained_kv_bytes{") for line in text.splitlines())
