@@ -1,6 +1,7 @@
 """The `streamkv` command line.
 
     streamkv demo [--method streamkv] [--frames 600]
+    streamkv serve [--config deploy/serve.yaml]
     streamkv ingest sources.yaml [--model DIR] [--address auto] [--no-wait]
     streamkv ask STREAM "question" [--address auto]
     streamkv status [STREAM] [--address auto]
@@ -32,6 +33,17 @@ def demo(method: str = "streamkv", frames: int = 600, questions: int = 16, seed:
     from synthetic.demo import main
 
     main(["--method", method, "--frames", str(frames), "--questions", str(questions), "--seed", str(seed)])
+
+
+@app.command()
+def serve(config: str = "deploy/serve.yaml") -> None:
+    """Start the HTTP API (Ray Serve) from a Serve config, in the foreground."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    serve_bin = Path(sys.executable).with_name("serve")
+    raise typer.Exit(subprocess.call([str(serve_bin), "run", config]))
 
 
 @app.command()

@@ -26,6 +26,6 @@ def test_cluster_config_offers_every_resource_the_placement_asks_for():
 def test_cli_lists_its_commands():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("demo", "ingest", "ask", "status", "bench"):
+    for command in ("demo", "serve", "ingest", "ask", "status", "bench"):
         assert command in result.output
     assert CliRunner().invoke(app, ["bench", "nonsense"]).exit_code != 0
