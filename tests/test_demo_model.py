@@ -13,7 +13,7 @@ import pytest
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 # Measured on this set when the checkpoint was made: see models/demo/MODEL_CARD.md.
 MIN_ACCURACY = 0.70  # measured 0.75 with the shipped checkpoint (greedy, fixed set)
-MIN_ACCURACY_PER_KIND = {"attribute": 0.70, "reverse": 0.70, "now": 0.70}
+MIN_ACCURACY_PER_KIND = {"attribute": 0.50, "reverse": 0.50, "now": 0.50}  # 8 questions each: coarse
 
 pytestmark = pytest.mark.skipif(
     not (DEMO / "config.json").exists() or not (DEMO / "model.safetensors").exists(),
