@@ -9,6 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.stages import scene_video as video
+
 TOKEN_A, TOKEN_B = "token-a-secret", "token-b-secret"
 MAX_UPLOAD = 2 * 2**20
 MAX_JSON = 64 * 2**10
@@ -16,12 +18,6 @@ CLIP_FRAMES = 24
 QUESTION = "what color was the star?"
 
 
-def video(frames: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    colours = rng.integers(0, 256, (frames // 4 + 1, 3))
-    out = np.repeat(colours, 4, axis=0)[:frames, None, None, :].astype(np.int16)
-    out = out + rng.integers(-3, 4, (frames, 32, 32, 3))
-    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def mpegts(frames: np.ndarray, fps: float = 4.0) -> bytes:

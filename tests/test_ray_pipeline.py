@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import ray
 
+from tests.stages import scene_video as video
+
 from actors.coordinator import StreamCoordinator
 from pipeline import InvalidInputError, StreamSession, UnknownStreamError, load_model
 
@@ -15,13 +17,6 @@ CASES = {
 }
 
 
-def video(frames: int, seed: int) -> np.ndarray:
-    """Scenes of a few frames each, so semantic segments are not all one."""
-    rng = np.random.default_rng(seed)
-    colours = rng.integers(0, 256, (frames // 4 + 1, 3))
-    out = np.repeat(colours, 4, axis=0)[:frames, None, None, :].astype(np.int16)
-    out = out + rng.integers(-3, 4, (frames, 32, 32, 3))
-    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def engine_answers(model, method, frames, chunks):
