@@ -12,7 +12,7 @@ import numpy as np
 
 from actors.spec import StreamSpec, lookup
 from pipeline.errors import UnknownStreamError
-from cache_store.wire import Wire, pack_snapshot, pack_update, unpack_segment, unpack_snapshot, unpack_update
+from cache_store.wire import Wire, pack_snapshot, pack_update, unpack_segment, unpack_snapshot
 from pipeline.compression import make_compressor
 from pipeline.encoder import SegmentEncoder
 from pipeline.memory import StreamMemory
@@ -76,9 +76,10 @@ class PrefillWorker:
         update, stream.pending = stream.pending, None
         if update is None:
             raise UnknownStreamError(f"stream {stream_id!r} has no encoded segment to commit")
-        stream.compressor.decide(update)  # decisions of its own (VSB: no blocks)
-        if keep is not None:
-            update.keep = keep
+        if keep is None:
+            stream.compressor.decide(update)  # decided here (VSB: no blocks; keep-all: nothing)
+        else:
+            update.keep = keep  # the compressor actor's guidance decision
         stream.memory.apply(update)
         stream.compressor.compact(stream.memory, update)
         stream.applied += 1

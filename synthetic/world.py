@@ -440,30 +440,16 @@ def vocabulary(config: WorldConfig = WorldConfig()) -> tuple[str, ...]:
 
 
 def write_mp4(stream: Stream, path: str | Path, fps: float | None = None, crf: int = 12) -> Path:
-    """Write the frames as H.264 (yuv420p) mp4 with PyAV. fps defaults to the stream's fps."""
-    import av
-    from fractions import Fraction
+    """Write the frames as H.264 (yuv420p) mp4 (pipeline.video_io). fps defaults to the stream's."""
+    from pipeline.video_io import write_video
 
-    path = Path(path)
-    fps = stream.config.fps if fps is None else fps
-    rate = Fraction(fps).limit_denominator(1000)
-    T, H, W, _ = stream.frames.shape
-    if H % 2 or W % 2:
-        raise ValueError("H264 yuv420p needs even frame sizes")
-    with av.open(str(path), mode="w") as container:
-        vs = container.add_stream("libx264", rate=rate)
-        vs.width, vs.height, vs.pix_fmt = W, H, "yuv420p"
-        vs.options = {"crf": str(crf), "preset": "medium"}
-        for frame in stream.frames:
-            for packet in vs.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in vs.encode():
-            container.mux(packet)
-    return path
+    write_video(path, stream.frames, stream.config.fps if fps is None else fps, crf=crf)
+    return Path(path)
 
 
 def read_mp4(path: str | Path) -> np.ndarray:
-    import av
+    """Every frame of a video file, decoded by pipeline.decode: [T, H, W, 3] uint8."""
+    from pipeline.decode import open_source
 
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    with open_source(Path(path)) as frames:
+        return np.stack([frame.image for frame in frames])
