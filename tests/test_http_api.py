@@ -1,23 +1,17 @@
-"""The HTTP API over real HTTP: a Serve app started once for the module on the shared Ray runtime."""
+"""The HTTP API over real HTTP against the session's Serve app (tests/plugins/serve_app.py)."""
 
 import io
-import socket
 import time
-import uuid
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.plugins.serve_app import MAX_JSON, MAX_UPLOAD, MODEL_NAME, TOKEN_A, TOKEN_B, client
 from tests.stages import scene_video as video
 
-TOKEN_A, TOKEN_B = "token-a-secret", "token-b-secret"
-MAX_UPLOAD = 2 * 2**20
-MAX_JSON = 64 * 2**10
 CLIP_FRAMES = 24
 QUESTION = "what color was the star?"
-
-
 
 
 def mpegts(frames: np.ndarray, fps: float = 4.0) -> bytes:
@@ -26,44 +20,6 @@ def mpegts(frames: np.ndarray, fps: float = 4.0) -> bytes:
     buf = io.BytesIO()
     write_video(buf, frames, fps, container_format="mpegts")
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(ray_runtime, checkpoint_dirs):
-    import ray
-    from ray import serve
-
-    from deploy.app import COORDINATOR_NAMESPACE, build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    coordinator = f"http-test-{uuid.uuid4().hex[:8]}"
-    app = build_app({
-        "model_dir": checkpoint_dirs["gqa"], "model_name": "tiny-gqa", "api_token": [TOKEN_A, TOKEN_B],
-        "max_upload_bytes": MAX_UPLOAD, "max_json_bytes": MAX_JSON, "coordinator_name": coordinator,
-        "actor_cpus": 0.05, "coordinator_cpus": 0.05, "api_cpus": 0.05,
-    })
-    serve.run(app, name="streamkv-http-test", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.delete("streamkv-http-test")
-        try:
-            ray.kill(ray.get_actor(coordinator, namespace=COORDINATOR_NAMESPACE))
-        except ValueError:
-            pass
-        serve.shutdown()
-
-
-def client(base: str, token: str | None = TOKEN_A) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=base, headers=headers, timeout=120)
 
 
 def wait_ingested(http: httpx.Client, stream_id: str, frames: int | None = None, timeout_s: float = 60) -> dict:
@@ -80,7 +36,7 @@ def wait_ingested(http: httpx.Client, stream_id: str, frames: int | None = None,
 
 
 def ask_body(stream_id: str, question: str = QUESTION, max_tokens: int = 4, **extra) -> dict:
-    return {"model": "tiny-gqa", "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+    return {"model": MODEL_NAME, "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": f"stream://{stream_id}"}}, {"type": "text", "text": question}]}],
         **extra}
 
@@ -104,7 +60,7 @@ def cam(server):
 def test_health_models_and_openapi(server):
     assert httpx.get(f"{server}/healthz", timeout=120).json()["status"] == "ok"
     with client(server) as http:
-        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tiny-gqa"]
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [MODEL_NAME]
         r = http.get("/openapi.json")
         assert r.status_code == 200, r.text
         paths = r.json()["paths"]
@@ -142,12 +98,12 @@ def test_openai_client_plain_and_streaming(server, cam):
 
     oai = OpenAI(base_url=f"{server}/v1", api_key=TOKEN_A, max_retries=0, timeout=120)
     messages = ask_body(cam, max_tokens=6)["messages"]
-    plain = oai.chat.completions.create(model="tiny-gqa", messages=messages, max_tokens=6)
+    plain = oai.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6)
     text = plain.choices[0].message.content
     assert isinstance(text, str) and plain.usage.completion_tokens >= 1
     assert plain.model_extra["evidence"] and plain.model_extra["stream_id"] == cam
 
-    chunks = list(oai.chat.completions.create(model="tiny-gqa", messages=messages, max_tokens=6, stream=True))
+    chunks = list(oai.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, stream=True))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text  # greedy: the same answer
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -224,7 +180,7 @@ def test_bad_requests_are_4xx_and_leave_other_streams_answering(server, cam):
         err(http.post("/v1/chat/completions", json=ask_body(cam, question="word " * 2000)), 422)
         err(http.post("/v1/chat/completions", json=ask_body(cam, question="star " * 1000)), 422)
         err(http.post("/v1/chat/completions", json=ask_body(cam, question="   ")), 422)
-        err(http.post("/v1/chat/completions", json={"model": "tiny-gqa", "messages": [
+        err(http.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": [
             {"role": "user", "content": QUESTION}]}), 422)
         err(http.post("/v1/chat/completions", json=ask_body(cam, max_tokens=0)), 422)
         err(http.post("/v1/chat/completions", json={**ask_body(cam), "model": "gpt-4"}), 404)

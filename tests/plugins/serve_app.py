@@ -1,0 +1,56 @@
+"""The HTTP API over real HTTP: one Serve app on the shared Ray runtime for the whole session.
+
+`server` (session): the base URL of a locally started Serve app (deploy.app:build_app) with the
+tiny GQA checkpoint, three bearer tokens (TOKEN_A, TOKEN_B, TOKEN_FUZZ), small body limits and its own
+coordinator; deleted, with its coordinator, at the end of the session.
+"""
+
+import socket
+import uuid
+
+import httpx
+import pytest
+
+TOKEN_A, TOKEN_B = "token-a-secret", "token-b-secret"
+TOKEN_FUZZ = "token-fuzz-secret"  # the schema fuzzer's own streams, apart from the hand-written tests'
+MODEL_NAME = "tiny-gqa"
+MAX_UPLOAD = 2 * 2**20
+MAX_JSON = 64 * 2**10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client(base: str, token: str | None = TOKEN_A) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=base, headers=headers, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def server(ray_runtime, checkpoint_dirs):
+    import ray
+    from ray import serve
+
+    from deploy.app import COORDINATOR_NAMESPACE, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    coordinator = f"http-test-{uuid.uuid4().hex[:8]}"
+    app = build_app({
+        "model_dir": checkpoint_dirs["gqa"], "model_name": MODEL_NAME, "api_token": [TOKEN_A, TOKEN_B, TOKEN_FUZZ],
+        "max_upload_bytes": MAX_UPLOAD, "max_json_bytes": MAX_JSON, "coordinator_name": coordinator,
+        "actor_cpus": 0.05, "coordinator_cpus": 0.05, "api_cpus": 0.05,
+    })
+    serve.run(app, name="streamkv-http-test", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.delete("streamkv-http-test")
+        try:
+            ray.kill(ray.get_actor(coordinator, namespace=COORDINATOR_NAMESPACE))
+        except ValueError:
+            pass
+        serve.shutdown()
