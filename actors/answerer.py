@@ -48,13 +48,18 @@ class AnswerWorker:
     def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> dict:
         replica = lookup(self.streams, stream_id)
         answer = replica.answerer.ask(replica.memory, question, max_new_tokens)
-        return {
-            "text": answer.text,
-            "token_ids": answer.token_ids,
-            "evidence": [{"frames": list(e.frames), "times": list(e.times), "score": e.score, "layers": e.layers}
-                         for e in answer.evidence],
-            "applied": replica.applied,
-        }
+        return {"text": answer.text, "token_ids": answer.token_ids, "evidence": _evidence(answer.evidence),
+                "prompt_tokens": answer.prompt_tokens, "applied": replica.applied}
+
+    def ask_stream(self, stream_id: str, question: str, max_new_tokens: int = 64):
+        """The answer as it is generated (a Ray streaming generator): first a dict with the
+        evidence and prompt size, then the text piece by piece, last a dict with the token ids."""
+        replica = lookup(self.streams, stream_id)
+        generation = replica.answerer.generation(replica.memory, question, max_new_tokens)
+        yield {"evidence": _evidence(generation.evidence), "prompt_tokens": generation.prompt_tokens,
+               "applied": replica.applied}
+        yield from generation.text_pieces()
+        yield {"token_ids": generation.token_ids}
 
     def snapshot(self, stream_id: str) -> tuple[Wire, int]:
         replica = lookup(self.streams, stream_id)
@@ -68,3 +73,7 @@ class AnswerWorker:
 
     def ping(self) -> int:
         return len(self.streams)
+
+
+def _evidence(evidence) -> list[dict]:
+    return [{"frames": list(e.frames), "times": list(e.times), "score": e.score, "layers": e.layers} for e in evidence]

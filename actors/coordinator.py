@@ -10,13 +10,22 @@ updates in order, so when one actor dies and Ray restarts it empty, it is restor
 snapshot of a surviving replica and the interrupted call is retried; the compressor's open
 segment is rebuilt by replaying the frames pushed since the last closed segment. Nothing already
 ingested is lost. It is also the FrameSink that decoder actors deliver frames to.
+
+Answer actors form a pool that scales with the questions: a question goes to the least busy
+actor; while every actor has `answer_target_ongoing` questions in flight another one is started
+(up to `max_answerers`) and given a replica of every stream before it takes questions; an extra
+actor idle for `answer_idle_s` is removed. Each actor holds every stream (memory is bounded per
+stream), so any of them can answer any question.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
@@ -35,11 +44,36 @@ ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 RECOVERY_ATTEMPTS = 3
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where a stream's frames come from: a URL or file to pull, or pushed bytes (url None)."""
+
+    url: str | None
+    decode: DecodeConfig
+    policy: str
+    chunk_frames: int
+    max_in_flight: int
+
+
+@dataclass(eq=False)
+class _AnswerReplica:
+    """An answer actor of the pool and the streams it holds a replica of."""
+
+    handle: Any
+    name: str
+    streams: set[str] = field(default_factory=set)
+    ready: bool = False  # takes questions (a new actor first receives every stream)
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
 @dataclass
 class _Stream:
     spec: StreamSpec
     frame_rate: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    chunk_turn: asyncio.Condition = field(default_factory=asyncio.Condition)  # decoder chunks in seq order
+    next_chunk: int = 0
     frames_seen: int = 0
     last_time: float | None = None
     applied: int = 0  # updates committed to every replica
@@ -47,30 +81,45 @@ class _Stream:
     recoveries: int = 0
     last_error: str | None = None
     publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
-    decoder: object | None = None  # a DecoderActor pulling frames from the stream's source
+    source: _Source | None = None
+    decoder: Any = None  # the DecoderActor reading the source (for pushed bytes: from the first chunk)
 
 
 class StreamCoordinator:
     def __init__(self, model_dir: str, device: str = "cpu", answerers: int = 1, index_url: str | None = None,
-                 actor_cpus: float = 0.1, placement: dict[str, dict] | None = None):
+                 actor_cpus: float = 0.1, placement: dict[str, dict] | None = None, max_answerers: int | None = None,
+                 answer_target_ongoing: int = 2, answer_idle_s: float = 120.0):
         """placement: extra Ray options per actor kind ("prefill", "compressor", "answerer",
         "decoder"), e.g. {"prefill": {"num_gpus": 1}, "decoder": {"resources": {"decoder": 1}}}
-        to pin kinds to node types (see ray_cluster.yaml)."""
+        to pin kinds to node types (see ray_cluster.yaml). answerers / max_answerers: the answer
+        pool's size range (max defaults to min: a fixed pool)."""
         self.placement = placement or {}
-
-        def spawn(cls, kind, *args):
-            options = {"num_cpus": actor_cpus, "max_restarts": -1, **self.placement.get(kind, {})}
-            return ray.remote(cls).options(**options).remote(*args)
-
-        self.prefill = spawn(PrefillWorker, "prefill", model_dir, device)
-        self.compressor = spawn(CompressorWorker, "compressor", model_dir, device, index_url)
-        self.answerers = [spawn(AnswerWorker, "answerer", model_dir, device) for _ in range(max(1, answerers))]
-        self._next_answerer = itertools.cycle(range(len(self.answerers)))
+        self.model_dir, self.device, self.actor_cpus = model_dir, device, actor_cpus
+        self.min_answerers = max(1, answerers)
+        self.max_answerers = max(self.min_answerers, max_answerers or self.min_answerers)
+        if answer_target_ongoing < 1 or answer_idle_s <= 0:
+            raise InvalidInputError("answer_target_ongoing must be >= 1 and answer_idle_s > 0")
+        self.answer_target_ongoing, self.answer_idle_s = answer_target_ongoing, answer_idle_s
+        self.prefill = self._spawn(PrefillWorker, "prefill", model_dir, device)
+        self.compressor = self._spawn(CompressorWorker, "compressor", model_dir, device, index_url)
+        self._answerer_names = (f"answerer{i}" for i in itertools.count())
+        self.answerers = [self._new_answerer(ready=True) for _ in range(self.min_answerers)]
+        self._scaling: asyncio.Task | None = None
+        self._idle_watch: asyncio.Task | None = None
         self.streams: dict[str, _Stream] = {}
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0}
+        self.scaling_events = {"answerers_added": 0, "answerers_removed": 0}
         self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
         self._batch: list[tuple[np.ndarray, asyncio.Future]] = []
         self._batch_running = False
+
+    def _spawn(self, cls, kind: str, *args):
+        options = {"num_cpus": self.actor_cpus, "max_restarts": -1, **self.placement.get(kind, {})}
+        return ray.remote(cls).options(**options).remote(*args)
+
+    def _new_answerer(self, ready: bool) -> _AnswerReplica:
+        return _AnswerReplica(self._spawn(AnswerWorker, "answerer", self.model_dir, self.device),
+                              next(self._answerer_names), ready=ready)
 
     # ---- streams --------------------------------------------------------------------------
     async def create_stream(self, stream_id: str, method: str = "rekv", options: dict | None = None,
@@ -81,56 +130,83 @@ class StreamCoordinator:
         config = spec.config()  # ConfigError here, before any actor holds state
         snapshot = await self.prefill.open.remote(spec)
         await self.compressor.open.remote(spec)
-        await asyncio.gather(*[a.restore.remote(spec, snapshot, 0) for a in self.answerers])
+        replicas = list(self.answerers)
+        await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])
+        for replica in replicas:
+            replica.streams.add(stream_id)
         self.streams[stream_id] = _Stream(spec, config.frame_rate)
+        if self._idle_watch is None and self.max_answerers > self.min_answerers:
+            self._idle_watch = asyncio.get_running_loop().create_task(self._remove_idle_answerers())
         return await self.status(stream_id)
 
     def list_streams(self) -> list[str]:
         return sorted(self.streams)
 
-    async def attach_source(self, stream_id: str, source: str | None, fps: float | None = None,
-                            size: tuple[int, int] | None = None, policy: str = "block", chunk_frames: int = 8,
-                            max_in_flight: int = 1) -> dict:
-        """Pull the stream's frames from `source` (file path, http(s) or rtsp URL; None: pushed
-        bytes) with a decoder actor. Backpressure: "block" loses nothing (files, uploads); "drop"
-        drops the newest frames while `max_in_flight` chunks are unfinished (live sources), and
-        the stream's status counts them. Keep `max_in_flight` at 1: with more, Ray may start this
-        async actor's ingest calls out of order and a later chunk would be refused as going back
-        in time (the FrameSink contract carries no sequence number yet)."""
+    async def attach_source(self, stream_id: str, source: str | None, decode: DecodeConfig | None = None,
+                            policy: str = "block", chunk_frames: int = 8, max_in_flight: int = 1) -> dict:
+        """Read the stream's frames from `source` (file path, http(s) or rtsp URL) with a decoder
+        actor, or, with source None, from bytes pushed with `push` (the decoder starts with the
+        first chunk, so its read timeout runs from there). Backpressure: "block" loses nothing
+        (files, uploads); "drop" drops the newest frames while `max_in_flight` chunks are
+        unfinished (live sources), and the stream's status counts them."""
         stream = self._stream(stream_id)
-        if stream.decoder is not None:
+        if stream.source is not None:
             raise InvalidInputError(f"stream {stream_id!r} already has a source")
+        stream.source = _Source(source, decode or DecodeConfig(), policy, chunk_frames, max_in_flight)
+        if source is not None:
+            await self._start_decoder(stream)
+        return await self.status(stream_id)
+
+    def _start_decoder(self, stream: _Stream):
+        source = stream.source
         sink = ray.get_runtime_context().current_actor
         stream.decoder = DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
-            stream_id, source, DecodeConfig(fps=fps, size=size), sink, chunk_frames, max_in_flight, policy)
-        return await stream.decoder.start.remote()
+            stream.spec.stream_id, source.url, source.decode, sink, source.chunk_frames, source.max_in_flight,
+            source.policy)
+        return stream.decoder.start.remote()
+
+    def _push_decoder(self, stream_id: str):
+        stream = self._stream(stream_id)
+        if stream.source is None or stream.source.url is not None:
+            raise InvalidInputError(f"stream {stream_id!r} does not take pushed bytes")
+        if stream.decoder is None:
+            self._start_decoder(stream)
+        return stream.decoder
 
     async def push(self, stream_id: str, chunk: bytes, seq: int | None = None) -> int:
         """Feed encoded video bytes to a push-mode source (attach_source with source=None).
         Concurrent uploaders number their chunks (`seq` from 0) so they are written in order."""
-        return await self._decoder(stream_id).push.remote(chunk, seq)
+        return await self._push_decoder(stream_id).push.remote(chunk, seq)
 
     async def close_source(self, stream_id: str, wait_s: float | None = None) -> dict:
         """End a pushed source; with `wait_s`, wait for its frames to be ingested."""
-        decoder = self._decoder(stream_id)
+        decoder = self._push_decoder(stream_id)
         await decoder.close.remote()
         return await decoder.wait.remote(wait_s) if wait_s else await decoder.status.remote()
 
     async def status(self, stream_id: str) -> dict:
         stream = self._stream(stream_id)
         source = await stream.decoder.status.remote() if stream.decoder is not None else None
+        mode = None if stream.source is None else ("push" if stream.source.url is None else "pull")
         return {
-            "stream_id": stream_id, "method": stream.spec.method, "frames_ingested": stream.frames_seen,
+            "stream_id": stream_id, "method": stream.spec.method, "mode": mode, "frames_ingested": stream.frames_seen,
             "frames_decoded": source and source["frames_decoded"], "frames_dropped": source and source["frames_dropped"],
-            "source_state": source and source["state"], "segments": stream.applied, "last_time": stream.last_time,
+            "source_state": source["state"] if source else ("waiting" if mode == "push" else None),
+            "segments": stream.applied, "last_time": stream.last_time,
             "recoveries": stream.recoveries, "restarts": dict(self.restarts),
             "last_error": stream.last_error or (source and source["last_error"]),
         }
 
+    def pool(self) -> dict:
+        """The answer pool: actors, questions in flight on each, scaling events so far."""
+        return {"answerers": [{"name": r.name, "ready": r.ready, "in_flight": r.in_flight, "streams": len(r.streams)}
+                              for r in self.answerers],
+                "min": self.min_answerers, "max": self.max_answerers, **self.scaling_events}
+
     async def memory(self, stream_id: str) -> dict[str, int]:
         stream = self._stream(stream_id)
         await self._published(stream)
-        return await self._on_answerer(stream, 0, lambda a: a.memory.remote(stream_id))
+        return await self._on_answerer(stream, self._holder(stream_id), lambda a: a.memory.remote(stream_id))
 
     async def segments(self, stream_id: str) -> list[dict]:
         stream = self._stream(stream_id)
@@ -146,12 +222,14 @@ class StreamCoordinator:
             del self.streams[stream_id]
             index_keys = await self.compressor.close.remote(stream_id)
             await self.prefill.close.remote(stream_id)
-            await asyncio.gather(*[a.close.remote(stream_id) for a in self.answerers])
+            await asyncio.gather(*[r.handle.close.remote(stream_id) for r in self.answerers])
+            for replica in self.answerers:
+                replica.streams.discard(stream_id)
         return {"stream_id": stream_id, "index_keys_deleted": index_keys}
 
     def workers(self) -> dict:
         """Actor handles, for operations (and fault-injection tests)."""
-        return {"prefill": self.prefill, "compressor": self.compressor, "answerers": list(self.answerers)}
+        return {"prefill": self.prefill, "compressor": self.compressor, "answerers": [r.handle for r in self.answerers]}
 
     async def index_keys(self, stream_id: str) -> int:
         if stream_id in self.streams:
@@ -159,8 +237,23 @@ class StreamCoordinator:
         return await self.compressor.index_keys.remote(stream_id)
 
     # ---- ingest (the FrameSink contract of actors.decoder) ---------------------------------
-    async def ingest(self, stream_id: str, frames, times=None) -> int:
+    async def ingest(self, stream_id: str, frames, times=None, seq: int | None = None) -> int:
+        """Append frames to the stream. Decoder chunks carry `seq` and are taken in seq order
+        (Ray may start an async actor's calls in any order)."""
         stream = self._stream(stream_id)
+        if seq is None:
+            return await self._ingest(stream, frames, times)
+        async with stream.chunk_turn:
+            await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
+        try:
+            return await self._ingest(stream, frames, times)
+        finally:
+            async with stream.chunk_turn:
+                stream.next_chunk = max(stream.next_chunk, seq + 1)
+                stream.chunk_turn.notify_all()
+
+    async def _ingest(self, stream: _Stream, frames, times) -> int:
+        stream_id = stream.spec.stream_id
         frames = check_frames(frames)
         async with stream.lock:
             times = check_times(times, len(frames), stream.frames_seen, stream.last_time, stream.frame_rate)
@@ -177,15 +270,103 @@ class StreamCoordinator:
 
     async def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> dict:
         stream = self._stream(stream_id)
-        index = next(self._next_answerer)
+        with self._answer_slot() as replica:
+            await self._prepare_question(stream, replica, question, max_new_tokens)
+            # answers are read-only: decode outside the lock, so ingest goes on meanwhile
+            return await self._on_answerer(stream, replica, lambda a: a.ask.remote(stream_id, question, max_new_tokens))
+
+    async def ask_stream(self, stream_id: str, question: str, max_new_tokens: int = 64):
+        """`ask` as it is generated (call with num_returns="streaming"): a dict with the evidence
+        and prompt size, the answer text piece by piece, then a dict with the token ids. Errors
+        in the question surface at the first item; an answer actor lost before the first item
+        is recovered like `ask`, one lost later ends the stream with its error."""
+        stream = self._stream(stream_id)
+        with self._answer_slot() as replica:
+            await self._prepare_question(stream, replica, question, max_new_tokens)
+
+            async def first_item():
+                items = replica.handle.ask_stream.options(num_returns="streaming").remote(
+                    stream_id, question, max_new_tokens)
+                return items, await (await items.__anext__())
+
+            items, head = await self._on_answerer(stream, replica, lambda _: first_item())
+            yield head
+            async for ref in items:
+                yield await ref
+
+    async def _prepare_question(self, stream: _Stream, replica: _AnswerReplica, question: str,
+                                max_new_tokens: int) -> None:
+        """Validate the question, close the open segment for it, and wait until every replica
+        holds every update (so any replica answers from the whole stream)."""
+        sid = stream.spec.stream_id
         async with stream.lock:
-            await self._on_answerer(stream, index, lambda a: a.check.remote(stream_id, question, max_new_tokens))
-            segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream_id))
+            await self._on_answerer(stream, replica, lambda a: a.check.remote(sid, question, max_new_tokens))
+            segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(sid))
             if segment is not None:
                 await self._commit(stream, segment)
             await self._published(stream)
-            # answers are read-only: decode outside the lock, so ingest goes on meanwhile
-        return await self._on_answerer(stream, index, lambda a: a.ask.remote(stream_id, question, max_new_tokens))
+
+    # ---- the answer pool --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _answer_slot(self):
+        """The least busy (then least recently used) ready answer actor, counted busy for the
+        block; grows the pool when
+        every actor is at its target."""
+        replica = min((r for r in self.answerers if r.ready), key=lambda r: (r.in_flight, r.last_used))
+        replica.in_flight += 1
+        if (self._scaling is None and len(self.answerers) < self.max_answerers
+                and all(r.in_flight >= self.answer_target_ongoing for r in self.answerers if r.ready)):
+            self._scaling = asyncio.get_running_loop().create_task(self._add_answerer())
+        try:
+            yield replica
+        finally:
+            replica.in_flight -= 1
+            replica.last_used = time.monotonic()
+
+    def _holder(self, stream_id: str) -> _AnswerReplica:
+        """A ready answer actor holding the stream (a restarted one is restored on first use)."""
+        return next((r for r in self.answerers if r.ready and stream_id in r.streams),
+                    next(r for r in self.answerers if r.ready))
+
+    async def _add_answerer(self) -> None:
+        """Start an answer actor and give it a replica of every stream, one stream at a time
+        under the stream's lock (so no update is committed meanwhile); updates committed after
+        that reach it like any replica. It takes questions once it holds every stream."""
+        replica = self._new_answerer(ready=False)
+        self.answerers.append(replica)
+        try:
+            await self._until_alive(replica.handle.ping.remote)  # the model is loaded
+            for stream in list(self.streams.values()):
+                sid = stream.spec.stream_id
+                async with stream.lock:
+                    if sid not in self.streams or sid in replica.streams:
+                        continue
+                    await self._published(stream)
+                    snapshot, applied = await self._on_answerer(stream, self._holder(sid), lambda a: a.snapshot.remote(sid))
+                    await replica.handle.restore.remote(stream.spec, snapshot, applied)
+                    replica.streams.add(sid)
+            replica.ready = True
+            self.scaling_events["answerers_added"] += 1
+        except Exception:
+            self.answerers.remove(replica)
+            ray.kill(replica.handle, no_restart=True)
+            raise
+        finally:
+            self._scaling = None
+
+    async def _remove_idle_answerers(self) -> None:
+        """Shrink the pool back towards `answerers`: remove actors idle for `answer_idle_s`."""
+        while True:
+            await asyncio.sleep(min(5.0, self.answer_idle_s / 4))
+            now = time.monotonic()
+            for replica in list(self.answerers):
+                ready = [r for r in self.answerers if r.ready]
+                if (len(ready) > self.min_answerers and replica.ready and not replica.in_flight
+                        and now - replica.last_used > self.answer_idle_s):
+                    self.answerers.remove(replica)  # no new questions or updates go to it
+                    await asyncio.gather(*[self._published(s) for s in list(self.streams.values())])
+                    ray.kill(replica.handle, no_restart=True)
+                    self.scaling_events["answerers_removed"] += 1
 
     # ---- the segment path -----------------------------------------------------------------
     async def _commit(self, stream: _Stream, segment) -> None:
@@ -211,14 +392,14 @@ class StreamCoordinator:
         stream.publishing = [t for t in stream.publishing if not t.done()] + [
             # the index write needs no stream state in the compressor: after a restart, just retry
             asyncio.ensure_future(self._until_alive(lambda: self.compressor.record.remote(sid, update))),
-            *[asyncio.ensure_future(self._on_answerer(stream, i, lambda a: a.apply.remote(sid, sequence, update)))
-              for i in range(len(self.answerers))],
+            *[asyncio.ensure_future(self._on_answerer(stream, r, lambda a: a.apply.remote(sid, sequence, update)))
+              for r in self.answerers if sid in r.streams],
         ]
 
     async def _published(self, stream: _Stream) -> None:
         """Wait until every committed update of the stream reached every replica and the index."""
-        tasks, stream.publishing = stream.publishing, []
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*stream.publishing)  # a concurrent caller waits for the same tasks
+        stream.publishing = [t for t in stream.publishing if not t.done()]
 
     async def _encode_frames(self, frames: np.ndarray) -> np.ndarray:
         """Cross-stream batching without added latency: a vision call goes out at once; requests
@@ -247,7 +428,8 @@ class StreamCoordinator:
     async def _on_prefill(self, stream: _Stream, call):
         async def restore():
             await self._published(stream)  # the answer replica must hold every committed update
-            snapshot, applied = await self._on_answerer(stream, 0, lambda a: a.snapshot.remote(stream.spec.stream_id))
+            sid = stream.spec.stream_id
+            snapshot, applied = await self._on_answerer(stream, self._holder(sid), lambda a: a.snapshot.remote(sid))
             await self.prefill.restore.remote(stream.spec, snapshot, applied)
 
         return await self._with_recovery(stream, "prefill", call, restore)
@@ -263,14 +445,14 @@ class StreamCoordinator:
 
         return await self._with_recovery(stream, "compressor", call, restore)
 
-    async def _on_answerer(self, stream: _Stream, index: int, call):
-        answerer = self.answerers[index]
-
+    async def _on_answerer(self, stream: _Stream, replica: _AnswerReplica, call):
         async def restore():
-            snapshot, applied = await self._on_prefill(stream, lambda: self.prefill.snapshot.remote(stream.spec.stream_id))
-            await answerer.restore.remote(stream.spec, snapshot, applied)
+            sid = stream.spec.stream_id
+            snapshot, applied = await self._on_prefill(stream, lambda: self.prefill.snapshot.remote(sid))
+            await replica.handle.restore.remote(stream.spec, snapshot, applied)
+            replica.streams.add(sid)
 
-        return await self._with_recovery(stream, "answerer", lambda: call(answerer), restore, f"answerer{index}")
+        return await self._with_recovery(stream, "answerer", lambda: call(replica.handle), restore, replica.name)
 
     async def _with_recovery(self, stream: _Stream, kind: str, call, restore, actor: str | None = None):
         """Run `call`; if its actor was lost (or restarted without the stream), restore the stream

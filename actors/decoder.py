@@ -17,7 +17,7 @@ the default group (start, status, stop; 4 threads), "push" (push, close; 2 threa
 
 Chunks. Decoded (sampled) frames are grouped into chunks of `chunk_frames` frames (the last chunk
 of a stream, or the chunk before a resolution change, may be shorter) and sent as
-`sink.ingest.remote(stream_id, frames, times)`. At most `max_in_flight` calls are un-finished at
+`sink.ingest.remote(stream_id, frames, times, seq=n)`. At most `max_in_flight` calls are un-finished at
 any time: finished calls are collected with `ray.wait`, and each one's result is checked.
 
 Backpressure, when a chunk is ready and `max_in_flight` calls are still un-finished:
@@ -70,8 +70,8 @@ __all__ = ["FrameSink", "StreamDecoder", "DecoderActor", "POLICIES", "STATES", "
 class FrameSink(Protocol):
     """The contract a frame sink (the stream coordinator) implements, as a Ray actor.
 
-    `ingest(stream_id, frames, times)` is called as `sink.ingest.remote(...)` by the decoder of
-    `stream_id`:
+    `ingest(stream_id, frames, times, seq=n)` is called as `sink.ingest.remote(...)` by the
+    decoder of `stream_id`:
     - `frames`: np.ndarray [T, H, W, 3] uint8 RGB, C-contiguous, 1 <= T <= chunk_frames. It
       arrives zero-copy from the object store and is READ-ONLY; the buffer belongs to the decoder
       actor, so copy whatever must be kept after the call returns or after the decoder is gone.
@@ -79,10 +79,11 @@ class FrameSink(Protocol):
       (`DecodedFrame.time`), strictly increasing within and across the calls of one stream.
       A jump larger than the sampling interval is a gap in the source or frames dropped by the
       "drop" policy.
-    - Calls of one stream are SUBMITTED in time order, and up to `max_in_flight` of them may be
-      un-finished at once. A default (non-threaded, non-async) sink actor executes them one at a
-      time in submission order. An async or threaded sink may run them concurrently and must
-      order chunks by `times[0]` itself.
+    - `seq`: the chunk's number among the stream's submitted chunks (0, 1, 2, ...; a chunk the
+      "drop" policy dropped gets none). Calls of one stream are SUBMITTED in seq order, and up to
+      `max_in_flight` of them may be un-finished at once. A default (non-threaded, non-async)
+      sink actor executes them one at a time in submission order; an async or threaded sink may
+      start them in any order and must process them in `seq` order itself.
     - Returning means "consumed": the call's completion frees a slot of the decoder's window,
       which is how backpressure works. Return only once the chunk is processed, or queued in a
       bounded queue of the sink's own. The return value is ignored.
@@ -93,7 +94,7 @@ class FrameSink(Protocol):
       `status()` / `wait()` (state "finished", "failed" or "stopped").
     """
 
-    def ingest(self, stream_id: str, frames: np.ndarray, times: np.ndarray) -> Any: ...
+    def ingest(self, stream_id: str, frames: np.ndarray, times: np.ndarray, seq: int | None = None) -> Any: ...
 
 
 class _SinkFailed(Exception):
@@ -468,7 +469,7 @@ class StreamDecoder:
                 self._reap()
         frames = np.stack(images)
         stamps = np.asarray(times, dtype=np.float64)
-        ref = self._sink.ingest.remote(self.stream_id, frames, stamps)
+        ref = self._sink.ingest.remote(self.stream_id, frames, stamps, seq=self._chunks_sent)
         with self._lock:
             self._pending = self._pending + [ref]
             self._pending_frames[ref] = len(images)

@@ -27,14 +27,18 @@ Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status)
                                         {"type": "video_url", "video_url": {"url": "stream://<id>"}}
                                         (or an http(s) URL: a one-shot stream, deleted afterwards)
 
-Streaming answers: the coordinator answers a question as a whole (`ask`), so `stream: true` runs
-the question first and then sends the text as SSE `chat.completion.chunk` events, a word at a
-time, the last one carrying `finish_reason`, `usage` and `evidence`, then `data: [DONE]`. A bad
-question therefore still gets a plain 4xx JSON error rather than a broken event stream.
+Streaming answers: `stream: true` sends SSE `chat.completion.chunk` events as the answer actor
+generates tokens (a Ray streaming generator through the coordinator); the last one carries
+`finish_reason`, `usage` and `evidence`, then `data: [DONE]`. The retrieval step (evidence) runs
+before the first event, so a bad question still gets a plain 4xx JSON error; a failure after that
+is an `{"error": ...}` event.
 
-Push mode: the decoder is attached on the first chunk (the coordinator's pushed-source reader
-gives up after 10 s without data, so it is not started before there is any). Keep pushing at
-least every 10 s, or close the source; a stream whose source ended takes no more chunks (409).
+Push mode: the stream's decoder starts with the first chunk; after `idle_timeout_s` (set at
+creation, default 60 s, null: never) without data the source counts as ended. Close the source
+when done; a stream whose source ended takes no more chunks (409).
+
+Scaling: replicas of this deployment hold no state (Serve may autoscale them, deploy/serve.yaml);
+the coordinator sizes its answer-actor pool between `answerers` and `max_answerers`.
 """
 
 
@@ -50,9 +54,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import ray
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -61,7 +66,7 @@ from deploy.schemas import (
     STREAM_ID_PATTERN, ChatCompletion, ChatCompletionRequest, CreateStream, Deleted, ErrorResponse, Health,
     ModelList, PushResult, SegmentList, StreamList, StreamStatus, TextPart, VideoPart,
 )
-from pipeline.decode import PushBufferTimeout
+from pipeline.decode import DecodeConfig, PushBufferTimeout
 from pipeline.errors import (
     ConfigError, InvalidInputError, NoFramesError, SourceUnavailableError, StreamKVError, UnknownStreamError,
     VideoDecodeError,
@@ -78,13 +83,17 @@ _STREAM_ID = re.compile(STREAM_ID_PATTERN)
 class Settings:
     model_dir: str
     index_url: str | None = None
-    answerers: int = 1
+    answerers: int = 1  # the coordinator's answer pool: at least this many actors ...
+    max_answerers: int | None = None  # ... at most this many (None: a fixed pool)
+    answer_target_ongoing: int = 2  # questions in flight per answer actor before the pool grows
+    answer_idle_s: float = 120.0  # an extra answer actor idle this long is removed
     api_tokens: list[str] = field(default_factory=list)
     allow_local_files: bool = False
     max_upload_bytes: int = 64 * 2**20
     max_json_bytes: int = 1 * 2**20
     model_name: str | None = None
     device: str = "cpu"
+    placement: str = "local"  # "cluster": pin actor kinds to ray_cluster.yaml's node types (deploy.ingest)
     actor_cpus: float = 0.1  # each prefill/compressor/answer actor
     coordinator_cpus: float = 0.1
     coordinator_name: str = "streamkv-coordinator"
@@ -92,6 +101,8 @@ class Settings:
     oneshot_timeout_s: float = 120.0
 
     def __post_init__(self):
+        if self.placement not in ("local", "cluster"):
+            raise ConfigError(f"placement must be 'local' or 'cluster', not {self.placement!r}")
         if not self.model_name:
             self.model_name = Path(self.model_dir).name or "streamkv"
 
@@ -118,12 +129,16 @@ def settings_from_args(args: dict | None) -> Settings:
         model_dir=str(path),
         index_url=get("index_url") or None,
         answerers=int(get("answerers", 1)),
+        max_answerers=int(get("max_answerers")) if get("max_answerers") else None,
+        answer_target_ongoing=int(get("answer_target_ongoing", 2)),
+        answer_idle_s=float(get("answer_idle_s", 120.0)),
         api_tokens=auth.parse_tokens(get("api_token")),
         allow_local_files=_flag(get("allow_local_files", False)),
         max_upload_bytes=int(get("max_upload_bytes", 64 * 2**20)),
         max_json_bytes=int(get("max_json_bytes", 2**20)),
         model_name=get("model_name") or None,
         device=str(get("device", "cpu")),
+        placement=str(get("placement", "local")),
         actor_cpus=float(get("actor_cpus", 0.1)),
         coordinator_cpus=float(get("coordinator_cpus", 0.1)),
         coordinator_name=str(get("coordinator_name", "streamkv-coordinator")),
@@ -216,7 +231,21 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     kinds = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "too_large"}
-    return error_json(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:  # Starlette names the methods of one route; the path may have several
+        headers["Allow"] = ", ".join(_allowed_methods(request) or [headers.get("Allow", "")])
+    return error_json(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail), headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the OpenAPI document lists for the request's path."""
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    path = (path[len(root):] or "/") if root and path.startswith(root) else path
+    methods = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
+            methods |= {m.upper() for m in operations}
+    return sorted(methods)
 
 
 @app.exception_handler(Exception)
@@ -326,7 +355,12 @@ class Metrics:
 
 
 # ---- the deployment -------------------------------------------------------------------------------
-async def _owner(request: Request) -> str:
+# Declares the bearer scheme in the OpenAPI document; the check itself is auth.authenticate (a
+# missing or malformed header is a 401 in the error format, not FastAPI's 403).
+_BEARER = HTTPBearer(auto_error=False, description="one of the server's API tokens (builder arg api_token)")
+
+
+async def _owner(request: Request, _: HTTPAuthorizationCredentials | None = Security(_BEARER)) -> str:
     tokens = SETTINGS.api_tokens if SETTINGS is not None else []
     try:
         return auth.authenticate(tokens, request.headers.get("authorization"))
@@ -340,8 +374,10 @@ def _check_id(stream_id: str) -> str:
     return stream_id
 
 
-def _split_words(text: str) -> list[str]:
-    return re.findall(r"\s*\S+\s*", text) or ([text] if text else [])
+def _evidence(evidence: list[dict]) -> list[dict]:
+    return [{"frames": list(e["frames"]), "times": [float(t) for t in e["times"]],
+             "score": None if e.get("score") is None else float(e["score"]),
+             "layers": json.loads(json.dumps(e.get("layers"), default=_plain))} for e in evidence]
 
 
 def _plain(value: Any):
@@ -355,11 +391,14 @@ def _plain(value: Any):
 
 def get_or_create_coordinator(s: Settings):
     from actors.coordinator import StreamCoordinator
+    from deploy.ingest import CLUSTER_PLACEMENT
 
     return ray.remote(StreamCoordinator).options(
         name=s.coordinator_name, namespace=COORDINATOR_NAMESPACE, get_if_exists=True, lifetime="detached",
         num_cpus=s.coordinator_cpus,
-    ).remote(s.model_dir, s.device, s.answerers, s.index_url, s.actor_cpus)
+    ).remote(s.model_dir, s.device, s.answerers, s.index_url, s.actor_cpus, max_answerers=s.max_answerers,
+             answer_target_ongoing=s.answer_target_ongoing, answer_idle_s=s.answer_idle_s,
+             placement=CLUSTER_PLACEMENT if s.placement == "cluster" else None)
 
 
 @serve.deployment(name="StreamKVAPI", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64)
@@ -375,7 +414,6 @@ class StreamKVAPI:
         self.coord = get_or_create_coordinator(self.s)
         self.metrics = Metrics()
         self.created = int(time.time())
-        self._push_settings: dict[str, tuple[float | None, str]] = {}  # push streams not yet attached
 
     # ---- helpers ----
     async def _status(self, owner: str, stream_id: str) -> dict:
@@ -391,10 +429,8 @@ class StreamKVAPI:
         last_error = status.get("last_error")
         if isinstance(last_error, dict):  # the decoder's {type, message, where}
             last_error = f"{last_error.get('type')}: {last_error.get('message')} (in {last_error.get('where')})"
-        mode = None if status.get("source_state") is None else (
-            "pull" if internal not in self._push_settings else "push")
         return StreamStatus(
-            stream_id=stream_id, method=status["method"], mode=mode, frames_ingested=status["frames_ingested"],
+            stream_id=stream_id, method=status["method"], mode=status.get("mode"), frames_ingested=status["frames_ingested"],
             frames_decoded=decoded, frames_dropped=dropped, frames_pending=pending,
             source_state=status.get("source_state"), segments=status["segments"], last_time=status.get("last_time"),
             retained_bytes=retained, recoveries=status.get("recoveries", 0), last_error=last_error,
@@ -429,13 +465,36 @@ class StreamKVAPI:
         self.metrics.answers.labels("ok").inc()
         return answer
 
-    async def _oneshot(self, owner: str, url: str, question: str, max_tokens: int) -> dict:
-        """A question about a whole video file / URL: a temporary stream, deleted afterwards."""
+    async def _ask_stream(self, internal: str, question: str, max_tokens: int):
+        """The answer's items as they are generated: returns (head, rest). The head (evidence,
+        prompt size) is awaited here, so a bad question is an error before any event is sent."""
+        start = time.perf_counter()
+        items = self.coord.ask_stream.options(num_returns="streaming").remote(internal, question, max_tokens)
+        try:
+            head = await (await items.__anext__())
+        except Exception:
+            self.metrics.answers.labels("error").inc()
+            raise
+
+        async def rest():
+            try:
+                async for ref in items:
+                    yield await ref
+            except Exception:
+                self.metrics.answers.labels("error").inc()
+                raise
+            self.metrics.answer_latency.observe(time.perf_counter() - start)
+            self.metrics.answers.labels("ok").inc()
+
+        return head, rest()
+
+    async def _oneshot(self, owner: str, url: str) -> str:
+        """A temporary stream holding a whole video file / URL (the caller deletes it)."""
         source = self._source(url)
         internal = auth.internal_id(owner, f"oneshot-{uuid.uuid4().hex[:12]}")
         await self.coord.create_stream.remote(internal, "rekv", {}, "You are a helpful assistant.")
         try:
-            await self.coord.attach_source.remote(internal, source, None, None, "block", 8, 1)
+            await self.coord.attach_source.remote(internal, source)
             deadline = time.monotonic() + self.s.oneshot_timeout_s
             while True:
                 status = await self.coord.status.remote(internal)
@@ -446,12 +505,16 @@ class StreamKVAPI:
                 await asyncio.sleep(0.2)
             if status["source_state"] == "failed" and not status["frames_ingested"]:
                 raise APIError(422, "VideoDecodeError", f"the video could not be read: {status['last_error']}")
-            return await self._ask(internal, question, max_tokens)
-        finally:
-            try:
-                await self.coord.delete_stream.remote(internal)
-            except Exception:  # noqa: BLE001 - best effort clean-up
-                pass
+        except BaseException:
+            await self._delete_quietly(internal)
+            raise
+        return internal
+
+    async def _delete_quietly(self, internal: str) -> None:
+        try:
+            await self.coord.delete_stream.remote(internal)
+        except Exception:  # noqa: BLE001 - best effort clean-up
+            pass
 
     # ---- service routes ----
     @app.get("/healthz", response_model=Health, tags=["service"])
@@ -491,16 +554,14 @@ class StreamKVAPI:
         stream_id = body.stream_id or f"s-{uuid.uuid4().hex[:12]}"
         internal = auth.internal_id(owner, stream_id)
         source = self._source(body.source) if body.source is not None else None
+        live = source is None or source.lower().startswith("rtsp")
+        decode = DecodeConfig(fps=body.fps, read_timeout_s=body.idle_timeout_s if live else DecodeConfig.read_timeout_s)
         await self.coord.create_stream.remote(internal, body.method, body.options, body.system_prompt)
-        if source is None:
-            self._push_settings[internal] = (body.fps, body.policy or "block")
-        else:
-            policy = body.policy or ("drop" if source.lower().startswith("rtsp") else "block")
-            try:
-                await self.coord.attach_source.remote(internal, source, body.fps, None, policy, 8, 1)
-            except Exception:  # no half-made stream left behind
-                await self.coord.delete_stream.remote(internal)
-                raise
+        try:  # a pushed source's decoder starts with its first chunk
+            await self.coord.attach_source.remote(internal, source, decode, body.policy or ("drop" if live and source else "block"))
+        except Exception:  # no half-made stream left behind
+            await self.coord.delete_stream.remote(internal)
+            raise
         return await self._status(owner, stream_id)
 
     @app.get("/v1/streams", response_model=StreamList, tags=["streams"])
@@ -524,7 +585,6 @@ class StreamKVAPI:
     async def delete_stream(self, stream_id: str, owner: str = Depends(_owner)):
         internal = auth.internal_id(owner, _check_id(stream_id))
         await self.coord.delete_stream.remote(internal)
-        self._push_settings.pop(internal, None)
         return {"stream_id": stream_id, "deleted": True}
 
     @app.get("/v1/streams/{stream_id}/segments", response_model=SegmentList, tags=["streams"])
@@ -549,14 +609,6 @@ class StreamKVAPI:
         body = await request.body()  # BodyLimitMiddleware bounds it
         if not body:
             raise APIError(400, "empty_body", "the chunk is empty")
-        status = await self.coord.status.remote(internal)  # 404 before anything is attached
-        if status["source_state"] is None:
-            fps, policy = self._push_settings.get(internal, (None, "block"))
-            self._push_settings.setdefault(internal, (fps, policy))
-            try:
-                await self.coord.attach_source.remote(internal, None, fps, None, policy, 8, 1)
-            except InvalidInputError:
-                pass  # a concurrent first chunk attached it
         try:
             buffered = await self.coord.push.remote(internal, body, seq)
         except InvalidInputError as exc:  # not push mode, closed, or the source has ended
@@ -598,24 +650,37 @@ class StreamKVAPI:
                                                    "(stream://<stream-id>, or an http(s) URL)")
         url = urls[0]
         max_tokens = body.max_completion_tokens or body.max_tokens or self.s.default_max_tokens
-        stream_id = None
+        stream_id = oneshot = None
         if url.startswith("stream://"):
             stream_id = _check_id(url[len("stream://"):].strip("/"))
-            answer = await self._ask(auth.internal_id(owner, stream_id), question, max_tokens)
+            internal = auth.internal_id(owner, stream_id)
         else:
-            answer = await self._oneshot(owner, url, question, max_tokens)
-        evidence = [{"frames": list(e["frames"]), "times": [float(t) for t in e["times"]],
-                     "score": None if e.get("score") is None else float(e["score"]),
-                     "layers": json.loads(json.dumps(e.get("layers"), default=_plain))} for e in answer["evidence"]]
-        n = len(answer["token_ids"])
-        finish = "length" if n >= max_tokens else "stop"
+            internal = oneshot = await self._oneshot(owner, url)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
-        if not body.stream:
-            return {"id": ident, "object": "chat.completion", "created": created, "model": self.s.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer["text"]},
-                                 "finish_reason": finish}],
-                    "usage": usage, "evidence": evidence, "stream_id": stream_id}
+
+        def usage(answer: dict, completion_tokens: int) -> dict:
+            return {"prompt_tokens": answer["prompt_tokens"], "completion_tokens": completion_tokens,
+                    "total_tokens": answer["prompt_tokens"] + completion_tokens}
+
+        def finish(completion_tokens: int) -> str:
+            return "length" if completion_tokens >= max_tokens else "stop"
+
+        try:
+            if not body.stream:
+                answer = await self._ask(internal, question, max_tokens)
+                n = len(answer["token_ids"])
+                return {"id": ident, "object": "chat.completion", "created": created, "model": self.s.model_name,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer["text"]},
+                                     "finish_reason": finish(n)}],
+                        "usage": usage(answer, n), "evidence": _evidence(answer["evidence"]), "stream_id": stream_id}
+            head, rest = await self._ask_stream(internal, question, max_tokens)
+        except BaseException:
+            if oneshot and body.stream:  # the events would have deleted it
+                await self._delete_quietly(oneshot)
+            raise
+        finally:
+            if oneshot and not body.stream:
+                await self._delete_quietly(oneshot)
 
         def event(delta: dict, finish_reason=None, **extra) -> str:
             chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.s.model_name,
@@ -623,11 +688,21 @@ class StreamKVAPI:
             return f"data: {json.dumps(chunk)}\n\n"
 
         async def events():
-            yield event({"role": "assistant", "content": ""})
-            for piece in _split_words(answer["text"]):
-                yield event({"content": piece})
-            yield event({}, finish, usage=usage, evidence=evidence, stream_id=stream_id)
-            yield "data: [DONE]\n\n"
+            try:
+                yield event({"role": "assistant", "content": ""})
+                async for item in rest:
+                    if isinstance(item, str):
+                        yield event({"content": item})
+                    else:  # the last item: the generated token ids
+                        n = len(item["token_ids"])
+                        yield event({}, finish(n), usage=usage(head, n), evidence=_evidence(head["evidence"]),
+                                    stream_id=stream_id)
+                yield "data: [DONE]\n\n"
+            except Exception as exc:  # the answer actor failed mid-answer: say so in the stream
+                yield f"data: {json.dumps({'error': {'type': _error_name(exc), 'message': _message(exc)}})}\n\n"
+            finally:
+                if oneshot:
+                    await self._delete_quietly(oneshot)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -636,13 +711,17 @@ class StreamKVAPI:
 def build_app(args: dict | None = None) -> serve.Application:
     """Serve application builder (`serve run deploy/serve.yaml` or `serve run deploy.app:build_app k=v`).
 
-    args: model_dir (required), index_url, answerers, api_token (one, comma-separated, or a list),
-    allow_local_files, max_upload_bytes, max_json_bytes, model_name, device, actor_cpus,
-    coordinator_cpus, coordinator_name, api_cpus (the HTTP replica's CPUs, default 0.05), replicas.
+    args: model_dir (required), index_url, answerers, max_answerers, answer_target_ongoing,
+    answer_idle_s, api_token (one, comma-separated, or a list), allow_local_files,
+    max_upload_bytes, max_json_bytes, model_name, device, placement (local | cluster), actor_cpus, coordinator_cpus,
+    coordinator_name, api_cpus (the HTTP replica's CPUs, default 0.05), replicas (a fixed number of
+    HTTP replicas; left out: one, or what the Serve config's autoscaling_config says).
     Missing args come from STREAMKV_<NAME> environment variables.
     """
     args = dict(args or {})
     settings = settings_from_args(args)
-    api_cpus = float(args.get("api_cpus") or os.environ.get("STREAMKV_API_CPUS", 0.05))
-    replicas = int(args.get("replicas") or os.environ.get("STREAMKV_REPLICAS", 1))
-    return StreamKVAPI.options(num_replicas=replicas, ray_actor_options={"num_cpus": api_cpus}).bind(asdict(settings))
+    options = {"ray_actor_options": {"num_cpus": float(args.get("api_cpus") or os.environ.get("STREAMKV_API_CPUS", 0.05))}}
+    replicas = args.get("replicas") or os.environ.get("STREAMKV_REPLICAS")
+    if replicas:
+        options["num_replicas"] = int(replicas)
+    return StreamKVAPI.options(**options).bind(asdict(settings))

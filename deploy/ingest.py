@@ -25,6 +25,7 @@ import yaml
 from rich.progress import Progress
 
 from actors.coordinator import StreamCoordinator
+from pipeline.decode import DecodeConfig
 from pipeline.errors import ConfigError
 
 COORDINATOR_NAME = "streamkv-coordinator"
@@ -87,7 +88,7 @@ def run_ingest(handle, sources: list[Source], wait: bool = True, poll_s: float =
     """Create every stream, attach its source, and (with `wait`) show progress until all end."""
     for source in sources:
         ray.get(handle.create_stream.remote(source.id, source.method, source.options, source.system_prompt))
-        ray.get(handle.attach_source.remote(source.id, source.url, source.fps, source.size, source.policy))
+        ray.get(handle.attach_source.remote(source.id, source.url, DecodeConfig(fps=source.fps, size=source.size), source.policy))
     statuses = {s.id: ray.get(handle.status.remote(s.id)) for s in sources}
     if not wait:
         return statuses

@@ -38,6 +38,9 @@ class CreateStream(BaseModel):
     policy: Literal["block", "drop"] | None = Field(
         None, description="backpressure: block loses nothing (files, uploads), drop keeps up with live sources; "
                           "default block, drop for rtsp")
+    idle_timeout_s: float | None = Field(
+        60.0, gt=0, le=86400, description="push and rtsp sources: the source counts as ended after this long without "
+                                          "data (from the first chunk on); null: never")
 
 
 class StreamStatus(BaseModel):

@@ -35,6 +35,7 @@ class Answer:
     text: str
     token_ids: list[int]
     evidence: list[Evidence]
+    prompt_tokens: int  # positions the first answer token attended to (see Generation)
     first_token_logits: torch.Tensor = field(repr=False)  # [vocab] fp32
 
 
@@ -72,7 +73,8 @@ class Answerer:
     def ask(self, memory: StreamMemory, question: str, max_new_tokens: int = 64) -> Answer:
         generation = self.generation(memory, question, max_new_tokens)
         token_ids = list(generation)
-        return Answer(self.model.decode(token_ids), token_ids, generation.evidence, generation.first_token_logits)
+        return Answer(self.model.decode(token_ids), token_ids, generation.evidence, generation.prompt_tokens,
+                      generation.first_token_logits)
 
     def select(self, memory: StreamMemory, question_ids: list[int]) -> Selection:
         """The retrieval pass: the bare question, layer by layer, each layer choosing its blocks."""
@@ -108,7 +110,7 @@ class Answerer:
 
 
 class Generation:
-    """Greedy tokens over a fixed per-layer context, as an iterator."""
+    """Greedy tokens over a fixed per-layer context, as an iterator (once)."""
 
     def __init__(self, model: VideoLLM, contexts, suffix_ids: list[int], max_new_tokens: int, evidence: list[Evidence]):
         self.model = model
@@ -116,6 +118,10 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.evidence = evidence
         self.plan = AnswerPlan(model.rotate, contexts, capacity=len(suffix_ids) + 1 + max_new_tokens)
+        # the prompt as the model sees it: [sinks | retrieved | recent] (layers may differ in
+        # length under adaptive budgets: the longest counts), the newline, question and header
+        self.prompt_tokens = max(self.plan.lengths) + 1 + len(suffix_ids)
+        self.token_ids: list[int] = []  # generated so far
         self.first_token_logits: torch.Tensor | None = None
 
     def __iter__(self) -> Iterator[int]:
@@ -126,6 +132,7 @@ class Generation:
             if step == 0:
                 self.first_token_logits = logits
             token = int(logits.argmax())
+            self.token_ids.append(token)
             yield token
             if token in self.model.eos_ids:
                 return
@@ -133,10 +140,9 @@ class Generation:
 
     def text_pieces(self) -> Iterator[str]:
         """The answer text, piece by piece as tokens are generated."""
-        token_ids, emitted = [], ""
-        for token in self:
-            token_ids.append(token)
-            text = self.model.decode(token_ids)
+        emitted = ""
+        for _ in self:
+            text = self.model.decode(self.token_ids)
             if len(text) > len(emitted):
                 yield text[len(emitted) :]
                 emitted = text

@@ -57,7 +57,7 @@ def _recorder_class():
             with self._lock:
                 self._config[stream_id] = (delay_s, fail_on_call)
 
-        def ingest(self, stream_id, frames, times):
+        def ingest(self, stream_id, frames, times, seq=None):
             with self._lock:
                 call = self._calls.get(stream_id, 0)
                 self._calls[stream_id] = call + 1
@@ -326,7 +326,7 @@ def test_constructor_and_push_validation():
         pass
 
     class AnySink:
-        def ingest(self, stream_id, frames, times):
+        def ingest(self, stream_id, frames, times, seq=None):
             return None
 
     with pytest.raises(ConfigError):
@@ -349,7 +349,7 @@ def test_constructor_and_push_validation():
 def test_numbered_pushes_are_written_in_order_and_timeouts_keep_the_chunk():
     # In-process (no Ray, not started): inspect what reaches the decoder's byte buffer.
     class AnySink:
-        def ingest(self, stream_id, frames, times):
+        def ingest(self, stream_id, frames, times, seq=None):
             return None
 
     decoder = StreamDecoder("p", None, None, AnySink(), push_buffer_bytes=100)

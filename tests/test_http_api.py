@@ -69,7 +69,8 @@ def test_health_models_and_openapi(server):
 
 def test_stream_lifecycle(server, cam):
     with client(server) as http:
-        assert http.post("/v1/streams", json={"stream_id": "life"}).status_code == 201
+        created = http.post("/v1/streams", json={"stream_id": "life"}).json()
+        assert created["mode"] == "push" and created["source_state"] == "waiting"  # decoding starts with a chunk
         data = mpegts(video(16, seed=2))
         half = len(data) // 2  # two numbered chunks of one container
         for seq, part in enumerate([data[:half], data[half:]]):
@@ -101,6 +102,7 @@ def test_openai_client_plain_and_streaming(server, cam):
     plain = oai.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6)
     text = plain.choices[0].message.content
     assert isinstance(text, str) and plain.usage.completion_tokens >= 1
+    assert plain.usage.prompt_tokens > 24  # the retrieved frames' tokens, the question, the template
     assert plain.model_extra["evidence"] and plain.model_extra["stream_id"] == cam
 
     chunks = list(oai.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6, stream=True))
@@ -108,6 +110,9 @@ def test_openai_client_plain_and_streaming(server, cam):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text  # greedy: the same answer
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert chunks[-1].model_extra["evidence"] == plain.model_extra["evidence"]
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(pieces) >= min(2, len(text.split()))  # an event per generated piece, not one for the whole answer
 
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=ask_body(cam, stream=True),
                       headers={"Authorization": f"Bearer {TOKEN_A}"}, timeout=120) as r:
@@ -240,3 +245,17 @@ def test_metrics(server, cam):
     lines = [line for line in text.splitlines() if line.startswith("streamkv_frames_ingested_total{") and ":cam" in line]
     assert lines and float(lines[0].rsplit(" ", 1)[1]) == CLIP_FRAMES
     assert any(line.startswith("streamkv_retained_kv_bytes{") for line in text.splitlines())
+
+
+def test_a_pushed_source_that_goes_quiet_ends_after_its_idle_timeout(server):
+    with client(server) as http:
+        r = http.post("/v1/streams", json={"stream_id": "quiet", "idle_timeout_s": 1.0})
+        assert r.status_code == 201, r.text
+        data = mpegts(video(48, seed=3))
+        assert http.post("/v1/streams/quiet/chunks", content=data, headers={"Content-Type": "video/mp2t"}).status_code == 202
+        status = wait_ingested(http, "quiet")  # never closed: the idle timeout ends it
+        assert status["source_state"] == "failed" and "no data for 1.0 s" in status["last_error"], status
+        # what was decoded before is kept and answerable (the demuxer may still hold the last frames)
+        assert 0 < status["frames_ingested"] <= 48, status
+        assert http.post("/v1/chat/completions", json=ask_body("quiet")).status_code == 200
+        assert http.delete("/v1/streams/quiet").status_code == 200

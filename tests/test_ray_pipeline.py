@@ -1,4 +1,7 @@
-"""The Ray pipeline hosts the engine: same answers, isolated streams, recovery from dead actors."""
+"""The Ray pipeline hosts the engine: same answers, isolated streams, recovery from dead actors,
+a streamed answer, an answer pool that grows and shrinks."""
+
+import time
 
 import numpy as np
 import pytest
@@ -15,8 +18,6 @@ CASES = {
     "streamkv": {"keep_ratio": 0.4, "top_k": 4, "min_frames": 3, "n_local": 24},
     "livevlm": {"budget_tokens": 40, "n_local": 16, "vsb_queries": 4, "page_tokens": 4},
 }
-
-
 
 
 def engine_answers(model, method, frames, chunks):
@@ -138,8 +139,6 @@ def test_bad_requests_are_typed_and_leave_the_stream_usable(coordinator):
 
 
 def wait_source(coordinator, stream_id, timeout_s=120):
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = ray.get(coordinator.status.remote(stream_id))
@@ -160,7 +159,8 @@ def clip(tmp_path_factory):
 
 def test_a_file_source_with_block_loses_nothing(coordinator, engine_model, clip):
     ray.get(coordinator.create_stream.remote("file-block", "rekv", CASES["rekv"]))
-    ray.get(coordinator.attach_source.remote("file-block", clip, None, None, "block", 8, 1))
+    # 4 chunks in flight: the async coordinator may start them in any order, and takes them in seq order
+    ray.get(coordinator.attach_source.remote("file-block", clip, None, "block", 4, 4))
     status = wait_source(coordinator, "file-block")
     assert status["source_state"] == "finished" and status["frames_dropped"] == 0
     assert status["frames_ingested"] == status["frames_decoded"] == 60
@@ -169,7 +169,7 @@ def test_a_file_source_with_block_loses_nothing(coordinator, engine_model, clip)
 
 def test_a_live_source_that_outruns_the_pipeline_drops_and_counts(coordinator, clip):
     ray.get(coordinator.create_stream.remote("file-drop", "streamkv", CASES["streamkv"]))
-    ray.get(coordinator.attach_source.remote("file-drop", clip, None, None, "drop", 2, 1))
+    ray.get(coordinator.attach_source.remote("file-drop", clip, None, "drop", 2, 1))
     status = wait_source(coordinator, "file-drop")
     assert status["frames_dropped"] > 0  # decoding (hundreds of fps) outruns streamkv's ingest
     assert status["frames_ingested"] + status["frames_dropped"] == status["frames_decoded"] == 60
@@ -185,3 +185,51 @@ def test_a_corrupt_source_fails_that_stream_only(coordinator, tmp_path):
     assert status["source_state"] == "failed" and "VideoDecodeError" in str(status["last_error"])
     ray.get(coordinator.ingest.remote("corrupt", video(4, seed=2)))  # the stream itself still works
     assert ray.get(coordinator.status.remote("corrupt"))["frames_ingested"] == 4
+
+
+def test_a_streamed_answer_is_the_answer(coordinator):
+    ray.get(coordinator.create_stream.remote("streamed", "rekv", CASES["rekv"]))
+    ray.get(coordinator.ingest.remote("streamed", video(20, seed=11)))
+    whole = ray.get(coordinator.ask.remote("streamed", QUESTIONS[0], 6))
+    items = [ray.get(ref) for ref in coordinator.ask_stream.options(num_returns="streaming").remote(
+        "streamed", QUESTIONS[0], 6)]
+    head, pieces, tail = items[0], items[1:-1], items[-1]
+    assert head["evidence"] == whole["evidence"] and head["prompt_tokens"] == whole["prompt_tokens"] > 20
+    assert "".join(pieces) == whole["text"] and tail["token_ids"] == whole["token_ids"]
+    with pytest.raises(InvalidInputError):  # a bad question fails at the first item
+        ray.get(next(iter(coordinator.ask_stream.options(num_returns="streaming").remote("streamed", "", 6))))
+
+
+def test_the_answer_pool_grows_under_load_and_shrinks_when_idle(ray_runtime, checkpoint_dirs, engine_model):
+    """One answer actor, at most two, a target of one question in flight: concurrent questions
+    start a second actor, which receives every stream and then answers exactly like the first;
+    idle, the pool goes back to one actor."""
+    pool = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(
+        checkpoint_dirs["gqa"], answerers=1, max_answerers=2, answer_target_ongoing=1, answer_idle_s=2.0)
+    try:
+        frames = {sid: video(18, seed=40 + i) for i, sid in enumerate(["p0", "p1"])}
+        for sid, v in frames.items():
+            ray.get(pool.create_stream.remote(sid, "rekv", CASES["rekv"]))
+            ray.get(pool.ingest.remote(sid, v))
+        ray.get([pool.ask.remote(sid, QUESTIONS[0], 5) for sid in frames for _ in range(3)])
+        deadline = time.monotonic() + 120
+        while ray.get(pool.pool.remote())["answerers_added"] < 1:
+            assert time.monotonic() < deadline, ray.get(pool.pool.remote())
+            time.sleep(0.2)
+        assert [r["streams"] for r in ray.get(pool.pool.remote())["answerers"]] == [2, 2]
+        ray.get(pool.ingest.remote("p0", video(6, seed=49)))  # an update after the new actor joined
+        frames["p0"] = np.concatenate([frames["p0"], video(6, seed=49)])
+        # least recently used first: consecutive questions alternate between the two actors
+        answers = {sid: [ray.get(pool.ask.remote(sid, QUESTIONS[0], 5)) for _ in range(2)] for sid in frames}
+        for sid, pair in answers.items():
+            session = StreamSession(engine_model, method="rekv", **CASES["rekv"])
+            session.add_frames(frames[sid])
+            expected = session.ask(QUESTIONS[0], max_new_tokens=5)
+            assert [a["token_ids"] for a in pair] == [expected.token_ids] * 2
+        while ray.get(pool.pool.remote())["answerers_removed"] < 1:
+            assert time.monotonic() < deadline + 60, ray.get(pool.pool.remote())
+            time.sleep(0.5)
+        assert len(ray.get(pool.pool.remote())["answerers"]) == 1
+        assert ray.get(pool.ask.remote("p1", QUESTIONS[0], 5))["token_ids"] == answers["p1"][0]["token_ids"]
+    finally:
+        ray.kill(pool)
