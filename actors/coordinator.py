@@ -37,11 +37,16 @@ from actors.decoder import DecoderActor
 from actors.prefill import PrefillWorker, features_wire
 from actors.spec import StreamSpec
 from pipeline.decode import DecodeConfig
-from pipeline.errors import InvalidInputError, UnknownStreamError
+from pipeline.errors import InvalidInputError, StreamKVError, UnknownStreamError
 from pipeline.session import check_frames, check_times
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 RECOVERY_ATTEMPTS = 3
+RESTORE_TIMEOUT_S = 120.0
+
+
+class StreamLostError(StreamKVError, RuntimeError):
+    """Every replica of a stream's memory was lost at once."""
 
 
 @dataclass(frozen=True)
@@ -427,10 +432,22 @@ class StreamCoordinator:
     # ---- calls with recovery --------------------------------------------------------------
     async def _on_prefill(self, stream: _Stream, call):
         async def restore():
-            await self._published(stream)  # the answer replica must hold every committed update
+            # From any answer actor that holds every committed update (publication may still be
+            # on its way). Not through answer-actor recovery, which restores from the prefill
+            # actor: with both lost at once that would wait on itself.
             sid = stream.spec.stream_id
-            snapshot, applied = await self._on_answerer(stream, self._holder(sid), lambda a: a.snapshot.remote(sid))
-            await self.prefill.restore.remote(stream.spec, snapshot, applied)
+            deadline = time.monotonic() + RESTORE_TIMEOUT_S
+            while True:
+                for replica in [r for r in self.answerers if sid in r.streams]:
+                    try:
+                        snapshot, applied = await replica.handle.snapshot.remote(sid)
+                    except (*ACTOR_LOST, UnknownStreamError):
+                        continue
+                    if applied == stream.applied:
+                        return await self.prefill.restore.remote(stream.spec, snapshot, applied)
+                if time.monotonic() > deadline:
+                    raise StreamLostError(f"stream {sid!r}: no replica holds its {stream.applied} updates")
+                await asyncio.sleep(0.1)
 
         return await self._with_recovery(stream, "prefill", call, restore)
 
@@ -467,7 +484,7 @@ class StreamCoordinator:
                     stream.last_error = f"{type(error).__name__}: {error}"
                     raise
                 stream.recoveries += 1
-                self.restarts[kind] += isinstance(error, ACTOR_LOST)
+                self.restarts[kind] += not isinstance(error, ReplicaGapError)  # lost, or restarted empty
                 async with self._restoring.setdefault(actor or kind, asyncio.Lock()):
                     await self._until_alive(restore)
 
