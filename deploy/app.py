@@ -196,13 +196,49 @@ def _error_name(exc: BaseException) -> str:
     return type(_cause(exc)).__name__
 
 
-RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503)}
+RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503, 504)}
+# The error statuses each operation answers with, as its OpenAPI entry lists them (an operation
+# left out lists all of RESPONSES). 401: no or a wrong token; 404: no such stream (or another
+# token's), unknown model; 409: no frames yet, or the source does not take chunks (anymore);
+# 413: a body over the limit; 415: a chunk that is not video; 422: an invalid request; 503: the
+# coordinator is unavailable, or a pushed chunk waited too long; 504: a one-shot video URL that
+# did not finish decoding in time.
+ROUTE_ERRORS = {
+    ("get", "/healthz"): (503,),
+    ("get", "/metrics"): (503,),
+    ("get", "/v1/models"): (401,),
+    ("post", "/v1/streams"): (400, 401, 413, 422, 503),
+    ("get", "/v1/streams"): (401, 503),
+    ("get", "/v1/streams/{stream_id}"): (401, 404, 503),
+    ("delete", "/v1/streams/{stream_id}"): (401, 404, 503),
+    ("get", "/v1/streams/{stream_id}/segments"): (401, 404, 503),
+    ("post", "/v1/streams/{stream_id}/chunks"): (400, 401, 404, 409, 413, 415, 422, 503),
+    ("post", "/v1/streams/{stream_id}/close"): (401, 404, 409, 422, 503),
+    ("post", "/v1/chat/completions"): (400, 401, 404, 409, 413, 422, 503, 504),
+}
 
 app = FastAPI(
     title="streamkv", version="0.1.0", responses=RESPONSES,
     description="Questions about live video streams over a bounded Video-LLM KV cache. "
                 "OpenAI-compatible /v1/chat/completions with stream:// video parts.",
 )
+
+
+def _openapi() -> dict:
+    """FastAPI's document, each operation listing its own error statuses (ROUTE_ERRORS)."""
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)  # generates and caches app.openapi_schema
+        for path, operations in document.get("paths", {}).items():
+            for method, operation in operations.items():
+                keep = ROUTE_ERRORS.get((method, path))
+                responses = operation.get("responses", {})
+                for code in [c for c in responses if keep is not None and c.isdigit() and int(c) >= 400]:
+                    if int(code) not in keep:
+                        del responses[code]
+    return app.openapi_schema
+
+
+app.openapi = _openapi
 
 
 @app.exception_handler(APIError)
@@ -494,7 +530,8 @@ class StreamKVAPI:
         internal = auth.internal_id(owner, f"oneshot-{uuid.uuid4().hex[:12]}")
         await self.coord.create_stream.remote(internal, "rekv", {}, "You are a helpful assistant.")
         try:
-            await self.coord.attach_source.remote(internal, source)
+            # a whole file: no reconnects (an unreachable URL is an error at once, not after retries)
+            await self.coord.attach_source.remote(internal, source, DecodeConfig(reconnect=False, max_retries=0))
             deadline = time.monotonic() + self.s.oneshot_timeout_s
             while True:
                 status = await self.coord.status.remote(internal)
@@ -504,7 +541,9 @@ class StreamKVAPI:
                     raise APIError(504, "timeout", f"the video did not finish decoding in {self.s.oneshot_timeout_s} s")
                 await asyncio.sleep(0.2)
             if status["source_state"] == "failed" and not status["frames_ingested"]:
-                raise APIError(422, "VideoDecodeError", f"the video could not be read: {status['last_error']}")
+                error = status["last_error"] if isinstance(status["last_error"], dict) else {}
+                raise APIError(422, error.get("type") or "VideoDecodeError",
+                               f"the video could not be read: {error.get('message') or status['last_error']}")
         except BaseException:
             await self._delete_quietly(internal)
             raise

@@ -1,5 +1,8 @@
 """Request and response models of the HTTP API (deploy/app.py). They are the OpenAPI document.
 
+Request models are strict: a JSON value of the wrong type is a 422 (no "1" or true for a
+number, no 1 for a boolean), as the document says.
+
 Stream ids are what clients see; the coordinator holds each stream under an owner-scoped id
 (deploy/auth.py), so two tokens may use the same name without meeting.
 """
@@ -25,7 +28,7 @@ class ErrorResponse(BaseModel):
 
 # ---- streams -----------------------------------------------------------------------------------
 class CreateStream(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     stream_id: str | None = Field(None, pattern=STREAM_ID_PATTERN, description="generated when left out")
     method: str = Field("rekv", max_length=32, description="full | recent | rekv | streamkv | livevlm")
@@ -84,18 +87,18 @@ class PushResult(BaseModel):
 
 # ---- OpenAI-compatible chat ---------------------------------------------------------------------
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["text"]
     text: str = Field(max_length=MAX_QUESTION_CHARS)
 
 
 class VideoURL(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     url: str = Field(max_length=2048, description="stream://<stream-id>, or an http(s) URL for a one-shot question")
 
 
 class VideoPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["video_url"]
     video_url: VideoURL
 
@@ -104,13 +107,13 @@ ContentPart = TextPart | VideoPart
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = Field(None)
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # temperature, top_p, ... are accepted and ignored (greedy)
+    model_config = ConfigDict(extra="allow", strict=True)  # temperature, top_p, ... are accepted and ignored (greedy)
 
     model: str = Field(max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
