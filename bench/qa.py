@@ -8,6 +8,8 @@ method streams the same frames and answers the same questions. Token-valued knob
 the model's tokens per frame (see pipeline.config.frame_scaled_options); with --context-frames C
 (default 32, the demo model's training clip length) every method shows the model about C frames
 at once: uniform-C, recent-C, top-C retrieval, LiveVLM sized to C (see context_options).
+--readers N...: also the model's accuracy with perfect retrieval (evidence frames + N random
+earlier frames), which tells retrieval misses from reading failures.
 Writes bench/results/qa.json, qa.md and qa_accuracy_vs_memory.png.
 """
 
@@ -122,6 +124,24 @@ def run_method(model, preset: str, overrides: dict, streams, asked, context_fram
     }
 
 
+def run_reader(model, streams, asked, distractors: int, seed: int = 0) -> dict:
+    """How well the model READS when retrieval is perfect: each question answered by the engine
+    (`full`) over only its evidence frames, plus `distractors` other frames from before the
+    question (time order kept). Separates retrieval misses from reading failures."""
+    rng = np.random.default_rng([seed, distractors])
+    correct = []
+    for stream, stream_questions in zip(streams, asked):
+        for question in stream_questions:
+            evidence = {f for start, end in question.evidence for f in range(start, end)}
+            others = [f for f in range(question.ask_at) if f not in evidence]
+            picked = rng.choice(others, size=min(distractors, len(others)), replace=False).tolist()
+            frames = sorted(evidence | set(picked))
+            session = StreamSession(model, method="full", system_prompt=SYSTEM_PROMPT)
+            session.add_frames(stream.frames[frames], timestamps=stream.times[frames])
+            correct.append(first_word(session.ask(question.text, max_new_tokens=4).text) == question.answer)
+    return {"distractors": distractors, "accuracy": sum(correct) / len(correct), "questions": len(correct)}
+
+
 def report(results: dict, console: Console) -> str:
     table = Table(title=f"long-stream QA, {results['world']} world ({results['frames']} frames x "
                         f"{results['streams']} streams, {results['questions']} questions)")
@@ -136,6 +156,12 @@ def report(results: dict, console: Console) -> str:
         table.add_row(*row)
         lines.append("| " + " | ".join(row) + " |")
     console.print(table)
+    readers = results.get("readers", [])
+    if readers:
+        lines += ["", "Perfect retrieval (the engine's `full` on the evidence frames + N random earlier frames):", "",
+                  "| distractor frames | accuracy |", "|---|---|"]
+        lines += [f"| {r['distractors']} | {r['accuracy']:.1%} |" for r in readers]
+        console.print("\n".join(lines[-len(readers) - 2 :]))
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
     parser.add_argument("--context-frames", type=int, default=32,
                         help="frames each method shows the model at once (0: the papers' scaled budgets)")
+    parser.add_argument("--readers", type=int, nargs="*", default=[0, 4, 16],
+                        help="also measure reading with perfect retrieval: evidence + N distractor frames")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared CPU stable)")
     args = parser.parse_args(argv)
@@ -193,6 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
         for label, preset, overrides in methods:
             progress.update(task, description=label)
             results["methods"][label] = run_method(model, preset, overrides, streams, asked, args.context_frames)
+            progress.advance(task)
+        task = progress.add_task("perfect retrieval", total=len(args.readers))
+        for distractors in args.readers:
+            results.setdefault("readers", []).append(run_reader(model, streams, asked, distractors))
             progress.advance(task)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "qa.json").write_text(json.dumps(results, indent=1))
