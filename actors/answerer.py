@@ -3,15 +3,10 @@ start from a snapshot and apply every update in order, so several actors can ser
 
 from __future__ import annotations
 
-from actors.spec import StreamSpec, lookup
+from actors.spec import ReplicaGapError, StreamSpec, lookup
 from cache_store.wire import Wire, pack_snapshot, unpack_snapshot, unpack_update
 from pipeline.answerer import Answerer
-from pipeline.errors import StreamKVError
 from pipeline.model import load_model
-
-
-class ReplicaGapError(StreamKVError, RuntimeError):
-    """An update arrived out of order: the replica must be restored from a snapshot."""
 
 
 class _Replica:

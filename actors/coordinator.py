@@ -31,14 +31,12 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.answerer import AnswerWorker, ReplicaGapError
-from actors.compressor import CompressorWorker
 from actors.decoder import DecoderActor
-from actors.prefill import PrefillWorker, features_wire
+from actors.spec import ReplicaGapError
 from actors.spec import StreamSpec
 from pipeline.decode import DecodeConfig
 from pipeline.errors import InvalidInputError, StreamKVError, UnknownStreamError
-from pipeline.session import check_frames, check_times
+from pipeline.frames import check_frames, check_times
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 RECOVERY_ATTEMPTS = 3
@@ -47,6 +45,23 @@ RESTORE_TIMEOUT_S = 120.0
 
 class StreamLostError(StreamKVError, RuntimeError):
     """Every replica of a stream's memory was lost at once."""
+
+
+# The model actors and their wire formats import torch and transformers, so they are imported on
+# first use: this module stays light, because every decoder actor holding the coordinator's
+# handle (its frame sink) imports it.
+def _model_actors() -> dict[str, type]:
+    from actors.answerer import AnswerWorker
+    from actors.compressor import CompressorWorker
+    from actors.prefill import PrefillWorker
+
+    return {"prefill": PrefillWorker, "compressor": CompressorWorker, "answerer": AnswerWorker}
+
+
+def _features_wire(tokens: np.ndarray, first_frame: int, times):
+    from actors.prefill import features_wire
+
+    return features_wire(tokens, first_frame, times)
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,7 @@ class _Stream:
     last_error: str | None = None
     publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
     source: _Source | None = None
-    decoder: Any = None  # the DecoderActor reading the source (for pushed bytes: from the first chunk)
+    decoder: Any = None  # the DecoderActor reading the source
 
 
 class StreamCoordinator:
@@ -105,8 +120,8 @@ class StreamCoordinator:
         if answer_target_ongoing < 1 or answer_idle_s <= 0:
             raise InvalidInputError("answer_target_ongoing must be >= 1 and answer_idle_s > 0")
         self.answer_target_ongoing, self.answer_idle_s = answer_target_ongoing, answer_idle_s
-        self.prefill = self._spawn(PrefillWorker, "prefill", model_dir, device)
-        self.compressor = self._spawn(CompressorWorker, "compressor", model_dir, device, index_url)
+        self.prefill = self._spawn("prefill", model_dir, device)
+        self.compressor = self._spawn("compressor", model_dir, device, index_url)
         self._answerer_names = (f"answerer{i}" for i in itertools.count())
         self.answerers = [self._new_answerer(ready=True) for _ in range(self.min_answerers)]
         self._scaling: asyncio.Task | None = None
@@ -118,12 +133,12 @@ class StreamCoordinator:
         self._batch: list[tuple[np.ndarray, asyncio.Future]] = []
         self._batch_running = False
 
-    def _spawn(self, cls, kind: str, *args):
+    def _spawn(self, kind: str, *args):
         options = {"num_cpus": self.actor_cpus, "max_restarts": -1, **self.placement.get(kind, {})}
-        return ray.remote(cls).options(**options).remote(*args)
+        return ray.remote(_model_actors()[kind]).options(**options).remote(*args)
 
     def _new_answerer(self, ready: bool) -> _AnswerReplica:
-        return _AnswerReplica(self._spawn(AnswerWorker, "answerer", self.model_dir, self.device),
+        return _AnswerReplica(self._spawn("answerer", self.model_dir, self.device),
                               next(self._answerer_names), ready=ready)
 
     # ---- streams --------------------------------------------------------------------------
@@ -150,32 +165,24 @@ class StreamCoordinator:
     async def attach_source(self, stream_id: str, source: str | None, decode: DecodeConfig | None = None,
                             policy: str = "block", chunk_frames: int = 8, max_in_flight: int = 1) -> dict:
         """Read the stream's frames from `source` (file path, http(s) or rtsp URL) with a decoder
-        actor, or, with source None, from bytes pushed with `push` (the decoder starts with the
-        first chunk, so its read timeout runs from there). Backpressure: "block" loses nothing
-        (files, uploads); "drop" drops the newest frames while `max_in_flight` chunks are
-        unfinished (live sources), and the stream's status counts them."""
+        actor, or, with source None, from bytes pushed with `push` (the read timeout of a pushed
+        source runs from its first byte). Backpressure: "block" loses nothing (files, uploads);
+        "drop" drops the newest frames while `max_in_flight` chunks are unfinished (live
+        sources), and the stream's status counts them."""
         stream = self._stream(stream_id)
         if stream.source is not None:
             raise InvalidInputError(f"stream {stream_id!r} already has a source")
         stream.source = _Source(source, decode or DecodeConfig(), policy, chunk_frames, max_in_flight)
-        if source is not None:
-            await self._start_decoder(stream)
-        return await self.status(stream_id)
-
-    def _start_decoder(self, stream: _Stream):
-        source = stream.source
         sink = ray.get_runtime_context().current_actor
         stream.decoder = DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
-            stream.spec.stream_id, source.url, source.decode, sink, source.chunk_frames, source.max_in_flight,
-            source.policy)
-        return stream.decoder.start.remote()
+            stream_id, source, stream.source.decode, sink, chunk_frames, max_in_flight, policy)
+        await stream.decoder.start.remote()
+        return await self.status(stream_id)
 
     def _push_decoder(self, stream_id: str):
         stream = self._stream(stream_id)
         if stream.source is None or stream.source.url is not None:
             raise InvalidInputError(f"stream {stream_id!r} does not take pushed bytes")
-        if stream.decoder is None:
-            self._start_decoder(stream)
         return stream.decoder
 
     async def push(self, stream_id: str, chunk: bytes, seq: int | None = None) -> int:
@@ -196,7 +203,7 @@ class StreamCoordinator:
         return {
             "stream_id": stream_id, "method": stream.spec.method, "mode": mode, "frames_ingested": stream.frames_seen,
             "frames_decoded": source and source["frames_decoded"], "frames_dropped": source and source["frames_dropped"],
-            "source_state": source["state"] if source else ("waiting" if mode == "push" else None),
+            "source_state": source and source["state"],
             "segments": stream.applied, "last_time": stream.last_time,
             "recoveries": stream.recoveries, "restarts": dict(self.restarts),
             "last_error": stream.last_error or (source and source["last_error"]),
@@ -265,7 +272,7 @@ class StreamCoordinator:
             tokens = await self._encode_frames(frames)  # [T, n, hidden]
             first = stream.frames_seen
             stream.pending += [(first + i, tokens[i], times[i]) for i in range(len(frames))]
-            wire = features_wire(tokens, first, times)
+            wire = _features_wire(tokens, first, times)
             segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(stream_id, wire))
             stream.frames_seen += len(frames)
             stream.last_time = times[-1]
@@ -457,7 +464,7 @@ class StreamCoordinator:
             if stream.pending:  # replay the open segment's frames into the restarted segmenter
                 first = stream.pending[0][0]
                 tokens = np.stack([p[1] for p in stream.pending])
-                replay = features_wire(tokens, first, [p[2] for p in stream.pending])
+                replay = _features_wire(tokens, first, [p[2] for p in stream.pending])
                 await self.compressor.push.remote(stream.spec.stream_id, replay)
 
         return await self._with_recovery(stream, "compressor", call, restore)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.config import EngineConfig, make_config
-from pipeline.errors import UnknownStreamError
+from pipeline.errors import StreamKVError, UnknownStreamError
 
 
 @dataclass(frozen=True)
@@ -25,3 +25,7 @@ def lookup(table: dict, stream_id: str):
         return table[stream_id]
     except KeyError:
         raise UnknownStreamError(f"stream {stream_id!r} is not open here") from None
+
+
+class ReplicaGapError(StreamKVError, RuntimeError):
+    """An update arrived out of order: the replica must be restored from a snapshot."""

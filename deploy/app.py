@@ -33,8 +33,8 @@ generates tokens (a Ray streaming generator through the coordinator); the last o
 before the first event, so a bad question still gets a plain 4xx JSON error; a failure after that
 is an `{"error": ...}` event.
 
-Push mode: the stream's decoder starts with the first chunk; after `idle_timeout_s` (set at
-creation, default 60 s, null: never) without data the source counts as ended. Close the source
+Push mode: the stream's decoder starts at creation; after `idle_timeout_s` (set at creation,
+default 60 s, null: never) without data, counted from the first chunk, the source counts as ended. Close the source
 when done; a stream whose source ended takes no more chunks (409).
 
 Scaling: replicas of this deployment hold no state (Serve may autoscale them, deploy/serve.yaml);
@@ -596,7 +596,7 @@ class StreamKVAPI:
         live = source is None or source.lower().startswith("rtsp")
         decode = DecodeConfig(fps=body.fps, read_timeout_s=body.idle_timeout_s if live else DecodeConfig.read_timeout_s)
         await self.coord.create_stream.remote(internal, body.method, body.options, body.system_prompt)
-        try:  # a pushed source's decoder starts with its first chunk
+        try:
             await self.coord.attach_source.remote(internal, source, decode, body.policy or ("drop" if live and source else "block"))
         except Exception:  # no half-made stream left behind
             await self.coord.delete_stream.remote(internal)

@@ -81,7 +81,7 @@ class DecodeConfig:
     network sources.  max_retries: failed attempts in a row before giving up.  backoff_s: first
     wait between attempts, doubled each time up to max_backoff_s.  open_timeout_s: connecting and
     probing a network source.  read_timeout_s: waiting for more data from a network or pushed
-    source.  None disables a timeout.
+    source (pushed: from the first byte on).  None disables a timeout.
     """
 
     fps: float | None = None
@@ -233,14 +233,17 @@ class PushBuffer:
 
 
 class _PushReader:
-    """The file object FFmpeg reads a PushBuffer through: adds the read timeout, and has no
+    """The file object FFmpeg reads a PushBuffer through: adds the read timeout, counted from the
+    first byte (a pushed stream may exist well before its camera sends anything), and has no
     `seek`/`close`, so FFmpeg treats it as a one-pass stream that it does not own."""
 
     def __init__(self, buffer: PushBuffer, timeout: float | None) -> None:
-        self._buffer, self._timeout = buffer, timeout
+        self._buffer, self._timeout, self._receiving = buffer, timeout, False
 
     def read(self, size: int) -> bytes:
-        return self._buffer.read(size, self._timeout)
+        data = self._buffer.read(size, self._timeout if self._receiving else None)
+        self._receiving = self._receiving or bool(data)
+        return data
 
 
 class _Clock:

@@ -13,13 +13,12 @@ import threading
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from pipeline.answerer import Answer, Answerer
 from pipeline.compression import make_compressor
 from pipeline.config import EngineConfig, make_config
 from pipeline.encoder import SegmentEncoder
-from pipeline.errors import InvalidInputError
+from pipeline.frames import check_frames, check_times
 from pipeline.memory import SegmentUpdate, StreamMemory
 from pipeline.model import VideoLLM
 from pipeline.segmenter import FrameFeature, Segment, Segmenter
@@ -88,29 +87,3 @@ class StreamSession:
         """Exact bytes of retained KV, by tier (sinks, blocks, long_term, window, index, features, total)."""
         with self._lock:
             return self.store.memory()
-
-
-def check_times(timestamps, count: int, frames_seen: int, last_time: float | None, frame_rate: float) -> list[float]:
-    """Timestamps for `count` new frames: given (finite, increasing, after `last_time`) or index / rate."""
-    if timestamps is None:
-        return [(frames_seen + i) / frame_rate for i in range(count)]
-    times = np.asarray(timestamps, dtype=np.float64).reshape(-1)
-    if times.shape[0] != count:
-        raise InvalidInputError(f"{count} frames but {times.shape[0]} timestamps")
-    if not np.all(np.isfinite(times)) or np.any(np.diff(times) <= 0):
-        raise InvalidInputError("timestamps must be finite and strictly increasing")
-    if last_time is not None and times[0] <= last_time:
-        raise InvalidInputError(f"timestamps must continue after {last_time}")
-    return times.tolist()
-
-
-def check_frames(frames) -> np.ndarray:
-    if isinstance(frames, torch.Tensor):
-        frames = frames.detach().cpu().numpy()
-    if not isinstance(frames, np.ndarray):
-        raise InvalidInputError(f"frames must be a numpy array [T, H, W, 3] of uint8, got {type(frames).__name__}")
-    if frames.dtype != np.uint8:
-        raise InvalidInputError(f"frames must be uint8, got {frames.dtype}")
-    if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape) == 0:
-        raise InvalidInputError(f"frames must have shape [T, H, W, 3] with T, H, W >= 1, got {list(frames.shape)}")
-    return frames

@@ -208,7 +208,7 @@ def test_the_answer_pool_grows_under_load_and_shrinks_when_idle(ray_runtime, che
     start a second actor, which receives every stream and then answers exactly like the first;
     idle, the pool goes back to one actor."""
     pool = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(
-        checkpoint_dirs["gqa"], answerers=1, max_answerers=2, answer_target_ongoing=1, answer_idle_s=2.0)
+        checkpoint_dirs["gqa"], answerers=1, max_answerers=2, answer_target_ongoing=1, answer_idle_s=15.0)
     try:
         frames = {sid: video(18, seed=40 + i) for i, sid in enumerate(["p0", "p1"])}
         for sid, v in frames.items():
@@ -236,3 +236,13 @@ def test_the_answer_pool_grows_under_load_and_shrinks_when_idle(ray_runtime, che
         assert ray.get(pool.ask.remote("p1", QUESTIONS[0], 5))["token_ids"] == answers["p1"][0]["token_ids"]
     finally:
         ray.kill(pool)
+
+
+def test_the_coordinator_module_is_torch_free():
+    """Decoder actors hold the coordinator's handle, which makes their worker import its module:
+    it must not pull in torch/transformers (0.9 GB per decoder process when it did)."""
+    import subprocess
+    import sys
+
+    code = "import sys, actors.coordinator; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
