@@ -64,17 +64,6 @@ def _features_wire(tokens: np.ndarray, first_frame: int, times):
     return features_wire(tokens, first_frame, times)
 
 
-@dataclass(frozen=True)
-class _Source:
-    """Where a stream's frames come from: a URL or file to pull, or pushed bytes (url None)."""
-
-    url: str | None
-    decode: DecodeConfig
-    policy: str
-    chunk_frames: int
-    max_in_flight: int
-
-
 @dataclass(eq=False)
 class _AnswerReplica:
     """An answer actor of the pool and the streams it holds a replica of."""
@@ -101,7 +90,7 @@ class _Stream:
     recoveries: int = 0
     last_error: str | None = None
     publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
-    source: _Source | None = None
+    mode: str | None = None  # "push" or "pull" once a source is attached
     decoder: Any = None  # the DecoderActor reading the source
 
 
@@ -163,25 +152,25 @@ class StreamCoordinator:
         return sorted(self.streams)
 
     async def attach_source(self, stream_id: str, source: str | None, decode: DecodeConfig | None = None,
-                            policy: str = "block", chunk_frames: int = 8, max_in_flight: int = 1) -> dict:
+                            policy: str = "block", chunk_frames: int = 8, max_in_flight: int = 2) -> dict:
         """Read the stream's frames from `source` (file path, http(s) or rtsp URL) with a decoder
         actor, or, with source None, from bytes pushed with `push` (the read timeout of a pushed
         source runs from its first byte). Backpressure: "block" loses nothing (files, uploads);
         "drop" drops the newest frames while `max_in_flight` chunks are unfinished (live
         sources), and the stream's status counts them."""
         stream = self._stream(stream_id)
-        if stream.source is not None:
+        if stream.mode is not None:
             raise InvalidInputError(f"stream {stream_id!r} already has a source")
-        stream.source = _Source(source, decode or DecodeConfig(), policy, chunk_frames, max_in_flight)
+        stream.mode = "push" if source is None else "pull"
         sink = ray.get_runtime_context().current_actor
         stream.decoder = DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
-            stream_id, source, stream.source.decode, sink, chunk_frames, max_in_flight, policy)
+            stream_id, source, decode or DecodeConfig(), sink, chunk_frames, max_in_flight, policy)
         await stream.decoder.start.remote()
         return await self.status(stream_id)
 
     def _push_decoder(self, stream_id: str):
         stream = self._stream(stream_id)
-        if stream.source is None or stream.source.url is not None:
+        if stream.mode != "push":
             raise InvalidInputError(f"stream {stream_id!r} does not take pushed bytes")
         return stream.decoder
 
@@ -199,9 +188,8 @@ class StreamCoordinator:
     async def status(self, stream_id: str) -> dict:
         stream = self._stream(stream_id)
         source = await stream.decoder.status.remote() if stream.decoder is not None else None
-        mode = None if stream.source is None else ("push" if stream.source.url is None else "pull")
         return {
-            "stream_id": stream_id, "method": stream.spec.method, "mode": mode, "frames_ingested": stream.frames_seen,
+            "stream_id": stream_id, "method": stream.spec.method, "mode": stream.mode, "frames_ingested": stream.frames_seen,
             "frames_decoded": source and source["frames_decoded"], "frames_dropped": source and source["frames_dropped"],
             "source_state": source and source["state"],
             "segments": stream.applied, "last_time": stream.last_time,
@@ -250,31 +238,33 @@ class StreamCoordinator:
 
     # ---- ingest (the FrameSink contract of actors.decoder) ---------------------------------
     async def ingest(self, stream_id: str, frames, times=None, seq: int | None = None) -> int:
-        """Append frames to the stream. Decoder chunks carry `seq` and are taken in seq order
+        """Append frames to the stream. The vision tower runs first, ahead of the stream's order
+        (it is stateless), so with several chunks in flight one chunk's vision overlaps the
+        previous one's segment work. Decoder chunks carry `seq` and are appended in seq order
         (Ray may start an async actor's calls in any order)."""
         stream = self._stream(stream_id)
-        if seq is None:
-            return await self._ingest(stream, frames, times)
-        async with stream.chunk_turn:
-            await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
         try:
-            return await self._ingest(stream, frames, times)
-        finally:
-            async with stream.chunk_turn:
-                stream.next_chunk = max(stream.next_chunk, seq + 1)
-                stream.chunk_turn.notify_all()
-
-    async def _ingest(self, stream: _Stream, frames, times) -> int:
-        stream_id = stream.spec.stream_id
-        frames = check_frames(frames)
-        async with stream.lock:
-            times = check_times(times, len(frames), stream.frames_seen, stream.last_time, stream.frame_rate)
+            frames = check_frames(frames)
             tokens = await self._encode_frames(frames)  # [T, n, hidden]
+            if seq is not None:
+                async with stream.chunk_turn:
+                    await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
+            return await self._append(stream, tokens, times)
+        finally:
+            if seq is not None:
+                async with stream.chunk_turn:
+                    stream.next_chunk = max(stream.next_chunk, seq + 1)
+                    stream.chunk_turn.notify_all()
+
+    async def _append(self, stream: _Stream, tokens: np.ndarray, times) -> int:
+        stream_id = stream.spec.stream_id
+        async with stream.lock:
+            times = check_times(times, len(tokens), stream.frames_seen, stream.last_time, stream.frame_rate)
             first = stream.frames_seen
-            stream.pending += [(first + i, tokens[i], times[i]) for i in range(len(frames))]
+            stream.pending += [(first + i, tokens[i], times[i]) for i in range(len(tokens))]
             wire = _features_wire(tokens, first, times)
             segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(stream_id, wire))
-            stream.frames_seen += len(frames)
+            stream.frames_seen += len(tokens)
             stream.last_time = times[-1]
             for segment in segments:
                 await self._commit(stream, segment)
@@ -508,12 +498,6 @@ class StreamCoordinator:
                 await asyncio.sleep(delay)
                 waited += delay
                 delay = min(2 * delay, 2.0)
-
-    def _decoder(self, stream_id: str):
-        decoder = self._stream(stream_id).decoder
-        if decoder is None:
-            raise InvalidInputError(f"stream {stream_id!r} has no source attached")
-        return decoder
 
     def _stream(self, stream_id: str) -> _Stream:
         try:

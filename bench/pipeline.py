@@ -3,7 +3,8 @@ the single-process engine on the same model and frames, in one run.
 
     python -m bench.pipeline [--streams 1 4 16] [--frames 64] [--method rekv]
 
-Every stream ingests the same number of frames in chunks of 8, all streams submitting at once;
+Every stream ingests the same number of frames in numbered chunks of 8, two in flight per stream
+(a decoder actor's default), all streams submitting at once;
 then every stream is asked one question at once. Object-store use is read from Ray at the end.
 """
 
@@ -26,6 +27,7 @@ from actors.coordinator import StreamCoordinator
 from bench.engine import BENCH_SPEC, CHUNK, QUESTIONS, frames_for
 from synthetic.checkpoint import CheckpointSpec
 
+IN_FLIGHT = 2
 # A model with ~10x the compute per frame of the tiny one, for a view less dominated by call overhead
 SIZES = {"tiny": BENCH_SPEC, "medium": CheckpointSpec(image_size=64, patch_size=8, vision_hidden=128, vision_layers=4,
                                                       vision_heads=4, text_hidden=256, text_layers=4, text_heads=8,
@@ -52,8 +54,12 @@ def pipeline_run(coordinator, n_streams: int, method: str, options: dict, frames
     ids = [f"bench-{n_streams}-{i}" for i in range(n_streams)]
     ray.get([coordinator.create_stream.remote(sid, method, options) for sid in ids])
     start = time.perf_counter()
-    for i in range(0, len(frames), CHUNK):
-        ray.get([coordinator.ingest.remote(sid, frames[i : i + CHUNK]) for sid in ids])
+    in_flight = []  # like a decoder actor: numbered chunks, IN_FLIGHT of them unfinished per stream
+    for seq, i in enumerate(range(0, len(frames), CHUNK)):
+        in_flight.append([coordinator.ingest.remote(sid, frames[i : i + CHUNK], None, seq) for sid in ids])
+        if len(in_flight) == IN_FLIGHT:
+            ray.get(in_flight.pop(0))
+    ray.get([ref for refs in in_flight for ref in refs])
     ingest = time.perf_counter() - start
     latencies = []
 
