@@ -52,8 +52,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import ray
 
-from pipeline.decode import DecodeConfig, FrameSource, PushBuffer, PushBufferTimeout, open_source
-from pipeline.errors import ConfigError, InvalidInputError
+from pipeline.decode import DecodeConfig, FrameSource, PushBuffer, open_source
+from pipeline.errors import ConfigError, InvalidInputError, PushBufferTimeout
 
 log = logging.getLogger(__name__)
 

@@ -66,10 +66,10 @@ from deploy.schemas import (
     STREAM_ID_PATTERN, ChatCompletion, ChatCompletionRequest, CreateStream, Deleted, ErrorResponse, Health,
     ModelList, PushResult, SegmentList, StreamList, StreamStatus, TextPart, VideoPart,
 )
-from pipeline.decode import DecodeConfig, PushBufferTimeout
+from pipeline.decode import DecodeConfig
 from pipeline.errors import (
-    ConfigError, InvalidInputError, NoFramesError, SourceUnavailableError, StreamKVError, UnknownStreamError,
-    VideoDecodeError,
+    ConfigError, InvalidInputError, NoFramesError, PushBufferTimeout, SourceUnavailableError, StreamKVError,
+    UnknownStreamError, VideoDecodeError,
 )
 
 COORDINATOR_NAMESPACE = "streamkv"

@@ -45,6 +45,7 @@ import numpy as np
 from pipeline.errors import (
     ConfigError,
     InvalidInputError,
+    PushBufferTimeout,
     SourceUnavailableError,
     StreamKVError,
     VideoDecodeError,
@@ -129,10 +130,6 @@ class StreamInfo:
     fps: float | None  # frame rate (FFmpeg's best guess), None when not declared
     duration: float | None  # seconds, None for live or unknown
     codec: str
-
-
-class PushBufferTimeout(StreamKVError, TimeoutError):
-    """`PushBuffer.push` waited longer than its timeout for the decoder to make room."""
 
 
 class PushBuffer:

@@ -29,6 +29,10 @@ class SourceUnavailableError(StreamKVError, RuntimeError):
     """A video source could not be opened or reached (after retries, for live sources)."""
 
 
+class PushBufferTimeout(StreamKVError, TimeoutError):
+    """Pushed video bytes waited longer than their timeout for the decoder to make room."""
+
+
 class UnknownStreamError(StreamKVError, KeyError):
     """A stream id that does not exist (or is not visible to the caller)."""
 

@@ -15,10 +15,11 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.decode import DecodeConfig, FrameSource, PushBuffer, PushBufferTimeout, open_source
+from pipeline.decode import DecodeConfig, FrameSource, PushBuffer, open_source
 from pipeline.errors import (
     ConfigError,
     InvalidInputError,
+    PushBufferTimeout,
     SourceUnavailableError,
     VideoDecodeError,
 )

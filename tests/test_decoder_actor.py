@@ -18,8 +18,8 @@ import pytest
 import ray
 
 from actors.decoder import DecoderActor, StreamDecoder
-from pipeline.decode import DecodeConfig, PushBufferTimeout, open_source
-from pipeline.errors import ConfigError, InvalidInputError, VideoDecodeError
+from pipeline.decode import DecodeConfig, open_source
+from pipeline.errors import ConfigError, InvalidInputError, PushBufferTimeout, VideoDecodeError
 from pipeline.video_io import write_video
 
 FPS = 30
