@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ from pipeline.frames import check_frames, check_times
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 RECOVERY_ATTEMPTS = 3
 RESTORE_TIMEOUT_S = 120.0
+log = logging.getLogger(__name__)
 
 
 class StreamLostError(StreamKVError, RuntimeError):
@@ -312,8 +314,7 @@ class StreamCoordinator:
     @contextlib.contextmanager
     def _answer_slot(self):
         """The least busy (then least recently used) ready answer actor, counted busy for the
-        block; grows the pool when
-        every actor is at its target."""
+        block; grows the pool when every actor is at its target."""
         replica = min((r for r in self.answerers if r.ready), key=lambda r: (r.in_flight, r.last_used))
         replica.in_flight += 1
         if (self._scaling is None and len(self.answerers) < self.max_answerers
@@ -349,10 +350,10 @@ class StreamCoordinator:
                     replica.streams.add(sid)
             replica.ready = True
             self.scaling_events["answerers_added"] += 1
-        except Exception:
+        except Exception:  # a background task: nobody awaits it, so say why the pool did not grow
+            log.warning("answer pool: a new answer actor could not be set up", exc_info=True)
             self.answerers.remove(replica)
             ray.kill(replica.handle, no_restart=True)
-            raise
         finally:
             self._scaling = None
 
