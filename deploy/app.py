@@ -34,8 +34,8 @@ before the first event, so a bad question still gets a plain 4xx JSON error; a f
 is an `{"error": ...}` event.
 
 Push mode: the stream's decoder starts at creation; after `idle_timeout_s` (set at creation,
-default 60 s, null: never) without data, counted from the first chunk, the source counts as ended. Close the source
-when done; a stream whose source ended takes no more chunks (409).
+default 60 s, null: never) without data, counted from the first chunk, the source counts as
+ended. Close the source when done; a stream whose source ended takes no more chunks (409).
 
 Scaling: replicas of this deployment hold no state (Serve may autoscale them, deploy/serve.yaml);
 the coordinator sizes its answer-actor pool between `answerers` and `max_answerers`.
