@@ -91,6 +91,7 @@ class _Stream:
     pending: list[tuple[int, np.ndarray, float]] = field(default_factory=list)  # frames in the open segment
     recoveries: int = 0
     last_error: str | None = None
+    committing: asyncio.Future | None = None  # the last of the closed segments' commits, chained in order
     publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
     mode: str | None = None  # "push" or "pull" once a source is attached
     decoder: Any = None  # the DecoderActor reading the source
@@ -125,8 +126,11 @@ class StreamCoordinator:
         self._batch_running = False
 
     def _spawn(self, kind: str, *args):
+        worker = _model_actors()[kind]
+        groups = getattr(worker, "CONCURRENCY_GROUPS", None)  # fixed at class level: not an .options() key
+        actor_class = ray.remote(concurrency_groups=groups)(worker) if groups else ray.remote(worker)
         options = {"num_cpus": self.actor_cpus, "max_restarts": -1, **self.placement.get(kind, {})}
-        return ray.remote(_model_actors()[kind]).options(**options).remote(*args)
+        return actor_class.options(**options).remote(*args)
 
     def _new_answerer(self, ready: bool) -> _AnswerReplica:
         return _AnswerReplica(self._spawn("answerer", self.model_dir, self.device),
@@ -259,6 +263,8 @@ class StreamCoordinator:
                     stream.chunk_turn.notify_all()
 
     async def _append(self, stream: _Stream, tokens: np.ndarray, times) -> int:
+        """Segment the frames in stream order, then commit the segments they close after those
+        closed before: the next chunk is segmented while this one's segments are prefilled."""
         stream_id = stream.spec.stream_id
         async with stream.lock:
             times = check_times(times, len(tokens), stream.frames_seen, stream.last_time, stream.frame_rate)
@@ -268,9 +274,26 @@ class StreamCoordinator:
             segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(stream_id, wire))
             stream.frames_seen += len(tokens)
             stream.last_time = times[-1]
+            frames_seen = stream.frames_seen
+            committed = self._commit_in_order(stream, segments)
+        await committed  # bounded work: a chunk returns once its segments are in the stream's memory
+        return frames_seen
+
+    def _commit_in_order(self, stream: _Stream, segments: list) -> asyncio.Future:
+        """Commit `segments` after every segment closed before them (call under the stream lock)."""
+        if segments:  # the segmenter holds no frames before the last closed segment's end any more
+            closed_until = segments[-1].meta["features"][-1][0][1]
+            stream.pending = [p for p in stream.pending if p[0] >= closed_until]
+        previous = stream.committing
+
+        async def commit_all():
+            if previous is not None:
+                await previous  # a failed commit fails the ones after it: the stream's memory has a gap
             for segment in segments:
                 await self._commit(stream, segment)
-            return stream.frames_seen
+
+        stream.committing = asyncio.ensure_future(commit_all())
+        return stream.committing
 
     async def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> dict:
         stream = self._stream(stream_id)
@@ -306,8 +329,7 @@ class StreamCoordinator:
         async with stream.lock:
             await self._on_answerer(stream, replica, lambda a: a.check.remote(sid, question, max_new_tokens))
             segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(sid))
-            if segment is not None:
-                await self._commit(stream, segment)
+            await self._commit_in_order(stream, [] if segment is None else [segment])
             await self._published(stream)
 
     # ---- the answer pool --------------------------------------------------------------------
@@ -387,8 +409,6 @@ class StreamCoordinator:
 
         update = await self._on_prefill(stream, encode_and_commit)
         stream.applied += 1
-        closed_until = segment.meta["features"][-1][0][1]  # frames before it are in a closed segment
-        stream.pending = [p for p in stream.pending if p[0] >= closed_until]
         sequence = stream.applied
         # Replicas and the index catch up in the background: Ray runs one caller's calls to an
         # actor in submission order, and a question first waits for its stream's updates.
@@ -400,7 +420,10 @@ class StreamCoordinator:
         ]
 
     async def _published(self, stream: _Stream) -> None:
-        """Wait until every committed update of the stream reached every replica and the index."""
+        """Wait until every closed segment of the stream is committed (its errors belong to the
+        ingest call that closed it) and every update reached every replica and the index."""
+        if stream.committing is not None:
+            await asyncio.wait([stream.committing])
         await asyncio.gather(*stream.publishing)  # a concurrent caller waits for the same tasks
         stream.publishing = [t for t in stream.publishing if not t.done()]
 

@@ -9,6 +9,7 @@ whole memory (VSB), which it records in the update for the other replicas.
 from __future__ import annotations
 
 import numpy as np
+import ray
 
 from actors.spec import StreamSpec, lookup
 from pipeline.errors import UnknownStreamError
@@ -36,6 +37,11 @@ class _Stream:
 
 
 class PrefillWorker:
+    # The vision tower is stateless, so it runs in its own thread beside the streams' prefill: one
+    # chunk's frames are encoded while the previous chunk's segment is prefilled (stage overlap).
+    # Stream calls stay in the default group, one at a time.
+    CONCURRENCY_GROUPS = {"vision": 1}
+
     def __init__(self, model_dir: str, device: str = "cpu"):
         self.model = load_model(model_dir, device=device)
         self.streams: dict[str, _Stream] = {}
@@ -53,6 +59,7 @@ class PrefillWorker:
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model, memory)
         stream.applied = applied
 
+    @ray.method(concurrency_group="vision")
     def encode_frames(self, batches: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
         """Visual tokens for several streams' frames at once (cross-stream batching), per request."""
         sizes = [len(frames) for frames in batches]
