@@ -6,8 +6,8 @@ Streams come from the synthetic world on held-out seeds (>= 90000, never used in
 with questions spread over the stream; each question sees only the frames before it. Every
 method streams the same frames and answers the same questions. Token-valued knobs are scaled to
 the model's tokens per frame (see pipeline.config.frame_scaled_options); with --context-frames C
-(default 32, the demo model's training clip length) every method shows the model about C frames
-at once: uniform-C, recent-C, top-C retrieval, LiveVLM sized to C (see context_options).
+every method shows the model about C frames at once: uniform-C, recent-C, top-C retrieval,
+LiveVLM sized to C (see context_options); uniform-32 and recent-32 (the issue's baselines) run too.
 --readers N...: also the model's accuracy with perfect retrieval (evidence frames + N random
 earlier frames), which tells retrieval misses from reading failures.
 Writes bench/results/qa.json, qa.md and qa_accuracy_vs_memory.png.
@@ -16,7 +16,6 @@ Writes bench/results/qa.json, qa.md and qa_accuracy_vs_memory.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -32,15 +31,16 @@ from rich.table import Table
 from pipeline import StreamSession, load_model
 from synthetic.demo import DEFAULT_MODEL, context_options, first_word
 from synthetic.world import (
-    COLORS, KINDS, SHAPES, SYSTEM_PROMPT, Stream, WorldConfig, check_answerable, generate_scenes, generate_stream,
-    make_question, questions, render_frames,
+    KINDS, SYSTEM_PROMPT, WorldConfig, generate_stream, needle_questions, needle_stream, questions,
 )
 
 # (label, preset, overrides)
 METHODS: list[tuple[str, str, dict]] = [
     ("full", "full", {}),
     ("uniform", "uniform", {}),
+    ("uniform-32", "uniform", {"top_k": 32}),
     ("recent", "recent", {}),
+    ("recent-32", "recent", {"recent_blocks": 32}),
     ("rekv", "rekv", {}),
     ("streamkv keep=1.0", "streamkv", {"keep_ratio": 1.0}),
     ("streamkv keep=0.4", "streamkv", {"keep_ratio": 0.4}),
@@ -50,41 +50,6 @@ METHODS: list[tuple[str, str, dict]] = [
     ("livevlm", "livevlm", {}),
 ]
 HELD_OUT_SEED = 90_000
-RARE_SHAPES = ("moon", "ring")
-
-
-def needle_stream(n_frames: int, seed: int, appearances: int = 2) -> Stream:
-    """The world with two rare shapes: common scenes show the other six shapes; each rare shape
-    appears in `appearances` scenes only, in a colour no common shape has, so questions about it
-    can be answered only from those few frames."""
-    config = WorldConfig(shapes=tuple(s for s in SHAPES if s not in RARE_SHAPES))
-    scenes = generate_scenes(n_frames, seed, config)
-    rng = np.random.default_rng([seed, 4242])
-    spare = [c for c in COLORS if c not in {s.color for s in scenes}]
-    slots = rng.choice(np.arange(1, len(scenes) - 1), size=len(RARE_SHAPES) * appearances, replace=False)
-    for k, slot in enumerate(sorted(slots, key=lambda _: rng.random())):
-        shape = RARE_SHAPES[k % len(RARE_SHAPES)]
-        scenes[slot] = dataclasses.replace(scenes[slot], shape=shape, color=spare[k % len(RARE_SHAPES)])
-    world = WorldConfig()
-    frames = render_frames(scenes, range(n_frames), world, seed)
-    return Stream(frames, np.arange(n_frames) / world.fps, scenes, [s.start for s in scenes[1:]], world, seed)
-
-
-def needle_questions(stream: Stream, n: int, seed: int) -> list:
-    """Questions about the rare shapes and their colours, asked after they first appeared."""
-    rng = np.random.default_rng([seed, 777])
-    rare = [s for s in stream.scenes if s.shape in RARE_SHAPES]
-    out = []
-    for _ in range(20 * n):
-        if len(out) == n:
-            break
-        scene = rare[int(rng.integers(len(rare)))]
-        kind, params = (("attribute", {"shape": scene.shape}) if rng.random() < 0.5
-                        else ("reverse", {"color": scene.color}))
-        question = make_question(stream, kind, params, int(rng.integers(scene.end, len(stream.frames) + 1)))
-        if question is not None and check_answerable(stream, question):
-            out.append(question)
-    return sorted(out, key=lambda q: q.ask_at)
 
 
 def run_method(model, preset: str, overrides: dict, streams, asked, context_frames: int | None) -> dict:
@@ -194,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world", choices=("needles", "plain"), default="needles",
                         help="needles: rare shapes seen in a few scenes, questions about them; plain: the default world")
     parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
-    parser.add_argument("--context-frames", type=int, default=32,
+    parser.add_argument("--context-frames", type=int, default=8,
                         help="frames each method shows the model at once (0: the papers' scaled budgets)")
     parser.add_argument("--readers", type=int, nargs="*", default=[0, 4, 16],
                         help="also measure reading with perfect retrieval: evidence + N distractor frames")

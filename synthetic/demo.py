@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--frames", type=int, default=600)
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--seed", type=int, default=90001)
-    parser.add_argument("--context-frames", type=int, default=32,
-                        help="frames shown to the model at once (the demo model was trained on <= 32)")
+    parser.add_argument("--context-frames", type=int, default=8,
+                        help="frames shown to the model at once (the demo model reads ~8 best; trained on <= 32)")
     args = parser.parse_args(argv)
 
     console = Console()

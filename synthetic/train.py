@@ -7,8 +7,10 @@ random subsets and runs of blocks, i.e. what a retrieval method hands the model)
 stream, followed by several question/answer turns about it, all answerable from the clip alone
 (`synthetic.world.view_questions`). The input goes through the processor and transformers' own
 LlavaOnevisionForConditionalGeneration forward; the loss is on the answer tokens (answer word +
-<|im_end|>) only. The clip length follows a curriculum (short clips first). LR: linear warm-up then
-cosine decay. The checkpoint (model + processor) is saved to --out every --save-minutes, and at the
+<|im_end|>) only, plus with --retrieval-weight the retrieval loss (`retrieval_loss`: the engine's
+own block scores, question query against frame keys, taught to rank each question's evidence
+frames first in every layer). The clip length follows a curriculum (short clips first). LR:
+linear warm-up then cosine decay; --init continues from a saved checkpoint. The checkpoint (model + processor) is saved to --out every --save-minutes, and at the
 end; the log (--out/train_log.jsonl) has eval accuracy per question kind on held-out seeds
 (training streams use seeds < 10**9, eval streams seeds >= 10**9).
 """
@@ -28,7 +30,10 @@ import numpy as np
 import torch
 
 from synthetic.checkpoint import CheckpointSpec, build_config, build_processor
-from synthetic.world import KINDS, SYSTEM_PROMPT, WorldConfig, generate_scenes, render_frames, view_questions, vocabulary
+from pipeline.retrieval import block_scores
+from synthetic.world import (
+    KINDS, SYSTEM_PROMPT, ClipQuestion, WorldConfig, generate_scenes, render_frames, view_questions, vocabulary,
+)
 
 EVAL_SEED_BASE = 10**9
 
@@ -48,13 +53,13 @@ DEMO_SPEC = CheckpointSpec(
 )
 
 
-def messages_for(questions: list[tuple[str, str, str]], with_answers: bool = True) -> list[dict]:
+def messages_for(questions: list[ClipQuestion], with_answers: bool = True) -> list[dict]:
     msgs = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for i, (_, text, ans) in enumerate(questions):
-        content = [{"type": "video"}, {"type": "text", "text": text}] if i == 0 else text
+    for i, question in enumerate(questions):
+        content = [{"type": "video"}, {"type": "text", "text": question.text}] if i == 0 else question.text
         msgs.append({"role": "user", "content": content})
         if with_answers:
-            msgs.append({"role": "assistant", "content": ans})
+            msgs.append({"role": "assistant", "content": question.answer})
     return msgs
 
 
@@ -81,7 +86,8 @@ def sample_clip(rng: np.random.Generator, seed: int, n_frames: int, world: World
 
 
 def make_batch(processor, rng, world, batch, n_frames, kinds, q_per_clip, seed_base, single=False):
-    texts, videos, qs_all = [], [], []
+    """Processor inputs for `batch` clips, each clip's questions, and each clip's frame numbers."""
+    texts, videos, qs_all, clips = [], [], [], []
     while len(texts) < batch:
         seed = int(rng.integers(0, 10**9)) + seed_base
         idx, scenes, view = sample_clip(rng, seed, n_frames, world)
@@ -93,8 +99,9 @@ def make_batch(processor, rng, world, batch, n_frames, kinds, q_per_clip, seed_b
         texts.append(processor.apply_chat_template(msgs, add_generation_prompt=single, tokenize=False))
         videos.append(frames)
         qs_all.append(qs)
+        clips.append(idx)
     inputs = processor(text=texts, videos=videos, return_tensors="pt", padding=True)
-    return inputs, qs_all
+    return inputs, qs_all, clips
 
 
 def answer_labels(input_ids: torch.Tensor, tok) -> torch.Tensor:
@@ -119,6 +126,59 @@ def answer_labels(input_ids: torch.Tensor, tok) -> torch.Tensor:
     return labels
 
 
+class RetrievalProbe:
+    """Keeps every decoder layer's pre-RoPE queries and keys ([B, S, heads * d], the q_proj and
+    k_proj outputs) of the last forward, for the retrieval loss."""
+
+    def __init__(self, language_model):
+        attention = language_model.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.queries: list[torch.Tensor | None] = [None] * len(language_model.layers)
+        self.keys: list[torch.Tensor | None] = [None] * len(language_model.layers)
+        for i, layer in enumerate(language_model.layers):
+            layer.self_attn.q_proj.register_forward_hook(lambda _m, _i, out, i=i: self.queries.__setitem__(i, out))
+            layer.self_attn.k_proj.register_forward_hook(lambda _m, _i, out, i=i: self.keys.__setitem__(i, out))
+
+
+def question_spans(input_ids: torch.Tensor, questions: list[list[ClipQuestion]], tok) -> list[list[tuple[int, int]]]:
+    """Per row, the token span [start, end) of each question's text, found in order."""
+    spans = []
+    for row, row_questions in zip(input_ids.tolist(), questions):
+        found, at = [], 0
+        for question in row_questions:
+            ids = tok(question.text, add_special_tokens=False).input_ids
+            while row[at : at + len(ids)] != ids:
+                at += 1
+            found.append((at, at + len(ids)))
+            at += len(ids)
+        spans.append(found)
+    return spans
+
+
+def retrieval_loss(probe: RetrievalProbe, input_ids, questions, clips, spans, video_token_id: int, tokens_per_frame: int):
+    """Cross-entropy of the engine's own block scores (mean question query . mean frame key, per
+    layer: pipeline.retrieval.block_scores) against each question's evidence frames.
+
+    A large Video-LLM's attention already finds the frames a question is about, which is what
+    ReKV/StreamKV/LiveVLM retrieval relies on; a tiny model trained on short clips never needs to,
+    so this teaches it. Questions whose evidence is the whole clip carry no signal and are skipped."""
+    terms = []
+    d = probe.head_dim
+    for b, (row_questions, frames, row_spans) in enumerate(zip(questions, clips, spans)):
+        video = (input_ids[b] == video_token_id).nonzero().squeeze(1)[: len(frames) * tokens_per_frame]  # [T * n]
+        position = {f: p for p, f in enumerate(frames)}
+        for question, (start, end) in zip(row_questions, row_spans):
+            evidence = sorted({position[f] for f in question.evidence})
+            if len(evidence) == len(frames):
+                continue
+            for queries, keys in zip(probe.queries, probe.keys):
+                reps = keys[b, video].view(len(frames), tokens_per_frame, -1, d).mean(1)  # [T, Hkv, d]
+                query_mean = queries[b, start:end].mean(0).view(-1, d)  # [Hq, d]
+                logits = block_scores(reps, query_mean) / d**0.5  # [T]
+                terms.append(torch.logsumexp(logits, 0) - torch.logsumexp(logits[evidence], 0))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
 @torch.no_grad()
 def evaluate(model, processor, world, kinds, n_per_len=64, lens=(1, 8, 16, 32), seed=0, batch=16):
     """Accuracy per kind of the first greedy token (the answer word) on held-out seeds,
@@ -129,13 +189,13 @@ def evaluate(model, processor, world, kinds, n_per_len=64, lens=(1, 8, 16, 32), 
     hits: dict[str, list[int]] = {}
     for T in lens:
         for _ in range(max(1, n_per_len // batch)):
-            inputs, qs = make_batch(processor, rng, world, batch, T, kinds, 1, EVAL_SEED_BASE, single=True)
+            inputs, qs, _ = make_batch(processor, rng, world, batch, T, kinds, 1, EVAL_SEED_BASE, single=True)
             logits = model(**inputs).logits
             last = inputs["attention_mask"].sum(1) - 1
             pred = logits[torch.arange(len(qs)), last].argmax(-1).tolist()
             for p, q in zip(pred, qs):
-                kind, _, ans = q[0]
-                ok = tok.convert_ids_to_tokens(p) == ans
+                kind = q[0].kind
+                ok = tok.convert_ids_to_tokens(p) == q[0].answer
                 hits.setdefault(kind, []).append(int(ok))
                 hits.setdefault(f"T{T}", []).append(int(ok))
     model.train()
@@ -168,7 +228,7 @@ def evaluate_generate(model_dir, n_per_kind=100, lens=(1, 4, 8, 16, 32), seed=7,
             inputs = processor(text=prompt, videos=[render_frames(scenes, idx, world, s)], return_tensors="pt")
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             reply = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-            ok = int(reply == qs[0][2])
+            ok = int(reply == qs[0].answer)
             hits.setdefault(kind, []).append(ok)
             hits.setdefault(f"T{T}", []).append(ok)
             hits.setdefault(f"{kind}@T{T}", []).append(ok)
@@ -218,6 +278,9 @@ def main(argv=None):
     ap.add_argument("--spec", default="", help="JSON overrides of DEMO_SPEC fields")
     ap.add_argument("--eval-only", default="", help="evaluate a saved checkpoint dir with generate and exit")
     ap.add_argument("--eval-per-kind", type=int, default=100)
+    ap.add_argument("--init", default="", help="continue from a saved checkpoint dir (model + processor)")
+    ap.add_argument("--retrieval-weight", type=float, default=0.0,
+                    help="weight of the retrieval loss (see retrieval_loss); 0 = answers only")
     args = ap.parse_args(argv)
     if args.eval_only:
         torch.set_num_threads(args.threads)
@@ -237,14 +300,19 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
 
-    processor = build_processor(spec)
-    tok = processor.tokenizer
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
-    config = build_config(spec, tok)
-    model = LlavaOnevisionForConditionalGeneration(config)
+    if args.init:
+        processor = AutoProcessor.from_pretrained(args.init, local_files_only=True)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.init, local_files_only=True)
+    else:
+        processor = build_processor(spec)
+        model = LlavaOnevisionForConditionalGeneration(build_config(spec, processor.tokenizer))
+    tok = processor.tokenizer
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
+    tokens_per_frame = math.ceil(spec.image_size / spec.patch_size / 2) ** 2
+    probe = RetrievalProbe(model.model.language_model) if args.retrieval_weight else None
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -257,6 +325,7 @@ def main(argv=None):
     last_eval = last_save = t0
     step = 0
     losses: list[float] = []
+    retrieval_losses: list[float] = []
     meta = {"command": "python -m synthetic.train " + " ".join(argv if argv is not None else os.sys.argv[1:]),
             "params": n_params, "spec": asdict(spec), "world": asdict(world)}  # fmt: skip
 
@@ -266,7 +335,7 @@ def main(argv=None):
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    log({"event": "start", "params": n_params, "tokens_per_frame": math.ceil(spec.image_size / spec.patch_size / 2) ** 2})
+    log({"event": "start", "params": n_params, "tokens_per_frame": tokens_per_frame})
     model.train()
     while True:
         elapsed = time.time() - t0
@@ -288,20 +357,27 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         in_stage1 = frac < s1
-        inputs, _ = make_batch(
+        inputs, batch_questions, clips = make_batch(
             processor, rng, world, args.batch, n_frames, stage1_kinds if in_stage1 else kinds,
             args.stage1_q if in_stage1 else args.q_per_clip, 0,
         )  # fmt: skip
         labels = answer_labels(inputs["input_ids"], tok)
-        loss = model(**inputs, labels=labels).loss
+        loss = answer_loss = model(**inputs, labels=labels).loss
+        if probe is not None:
+            spans = question_spans(inputs["input_ids"], batch_questions, tok)
+            found = retrieval_loss(probe, inputs["input_ids"], batch_questions, clips, spans, model.config.video_token_id,
+                                   tokens_per_frame)  # fmt: skip
+            loss = answer_loss + args.retrieval_weight * found
+            retrieval_losses.append(found.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(answer_loss.item())
         step += 1
         if step % 25 == 0:
-            log({"loss": round(float(np.mean(losses[-25:])), 4), "lr": round(lr, 6), "T": n_frames})
+            retrieval = {"retrieval_loss": round(float(np.mean(retrieval_losses[-25:])), 4)} if retrieval_losses else {}
+            log({"loss": round(float(np.mean(losses[-25:])), 4), **retrieval, "lr": round(lr, 6), "T": n_frames})
         now = time.time()
         if now - last_eval >= args.eval_every * 60:
             log({"eval": evaluate(model, processor, world, kinds, args.eval_n, eval_lens, seed=1)})

@@ -24,8 +24,9 @@ on a full stream), now ("what is on screen now?" -> the shape in the last frame 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -324,11 +325,18 @@ def _candidate_params(kind: str, config: WorldConfig, rng: np.random.Generator, 
     return {"shape": sc.shape, "color": sc.color}
 
 
+class ClipQuestion(NamedTuple):
+    kind: str
+    text: str
+    answer: str
+    evidence: tuple[int, ...]  # the view's frame numbers that determine the answer
+
+
 def view_questions(
     view: list[tuple[int, Scene]], config: WorldConfig, rng: np.random.Generator, kinds=KINDS, n: int = 8,
     tries: int = 40,
-) -> list[tuple[str, str, str]]:  # fmt: skip
-    """Up to n distinct (kind, text, answer) answerable on the view (training clips)."""
+) -> list[ClipQuestion]:  # fmt: skip
+    """Up to n distinct questions answerable on the view (training clips)."""
     out, seen = [], set()
     for _ in range(tries):
         if len(out) >= n:
@@ -338,11 +346,11 @@ def view_questions(
         text = question_text(kind, params)
         if text in seen:
             continue
-        ans, _ = answer_on_view(view, kind, params)
+        ans, evidence = answer_on_view(view, kind, params)
         if ans is None:
             continue
         seen.add(text)
-        out.append((kind, text, ans))
+        out.append(ClipQuestion(kind, text, ans, tuple(evidence)))
     return out
 
 
@@ -423,6 +431,43 @@ def questions(
         out.append(q)
     out.sort(key=lambda q: q.ask_at)
     return out
+
+
+RARE_SHAPES = ("moon", "ring")
+
+
+def needle_stream(n_frames: int, seed: int, appearances: int = 2) -> Stream:
+    """The world with two rare shapes: common scenes show the other six shapes; each rare shape
+    appears in `appearances` scenes only, in a colour no common shape has, so questions about it
+    can be answered only from those few frames."""
+    config = WorldConfig(shapes=tuple(s for s in SHAPES if s not in RARE_SHAPES))
+    scenes = generate_scenes(n_frames, seed, config)
+    rng = np.random.default_rng([seed, 4242])
+    spare = [c for c in COLORS if c not in {s.color for s in scenes}]
+    slots = rng.choice(np.arange(1, len(scenes) - 1), size=len(RARE_SHAPES) * appearances, replace=False)
+    for k, slot in enumerate(sorted(slots, key=lambda _: rng.random())):
+        shape = RARE_SHAPES[k % len(RARE_SHAPES)]
+        scenes[slot] = replace(scenes[slot], shape=shape, color=spare[k % len(RARE_SHAPES)])
+    world = WorldConfig()
+    frames = render_frames(scenes, range(n_frames), world, seed)
+    return Stream(frames, np.arange(n_frames) / world.fps, scenes, [s.start for s in scenes[1:]], world, seed)
+
+
+def needle_questions(stream: Stream, n: int, seed: int) -> list[Question]:
+    """Questions about the rare shapes and their colours, asked after they first appeared."""
+    rng = np.random.default_rng([seed, 777])
+    rare = [s for s in stream.scenes if s.shape in RARE_SHAPES]
+    out = []
+    for _ in range(20 * n):
+        if len(out) == n:
+            break
+        scene = rare[int(rng.integers(len(rare)))]
+        kind, params = (("attribute", {"shape": scene.shape}) if rng.random() < 0.5
+                        else ("reverse", {"color": scene.color}))
+        question = make_question(stream, kind, params, int(rng.integers(scene.end, len(stream.frames) + 1)))
+        if question is not None and check_answerable(stream, question):
+            out.append(question)
+    return sorted(out, key=lambda q: q.ask_at)
 
 
 def vocabulary(config: WorldConfig = WorldConfig()) -> tuple[str, ...]:

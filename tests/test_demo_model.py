@@ -12,8 +12,10 @@ import pytest
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 # Measured on this set when the checkpoint was made: see models/demo/MODEL_CARD.md.
-MIN_ACCURACY = 0.70  # measured 0.75 with the shipped checkpoint (greedy, fixed set)
+MIN_ACCURACY = 0.65  # measured 0.725 with the shipped checkpoint (greedy, fixed set)
 MIN_ACCURACY_PER_KIND = {"attribute": 0.50, "reverse": 0.50, "now": 0.50}  # 8 questions each: coarse
+MIN_NEEDLE_PRECISION = 0.6  # measured 0.78 (0.23 before the retrieval loss); chance is ~3%
+MIN_NEEDLE_ACCURACY = 0.5  # measured 0.67 (12 questions)
 
 pytestmark = pytest.mark.skipif(
     not (DEMO / "config.json").exists() or not (DEMO / "model.safetensors").exists(),
@@ -37,7 +39,7 @@ def quick_set(n_clips: int = 40, seed: int = 2024):
         idx, scenes, view = sample_clip(rng, stream_seed, n_frames, world)
         qs = view_questions(view, world, rng, (kind,), n=1)
         if qs:
-            items.append((render_frames(scenes, idx, world, stream_seed), *qs[0]))
+            items.append((render_frames(scenes, idx, world, stream_seed), qs[0]))
     return items
 
 
@@ -69,8 +71,9 @@ def test_answers_quick_set(demo):
     processor, model = demo
     t0 = time.time()
     hits: dict[str, list[bool]] = {}
-    for frames, kind, text, answer in quick_set():
-        prompt = processor.apply_chat_template(messages_for([(kind, text, answer)], with_answers=False), add_generation_prompt=True)
+    for frames, question in quick_set():
+        kind, answer = question.kind, question.answer
+        prompt = processor.apply_chat_template(messages_for([question], with_answers=False), add_generation_prompt=True)
         inputs = processor(text=prompt, videos=[frames], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -82,3 +85,30 @@ def test_answers_quick_set(demo):
     assert overall >= MIN_ACCURACY, acc
     for kind, floor in MIN_ACCURACY_PER_KIND.items():
         assert acc[kind] >= floor, (kind, acc)
+
+
+def test_retrieval_finds_the_needle():
+    """What every retrieval method relies on: the bare question's mean query scores the frames it
+    is about above the rest (the shipped model is trained for it, see synthetic.train
+    retrieval_loss). On a held-out needle stream, rekv's top-8 blocks per layer are mostly the
+    rare shape's frames (a few percent of the stream), and the answer is read from them."""
+    from pipeline import StreamSession, load_model
+    from synthetic.demo import context_options, first_word
+    from synthetic.world import SYSTEM_PROMPT, needle_questions, needle_stream
+
+    model = load_model(DEMO)
+    stream = needle_stream(400, 90_123)
+    session = StreamSession(model, method="rekv", system_prompt=SYSTEM_PROMPT,
+                            **context_options("rekv", 8, model.dims.tokens_per_frame))
+    precision, correct, done = [], [], 0
+    for question in needle_questions(stream, 12, 90_123):
+        session.add_frames(stream.frames[done : question.ask_at], timestamps=stream.times[done : question.ask_at])
+        done = question.ask_at
+        answer = session.ask(question.text, max_new_tokens=4)
+        evidence = {f for start, end in question.evidence for f in range(start, end)}
+        layers_on_evidence = sum(e.layers for e in answer.evidence if e.frames[0] in evidence)
+        precision.append(layers_on_evidence / sum(e.layers for e in answer.evidence))
+        correct.append(first_word(answer.text) == question.answer)
+    print(f"retrieval precision {np.mean(precision):.2f}, accuracy {np.mean(correct):.2f}")
+    assert np.mean(precision) >= MIN_NEEDLE_PRECISION
+    assert np.mean(correct) >= MIN_NEEDLE_ACCURACY
