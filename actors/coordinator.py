@@ -255,7 +255,9 @@ class StreamCoordinator:
             if seq is not None:
                 async with stream.chunk_turn:
                     await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
-            return await self._append(stream, tokens, times)
+            # shielded: a caller that goes away must not leave frames half-appended (in the
+            # segmenter, not in the stream's count) or cancel a commit later ones are chained to
+            return await asyncio.shield(self._append(stream, tokens, times))
         finally:
             if seq is not None:
                 async with stream.chunk_turn:
@@ -326,11 +328,15 @@ class StreamCoordinator:
         """Validate the question, close the open segment for it, and wait until every replica
         holds every update (so any replica answers from the whole stream)."""
         sid = stream.spec.stream_id
+        await self._on_answerer(stream, replica, lambda a: a.check.remote(sid, question, max_new_tokens))
+        await asyncio.shield(self._close_open_segment(stream))  # as in ingest: never half-done
+        await self._published(stream)
+
+    async def _close_open_segment(self, stream: _Stream) -> None:
         async with stream.lock:
-            await self._on_answerer(stream, replica, lambda a: a.check.remote(sid, question, max_new_tokens))
-            segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(sid))
-            await self._commit_in_order(stream, [] if segment is None else [segment])
-            await self._published(stream)
+            segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream.spec.stream_id))
+            committed = self._commit_in_order(stream, [] if segment is None else [segment])
+        await committed
 
     # ---- the answer pool --------------------------------------------------------------------
     @contextlib.contextmanager

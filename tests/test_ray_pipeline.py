@@ -30,7 +30,8 @@ def engine_answers(model, method, frames, chunks):
     return [(a.token_ids, [list(e.frames) for e in a.evidence]) for a in answers]
 
 
-def ray_answers(coordinator, stream_id, method, frames, chunks, between=None):
+def ray_answers(coordinator, stream_id, method, frames, chunks, between=None, before_ask=None):
+    """between: called once, after the first chunk; before_ask: before every question."""
     ray.get(coordinator.create_stream.remote(stream_id, method, CASES[method]))
     answers, start = [], 0
     for i, size in enumerate(chunks):
@@ -38,6 +39,8 @@ def ray_answers(coordinator, stream_id, method, frames, chunks, between=None):
         start += size
         if between is not None and i == 0:
             between()
+        if before_ask is not None:
+            before_ask()
         answer = ray.get(coordinator.ask.remote(stream_id, QUESTIONS[len(answers) % 2], 5))
         answers.append((answer["token_ids"], [e["frames"] for e in answer["evidence"]]))
     return answers
@@ -61,6 +64,22 @@ def test_same_answers_and_evidence_as_the_engine(coordinator, engine_model, meth
     frames, chunks = video(30, seed=1), [9, 13, 8]
     expected = engine_answers(engine_model, method, frames, chunks)
     assert ray_answers(coordinator, f"eq-{method}", method, frames, chunks) == expected
+
+
+def test_cancelled_questions_leave_the_stream_whole(coordinator, engine_model):
+    """A caller that goes away (an HTTP client disconnecting) cancels its question in the
+    coordinator, possibly while the segment it closed is being committed; that commit is shielded
+    and the ones after it are chained to it, so later answers still equal the engine's."""
+    frames, chunks = video(30, seed=4), [9, 13, 8]
+    expected = engine_answers(engine_model, "streamkv", frames, chunks)
+
+    def cancel_questions():
+        for delay_s in (0.005, 0.015):  # while its segment is flushed or committed, not before
+            ref = coordinator.ask.remote("cancelled", QUESTIONS[0], 5)
+            time.sleep(delay_s)
+            ray.cancel(ref, recursive=False)  # the question only: its actor calls run to the end
+
+    assert ray_answers(coordinator, "cancelled", "streamkv", frames, chunks, before_ask=cancel_questions) == expected
 
 
 def test_eight_concurrent_streams_are_isolated(coordinator, engine_model):
