@@ -430,7 +430,9 @@ class StreamCoordinator:
         ingest call that closed it) and every update reached every replica and the index."""
         if stream.committing is not None:
             await asyncio.wait([stream.committing])
-        await asyncio.gather(*stream.publishing)  # a concurrent caller waits for the same tasks
+        # shielded: a concurrent caller waits for the same tasks, and one that is cancelled must
+        # not cancel them
+        await asyncio.shield(asyncio.gather(*stream.publishing))
         stream.publishing = [t for t in stream.publishing if not t.done()]
 
     async def _encode_frames(self, frames: np.ndarray) -> np.ndarray:
@@ -450,10 +452,12 @@ class StreamCoordinator:
                 results = await self._until_alive(lambda: self.prefill.encode_frames.remote([f for f, _ in batch]))
             except Exception as error:  # noqa: BLE001 - handed to every waiting stream
                 for _, future in batch:
-                    future.set_exception(error)
+                    if not future.done():  # its caller may have been cancelled
+                        future.set_exception(error)
                 continue
             for (_, future), tokens in zip(batch, results):
-                future.set_result(tokens)
+                if not future.done():
+                    future.set_result(tokens)
         self._batch_running = False
 
     # ---- calls with recovery --------------------------------------------------------------
