@@ -33,8 +33,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.decoder import DecoderActor
-from actors.spec import ReplicaGapError
-from actors.spec import StreamSpec
+from actors.spec import ReplicaGapError, StreamSpec
 from pipeline.decode import DecodeConfig
 from pipeline.errors import InvalidInputError, StreamKVError, UnknownStreamError
 from pipeline.frames import check_frames, check_times

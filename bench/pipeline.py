@@ -27,7 +27,9 @@ from rich.table import Table
 
 from actors.coordinator import StreamCoordinator
 from bench.engine import BENCH_SPEC, CHUNK, QUESTIONS, frames_for
-from synthetic.checkpoint import CheckpointSpec
+from pipeline import StreamSession, load_model
+from pipeline.config import frame_scaled_options
+from synthetic.checkpoint import CheckpointSpec, build_checkpoint
 
 IN_FLIGHT = 2
 # Models with ~10x (medium) and ~100x (large) the compute per frame of the tiny one: the share of
@@ -39,9 +41,6 @@ SIZES = {
     "large": CheckpointSpec(image_size=128, patch_size=8, vision_hidden=256, vision_layers=6, vision_heads=8,
                             text_hidden=512, text_layers=8, text_heads=8, text_kv_heads=2, text_intermediate=1536),
 }
-from pipeline import StreamSession, load_model
-from pipeline.config import frame_scaled_options
-from synthetic.checkpoint import build_checkpoint
 
 
 def engine_run(model_dir: Path, method: str, options: dict, frames: np.ndarray) -> dict:

@@ -7,6 +7,7 @@ the same code path as a real LLaVA-OneVision release.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ BASE_WORDS = (
 
 @dataclass(frozen=True)
 class CheckpointSpec:
-    """Sizes of a small LLaVA-OneVision. tokens per frame = ceil(image_size / patch_size / 2) ** 2."""
+    """Sizes of a small LLaVA-OneVision."""
 
     image_size: int = 32
     patch_size: int = 8
@@ -65,6 +66,10 @@ class CheckpointSpec:
     init_std: float = 0.02  # weight init scale; tests use larger values so random models vary
     words: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return math.ceil(self.image_size / self.patch_size / 2) ** 2
 
 
 def build_tokenizer(words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:

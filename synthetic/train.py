@@ -10,9 +10,10 @@ LlavaOnevisionForConditionalGeneration forward; the loss is on the answer tokens
 <|im_end|>) only, plus with --retrieval-weight the retrieval loss (`retrieval_loss`: the engine's
 own block scores, question query against frame keys, taught to rank each question's evidence
 frames first in every layer). The clip length follows a curriculum (short clips first). LR:
-linear warm-up then cosine decay; --init continues from a saved checkpoint. The checkpoint (model + processor) is saved to --out every --save-minutes, and at the
-end; the log (--out/train_log.jsonl) has eval accuracy per question kind on held-out seeds
-(training streams use seeds < 10**9, eval streams seeds >= 10**9).
+linear warm-up then cosine decay; --init continues from a saved checkpoint. The checkpoint (model
++ processor) is saved to --out every --save-minutes, and at the end; the log
+(--out/train_log.jsonl) has eval accuracy per question kind on held-out seeds (training streams
+use seeds < 10**9, eval streams seeds >= 10**9).
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ def question_spans(input_ids: torch.Tensor, questions: list[list[ClipQuestion]],
         for question in row_questions:
             ids = tok(question.text, add_special_tokens=False).input_ids
             while row[at : at + len(ids)] != ids:
+                if at + len(ids) > len(row):
+                    raise ValueError(f"question {question.text!r} is not in the tokenized prompt")
                 at += 1
             found.append((at, at + len(ids)))
             at += len(ids)
@@ -167,12 +170,11 @@ def retrieval_loss(probe: RetrievalProbe, input_ids, questions, clips, spans, vi
     for b, (row_questions, frames, row_spans) in enumerate(zip(questions, clips, spans)):
         video = (input_ids[b] == video_token_id).nonzero().squeeze(1)[: len(frames) * tokens_per_frame]  # [T * n]
         position = {f: p for p, f in enumerate(frames)}
-        for question, (start, end) in zip(row_questions, row_spans):
-            evidence = sorted({position[f] for f in question.evidence})
-            if len(evidence) == len(frames):
-                continue
-            for queries, keys in zip(probe.queries, probe.keys):
-                reps = keys[b, video].view(len(frames), tokens_per_frame, -1, d).mean(1)  # [T, Hkv, d]
+        asked = [(sorted({position[f] for f in q.evidence}), span) for q, span in zip(row_questions, row_spans)]
+        asked = [(evidence, span) for evidence, span in asked if len(evidence) < len(frames)]
+        for queries, keys in zip(probe.queries, probe.keys):
+            reps = keys[b, video].view(len(frames), tokens_per_frame, -1, d).mean(1)  # [T, Hkv, d]
+            for evidence, (start, end) in asked:
                 query_mean = queries[b, start:end].mean(0).view(-1, d)  # [Hq, d]
                 logits = block_scores(reps, query_mean) / d**0.5  # [T]
                 terms.append(torch.logsumexp(logits, 0) - torch.logsumexp(logits[evidence], 0))
@@ -311,7 +313,6 @@ def main(argv=None):
     tok = processor.tokenizer
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    tokens_per_frame = math.ceil(spec.image_size / spec.patch_size / 2) ** 2
     probe = RetrievalProbe(model.model.language_model) if args.retrieval_weight else None
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -335,7 +336,7 @@ def main(argv=None):
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    log({"event": "start", "params": n_params, "tokens_per_frame": tokens_per_frame})
+    log({"event": "start", "params": n_params, "tokens_per_frame": spec.tokens_per_frame})
     model.train()
     while True:
         elapsed = time.time() - t0
@@ -366,7 +367,7 @@ def main(argv=None):
         if probe is not None:
             spans = question_spans(inputs["input_ids"], batch_questions, tok)
             found = retrieval_loss(probe, inputs["input_ids"], batch_questions, clips, spans, model.config.video_token_id,
-                                   tokens_per_frame)  # fmt: skip
+                                   spec.tokens_per_frame)  # fmt: skip
             loss = answer_loss + args.retrieval_weight * found
             retrieval_losses.append(found.item())
         opt.zero_grad(set_to_none=True)

@@ -35,12 +35,11 @@ def test_retrieval_loss_teaches_the_evidence_ranking():
     block scores); the answer loss is left out so nothing else can explain the drop."""
     processor, model, probe, inputs, questions, clips = _setup()
     spans = question_spans(inputs["input_ids"], questions, processor.tokenizer)
-    tokens_per_frame = (DEMO_SPEC.image_size // DEMO_SPEC.patch_size // 2) ** 2
 
     def loss():
         model(**inputs)
         return retrieval_loss(probe, inputs["input_ids"], questions, clips, spans, model.config.video_token_id,
-                              tokens_per_frame)
+                              DEMO_SPEC.tokens_per_frame)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     first = loss()
