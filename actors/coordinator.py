@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import time
@@ -35,17 +36,13 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from actors.decoder import DecoderActor
 from actors.spec import ReplicaGapError, StreamSpec
 from pipeline.decode import DecodeConfig
-from pipeline.errors import InvalidInputError, StreamKVError, UnknownStreamError
+from pipeline.errors import InvalidInputError, StreamLostError, UnknownStreamError
 from pipeline.frames import check_frames, check_times
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 RECOVERY_ATTEMPTS = 3
 RESTORE_TIMEOUT_S = 120.0
 log = logging.getLogger(__name__)
-
-
-class StreamLostError(StreamKVError, RuntimeError):
-    """Every replica of a stream's memory was lost at once."""
 
 
 # The model actors and their wire formats import torch and transformers, so they are imported on
@@ -57,6 +54,15 @@ def _model_actors() -> dict[str, type]:
     from actors.prefill import PrefillWorker
 
     return {"prefill": PrefillWorker, "compressor": CompressorWorker, "answerer": AnswerWorker}
+
+
+def _detached(coroutine) -> asyncio.Task:
+    """Run `coroutine` as a task of its own that its caller cannot cancel, outside the caller's
+    Ray task context. A caller that goes away (ray.cancel, recursive by default) cancels the
+    actor calls submitted in its context, and a model actor's call that is already running then
+    still runs to the end but reports TaskCancelledError: its effect (a segment flushed, an update
+    applied) would be done yet unknown to the coordinator. So stream work runs in these tasks."""
+    return asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
 
 
 def _features_wire(tokens: np.ndarray, first_frame: int, times):
@@ -92,6 +98,7 @@ class _Stream:
     last_error: str | None = None
     committing: asyncio.Future | None = None  # the last of the closed segments' commits, chained in order
     publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
+    lost: str | None = None  # why the stream's memory has a gap (a commit failed): it is unusable
     mode: str | None = None  # "push" or "pull" once a source is attached
     decoder: Any = None  # the DecoderActor reading the source
 
@@ -99,11 +106,14 @@ class _Stream:
 class StreamCoordinator:
     def __init__(self, model_dir: str, device: str = "cpu", answerers: int = 1, index_url: str | None = None,
                  actor_cpus: float = 0.1, placement: dict[str, dict] | None = None, max_answerers: int | None = None,
-                 answer_target_ongoing: int = 2, answer_idle_s: float = 120.0):
+                 answer_target_ongoing: int = 2, answer_idle_s: float = 120.0,
+                 restore_timeout_s: float = RESTORE_TIMEOUT_S):
         """placement: extra Ray options per actor kind ("prefill", "compressor", "answerer",
         "decoder"), e.g. {"prefill": {"num_gpus": 1}, "decoder": {"resources": {"decoder": 1}}}
         to pin kinds to node types (see ray_cluster.yaml). answerers / max_answerers: the answer
-        pool's size range (max defaults to min: a fixed pool)."""
+        pool's size range (max defaults to min: a fixed pool). restore_timeout_s: how long a
+        restarted prefill actor waits for a replica holding every committed update before the
+        stream is declared lost."""
         self.placement = placement or {}
         self.model_dir, self.device, self.actor_cpus = model_dir, device, actor_cpus
         self.min_answerers = max(1, answerers)
@@ -111,6 +121,7 @@ class StreamCoordinator:
         if answer_target_ongoing < 1 or answer_idle_s <= 0:
             raise InvalidInputError("answer_target_ongoing must be >= 1 and answer_idle_s > 0")
         self.answer_target_ongoing, self.answer_idle_s = answer_target_ongoing, answer_idle_s
+        self.restore_timeout_s = restore_timeout_s
         self.prefill = self._spawn("prefill", model_dir, device)
         self.compressor = self._spawn("compressor", model_dir, device, index_url)
         self._answerer_names = (f"answerer{i}" for i in itertools.count())
@@ -150,7 +161,7 @@ class StreamCoordinator:
             replica.streams.add(stream_id)
         self.streams[stream_id] = _Stream(spec, config.frame_rate)
         if self._idle_watch is None and self.max_answerers > self.min_answerers:
-            self._idle_watch = asyncio.get_running_loop().create_task(self._remove_idle_answerers())
+            self._idle_watch = _detached(self._remove_idle_answerers())
         return await self.status(stream_id)
 
     def list_streams(self) -> list[str]:
@@ -163,7 +174,7 @@ class StreamCoordinator:
         source runs from its first byte). Backpressure: "block" loses nothing (files, uploads);
         "drop" drops the newest frames while `max_in_flight` chunks are unfinished (live
         sources), and the stream's status counts them."""
-        stream = self._stream(stream_id)
+        stream = self._live_stream(stream_id)
         if stream.mode is not None:
             raise InvalidInputError(f"stream {stream_id!r} already has a source")
         stream.mode = "push" if source is None else "pull"
@@ -174,7 +185,7 @@ class StreamCoordinator:
         return await self.status(stream_id)
 
     def _push_decoder(self, stream_id: str):
-        stream = self._stream(stream_id)
+        stream = self._live_stream(stream_id)
         if stream.mode != "push":
             raise InvalidInputError(f"stream {stream_id!r} does not take pushed bytes")
         return stream.decoder
@@ -194,12 +205,13 @@ class StreamCoordinator:
         stream = self._stream(stream_id)
         source = await stream.decoder.status.remote() if stream.decoder is not None else None
         return {
-            "stream_id": stream_id, "method": stream.spec.method, "mode": stream.mode, "frames_ingested": stream.frames_seen,
+            "stream_id": stream_id, "method": stream.spec.method, "state": "lost" if stream.lost else "live",
+            "mode": stream.mode, "frames_ingested": stream.frames_seen,
             "frames_decoded": source and source["frames_decoded"], "frames_dropped": source and source["frames_dropped"],
             "source_state": source and source["state"],
             "segments": stream.applied, "last_time": stream.last_time,
             "recoveries": stream.recoveries, "restarts": dict(self.restarts),
-            "last_error": stream.last_error or (source and source["last_error"]),
+            "last_error": stream.lost or stream.last_error or (source and source["last_error"]),
         }
 
     def pool(self) -> dict:
@@ -247,16 +259,16 @@ class StreamCoordinator:
         (it is stateless), so with several chunks in flight one chunk's vision overlaps the
         previous one's segment work. Decoder chunks carry `seq` and are appended in seq order
         (Ray may start an async actor's calls in any order)."""
-        stream = self._stream(stream_id)
+        stream = self._live_stream(stream_id)
         try:
             frames = check_frames(frames)
             tokens = await self._encode_frames(frames)  # [T, n, hidden]
             if seq is not None:
                 async with stream.chunk_turn:
                     await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
-            # shielded: a caller that goes away must not leave frames half-appended (in the
+            # detached: a caller that goes away must not leave frames half-appended (in the
             # segmenter, not in the stream's count) or cancel a commit later ones are chained to
-            return await asyncio.shield(self._append(stream, tokens, times))
+            return await asyncio.shield(_detached(self._append(stream, tokens, times)))
         finally:
             if seq is not None:
                 async with stream.chunk_turn:
@@ -290,14 +302,19 @@ class StreamCoordinator:
         async def commit_all():
             if previous is not None:
                 await previous  # a failed commit fails the ones after it: the stream's memory has a gap
-            for segment in segments:
-                await self._commit(stream, segment)
+            try:
+                for segment in segments:
+                    await self._commit(stream, segment)
+            except Exception as error:
+                stream.lost = stream.lost or (
+                    f"segment {stream.applied + 1} could not be committed ({type(error).__name__}: {error})")
+                raise
 
-        stream.committing = asyncio.ensure_future(commit_all())
+        stream.committing = _detached(commit_all())
         return stream.committing
 
     async def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> dict:
-        stream = self._stream(stream_id)
+        stream = self._live_stream(stream_id)
         with self._answer_slot() as replica:
             await self._prepare_question(stream, replica, question, max_new_tokens)
             # answers are read-only: decode outside the lock, so ingest goes on meanwhile
@@ -308,7 +325,7 @@ class StreamCoordinator:
         and prompt size, the answer text piece by piece, then a dict with the token ids. Errors
         in the question surface at the first item; an answer actor lost before the first item
         is recovered like `ask`, one lost later ends the stream with its error."""
-        stream = self._stream(stream_id)
+        stream = self._live_stream(stream_id)
         with self._answer_slot() as replica:
             await self._prepare_question(stream, replica, question, max_new_tokens)
 
@@ -328,7 +345,7 @@ class StreamCoordinator:
         holds every update (so any replica answers from the whole stream)."""
         sid = stream.spec.stream_id
         await self._on_answerer(stream, replica, lambda a: a.check.remote(sid, question, max_new_tokens))
-        await asyncio.shield(self._close_open_segment(stream))  # as in ingest: never half-done
+        await asyncio.shield(_detached(self._close_open_segment(stream)))  # as in ingest: never half-done
         await self._published(stream)
 
     async def _close_open_segment(self, stream: _Stream) -> None:
@@ -346,7 +363,7 @@ class StreamCoordinator:
         replica.in_flight += 1
         if (self._scaling is None and len(self.answerers) < self.max_answerers
                 and all(r.in_flight >= self.answer_target_ongoing for r in self.answerers if r.ready)):
-            self._scaling = asyncio.get_running_loop().create_task(self._add_answerer())
+            self._scaling = _detached(self._add_answerer())
         try:
             yield replica
         finally:
@@ -441,7 +458,7 @@ class StreamCoordinator:
         self._batch.append((frames, future))
         if not self._batch_running:
             self._batch_running = True
-            asyncio.get_running_loop().create_task(self._run_batches())
+            _detached(self._run_batches())  # it serves every stream, not only this caller
         return await future
 
     async def _run_batches(self) -> None:
@@ -466,7 +483,7 @@ class StreamCoordinator:
             # on its way). Not through answer-actor recovery, which restores from the prefill
             # actor: with both lost at once that would wait on itself.
             sid = stream.spec.stream_id
-            deadline = time.monotonic() + RESTORE_TIMEOUT_S
+            deadline = time.monotonic() + self.restore_timeout_s
             while True:
                 for replica in [r for r in self.answerers if sid in r.streams]:
                     try:
@@ -476,7 +493,8 @@ class StreamCoordinator:
                     if applied == stream.applied:
                         return await self.prefill.restore.remote(stream.spec, snapshot, applied)
                 if time.monotonic() > deadline:
-                    raise StreamLostError(f"stream {sid!r}: no replica holds its {stream.applied} updates")
+                    stream.lost = f"no replica holds its {stream.applied} updates (all were lost at once)"
+                    raise StreamLostError(f"stream {sid!r}: {stream.lost}")
                 await asyncio.sleep(0.1)
 
         return await self._with_recovery(stream, "prefill", call, restore)
@@ -537,3 +555,10 @@ class StreamCoordinator:
             return self.streams[stream_id]
         except KeyError:
             raise UnknownStreamError(f"no stream {stream_id!r}") from None
+
+    def _live_stream(self, stream_id: str) -> _Stream:
+        """The stream, for work that needs its memory whole."""
+        stream = self._stream(stream_id)
+        if stream.lost:
+            raise StreamLostError(f"stream {stream_id!r} is lost: {stream.lost}; delete it and create it again")
+        return stream

@@ -1,6 +1,6 @@
 """Long-stream QA benchmark: accuracy, retained KV and latency of every method, in one run.
 
-    python -m bench.qa [--frames 1000] [--streams 3] [--questions 100] [--model models/demo]
+    python -m bench.qa [--frames 1000] [--streams 10] [--questions 30] [--model models/demo]
 
 Streams come from the synthetic world on held-out seeds (>= 90000, never used in training), each
 with questions spread over the stream; each question sees only the frames before it. Every
@@ -10,6 +10,9 @@ every method shows the model about C frames at once: uniform-C, recent-C, top-C 
 LiveVLM sized to C (see context_options); uniform-32 and recent-32 (the issue's baselines) run too.
 --readers N...: also the model's accuracy with perfect retrieval (evidence frames + N random
 earlier frames), which tells retrieval misses from reading failures.
+Accuracies come with 95% intervals from a bootstrap over STREAMS (questions about one stream share
+its few needle scenes, so they are not independent), and streamkv's compressed settings with the
+paired difference to keep_ratio 1.0 on the same questions.
 Writes bench/results/qa.json, qa.md and qa_accuracy_vs_memory.png.
 """
 
@@ -50,13 +53,28 @@ METHODS: list[tuple[str, str, dict]] = [
     ("livevlm", "livevlm", {}),
 ]
 HELD_OUT_SEED = 90_000
+# (method, reference): paired accuracy differences reported on the same questions
+PAIRED = [("streamkv keep=0.4", "streamkv keep=1.0"), ("streamkv keep=0.2", "streamkv keep=1.0"),
+          ("streamkv keep=0.1", "streamkv keep=1.0"), ("streamkv uniform-seg keep=0.4", "streamkv keep=1.0"),
+          ("rekv", "uniform-32"), ("rekv", "recent-32")]
+
+
+def stream_bootstrap(values_by_stream: list[list[float]], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean over all values, resampling whole streams with replacement."""
+    rng = np.random.default_rng(seed)
+    sums = np.array([sum(v) for v in values_by_stream], dtype=float)
+    counts = np.array([len(v) for v in values_by_stream], dtype=float)
+    picks = rng.integers(0, len(sums), size=(samples, len(sums)))  # [samples, streams]
+    means = sums[picks].sum(axis=1) / np.maximum(counts[picks].sum(axis=1), 1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def run_method(model, preset: str, overrides: dict, streams, asked, context_frames: int | None) -> dict:
     tokens_per_frame = model.dims.tokens_per_frame
     options = {**context_options(preset, context_frames, tokens_per_frame), **overrides}
     records, latencies, ingest_s, frames_total, retained = [], [], 0.0, 0, []
-    for stream, stream_questions in zip(streams, asked):
+    for stream_index, (stream, stream_questions) in enumerate(zip(streams, asked)):
         session = StreamSession(model, method=preset, system_prompt=SYSTEM_PROMPT, **options)
         done = 0
         for question in stream_questions:
@@ -70,7 +88,8 @@ def run_method(model, preset: str, overrides: dict, streams, asked, context_fram
             answer = session.ask(question.text, max_new_tokens=4)
             latencies.append(time.perf_counter() - start)
             hit = any(e.frames[0] < end and start_ < e.frames[1] for e in answer.evidence for start_, end in question.evidence)
-            records.append({"kind": question.kind, "correct": first_word(answer.text) == question.answer, "evidence_hit": hit})
+            records.append({"stream": stream_index, "kind": question.kind,
+                            "correct": first_word(answer.text) == question.answer, "evidence_hit": hit})
         retained.append(session.memory()["total"])
     by_kind = defaultdict(list)
     for r in records:
@@ -79,6 +98,8 @@ def run_method(model, preset: str, overrides: dict, streams, asked, context_fram
     return {
         "options": options,
         "accuracy": sum(r["correct"] for r in records) / len(records),
+        "accuracy_ci95": stream_bootstrap(by_stream(records, lambda r: r["correct"])),
+        "correct": [r["correct"] for r in records],
         "accuracy_by_kind": {k: sum(v) / len(v) for k, v in by_kind.items()},
         "evidence_hit_rate": sum(r["evidence_hit"] for r in records) / len(records),
         "retained_bytes": statistics.mean(retained),
@@ -87,6 +108,26 @@ def run_method(model, preset: str, overrides: dict, streams, asked, context_fram
         "ingest_fps": frames_total / ingest_s if ingest_s else float("nan"),
         "questions": len(records),
     }
+
+
+def by_stream(records: list[dict], value) -> list[list[float]]:
+    grouped = defaultdict(list)
+    for r in records:
+        grouped[r["stream"]].append(float(value(r)))
+    return [grouped[s] for s in sorted(grouped)]
+
+
+def paired_differences(methods: dict, streams_of: list[int]) -> list[dict]:
+    """Accuracy of a method minus its reference's on the same questions, with a 95% interval."""
+    out = []
+    for label, reference in PAIRED:
+        if label in methods and reference in methods:
+            records = [{"stream": s, "d": a - b} for s, a, b in
+                       zip(streams_of, methods[label]["correct"], methods[reference]["correct"])]
+            out.append({"method": label, "reference": reference,
+                        "difference": methods[label]["accuracy"] - methods[reference]["accuracy"],
+                        "ci95": stream_bootstrap(by_stream(records, lambda r: r["d"]))})
+    return out
 
 
 def run_reader(model, streams, asked, distractors: int, seed: int = 0) -> dict:
@@ -115,12 +156,20 @@ def report(results: dict, console: Console) -> str:
         table.add_column(column, justify="right")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for label, r in results["methods"].items():
-        row = [label, f"{r['accuracy']:.1%}", *[f"{r['accuracy_by_kind'].get(k, float('nan')):.0%}" for k in KINDS],
+        low, high = r["accuracy_ci95"]
+        row = [label, f"{r['accuracy']:.1%} [{low:.0%}, {high:.0%}]", *[f"{r['accuracy_by_kind'].get(k, float('nan')):.0%}" for k in KINDS],
                f"{r['evidence_hit_rate']:.0%}", f"{r['retained_bytes'] / 2**20:.2f} MiB",
                f"{r['latency_p50_s'] * 1000:.0f} ms", f"{r['latency_p95_s'] * 1000:.0f} ms", f"{r['ingest_fps']:.1f}"]
         table.add_row(*row)
         lines.append("| " + " | ".join(row) + " |")
     console.print(table)
+    paired = results.get("paired", [])
+    if paired:
+        lines += ["", "Paired differences (same questions; 95% interval over streams):", "",
+                  "| method | minus | difference | 95% interval |", "|---|---|---|---|"]
+        lines += [f"| {p['method']} | {p['reference']} | {100 * p['difference']:+.1f} pts | "
+                  f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}] |" for p in paired]
+        console.print("\n".join(lines[-len(paired) - 2 :]))
     readers = results.get("readers", [])
     if readers:
         lines += ["", "Perfect retrieval (the engine's `full` on the evidence frames + N random earlier frames):", "",
@@ -154,8 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--frames", type=int, default=1000)
-    parser.add_argument("--streams", type=int, default=3)
-    parser.add_argument("--questions", type=int, default=100, help="per stream")
+    parser.add_argument("--streams", type=int, default=10)
+    parser.add_argument("--questions", type=int, default=30, help="per stream")
     parser.add_argument("--world", choices=("needles", "plain"), default="needles",
                         help="needles: rare shapes seen in a few scenes, questions about them; plain: the default world")
     parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
@@ -187,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
             progress.update(task, description=label)
             results["methods"][label] = run_method(model, preset, overrides, streams, asked, args.context_frames)
             progress.advance(task)
+        streams_of = [s for s, stream_questions in enumerate(asked) for _ in stream_questions]
+        results["paired"] = paired_differences(results["methods"], streams_of)
         task = progress.add_task("perfect retrieval", total=len(args.readers))
         for distractors in args.readers:
             results.setdefault("readers", []).append(run_reader(model, streams, asked, distractors))

@@ -69,7 +69,7 @@ from deploy.schemas import (
 from pipeline.decode import DecodeConfig
 from pipeline.errors import (
     ConfigError, InvalidInputError, NoFramesError, PushBufferTimeout, SourceUnavailableError, StreamKVError,
-    UnknownStreamError, VideoDecodeError,
+    StreamLostError, UnknownStreamError, VideoDecodeError,
 )
 
 COORDINATOR_NAMESPACE = "streamkv"
@@ -162,7 +162,7 @@ def error_json(status: int, type_: str, message: str, headers: dict | None = Non
 
 
 _TYPED = [  # most specific first
-    (UnknownStreamError, 404), (NoFramesError, 409), (VideoDecodeError, 422), (SourceUnavailableError, 422),
+    (UnknownStreamError, 404), (NoFramesError, 409), (StreamLostError, 409), (VideoDecodeError, 422), (SourceUnavailableError, 422),
     (ConfigError, 422), (InvalidInputError, 422),
 ]
 
@@ -199,7 +199,8 @@ def _error_name(exc: BaseException) -> str:
 RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503, 504)}
 # The error statuses each operation answers with, as its OpenAPI entry lists them (an operation
 # left out lists all of RESPONSES). 401: no or a wrong token; 404: no such stream (or another
-# token's), unknown model; 409: no frames yet, or the source does not take chunks (anymore);
+# token's), unknown model; 409: no frames yet, the source does not take chunks (anymore), or the
+# stream was lost (delete it and create it again);
 # 413: a body over the limit; 415: a chunk that is not video; 422: an invalid request; 503: the
 # coordinator is unavailable, or a pushed chunk waited too long; 504: a one-shot video URL that
 # did not finish decoding in time.

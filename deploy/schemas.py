@@ -49,6 +49,10 @@ class CreateStream(BaseModel):
 class StreamStatus(BaseModel):
     stream_id: str
     method: str
+    state: Literal["live", "lost"] = Field(
+        "live", description="lost: the stream's memory could not be kept whole (every replica lost at once, or a "
+                            "segment that could not be committed); it takes no more frames or questions: delete "
+                            "it and create it again")
     mode: Literal["push", "pull"] | None = None
     frames_ingested: int
     frames_decoded: int | None = None

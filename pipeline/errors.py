@@ -37,5 +37,11 @@ class UnknownStreamError(StreamKVError, KeyError):
     """A stream id that does not exist (or is not visible to the caller)."""
 
 
+class StreamLostError(StreamKVError, RuntimeError):
+    """A stream's memory has a gap that cannot be repaired (every replica of it was lost at once,
+    or a segment could not be committed): it takes no more frames or questions; delete it and
+    create it again."""
+
+
 class PageCorruptError(StreamKVError, ValueError):
     """A stored KV page or index record is malformed or fails its content-hash check."""

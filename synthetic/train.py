@@ -86,16 +86,19 @@ def sample_clip(rng: np.random.Generator, seed: int, n_frames: int, world: World
     return idx, scenes, view
 
 
-def make_batch(processor, rng, world, batch, n_frames, kinds, q_per_clip, seed_base, single=False):
-    """Processor inputs for `batch` clips, each clip's questions, and each clip's frame numbers."""
+def make_batch(processor, rng, world, batch, n_frames, kinds, q_per_clip, seed_base, single=False,
+               hard_world: WorldConfig | None = None, hard_fraction: float = 0.0):
+    """Processor inputs for `batch` clips, each clip's questions, and each clip's frame numbers.
+    A `hard_fraction` of the clips come from `hard_world` (e.g. only shapes the model confuses)."""
     texts, videos, qs_all, clips = [], [], [], []
     while len(texts) < batch:
         seed = int(rng.integers(0, 10**9)) + seed_base
-        idx, scenes, view = sample_clip(rng, seed, n_frames, world)
-        qs = view_questions(view, world, rng, kinds, n=1 if single else q_per_clip)
+        clip_world = hard_world if hard_world is not None and rng.random() < hard_fraction else world
+        idx, scenes, view = sample_clip(rng, seed, n_frames, clip_world)
+        qs = view_questions(view, clip_world, rng, kinds, n=1 if single else q_per_clip)
         if not qs:
             continue
-        frames = render_frames(scenes, idx, world, seed)
+        frames = render_frames(scenes, idx, clip_world, seed)
         msgs = messages_for(qs, with_answers=not single)
         texts.append(processor.apply_chat_template(msgs, add_generation_prompt=single, tokenize=False))
         videos.append(frames)
@@ -283,6 +286,9 @@ def main(argv=None):
     ap.add_argument("--init", default="", help="continue from a saved checkpoint dir (model + processor)")
     ap.add_argument("--retrieval-weight", type=float, default=0.0,
                     help="weight of the retrieval loss (see retrieval_loss); 0 = answers only")
+    ap.add_argument("--confusable-shapes", default="",
+                    help="comma-separated shapes the model confuses; --confusable-fraction of the clips show only these")
+    ap.add_argument("--confusable-fraction", type=float, default=0.0)
     args = ap.parse_args(argv)
     if args.eval_only:
         torch.set_num_threads(args.threads)
@@ -295,6 +301,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     spec = replace(DEMO_SPEC, seed=args.seed, **(json.loads(args.spec) if args.spec else {}))
     world = WorldConfig()
+    hard_world = replace(world, shapes=tuple(args.confusable_shapes.split(","))) if args.confusable_shapes else None
     kinds = tuple(args.kinds.split(","))
     stage1_kinds = tuple(args.stage1_kinds.split(","))
     eval_lens = tuple(int(x) for x in args.eval_lens.split(","))
@@ -360,7 +367,8 @@ def main(argv=None):
         in_stage1 = frac < s1
         inputs, batch_questions, clips = make_batch(
             processor, rng, world, args.batch, n_frames, stage1_kinds if in_stage1 else kinds,
-            args.stage1_q if in_stage1 else args.q_per_clip, 0,
+            args.stage1_q if in_stage1 else args.q_per_clip, 0, hard_world=hard_world,
+            hard_fraction=0.0 if in_stage1 else args.confusable_fraction,
         )  # fmt: skip
         labels = answer_labels(inputs["input_ids"], tok)
         loss = answer_loss = model(**inputs, labels=labels).loss

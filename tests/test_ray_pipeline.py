@@ -11,6 +11,7 @@ from tests.stages import scene_video as video
 
 from actors.coordinator import StreamCoordinator
 from pipeline import InvalidInputError, StreamSession, UnknownStreamError, load_model
+from pipeline.errors import StreamLostError
 
 QUESTIONS = ["what color was the star?", "which shape was red?"]
 CASES = {
@@ -66,20 +67,24 @@ def test_same_answers_and_evidence_as_the_engine(coordinator, engine_model, meth
     assert ray_answers(coordinator, f"eq-{method}", method, frames, chunks) == expected
 
 
-def test_cancelled_questions_leave_the_stream_whole(coordinator, engine_model):
+@pytest.mark.parametrize("recursive", [False, True])
+def test_cancelled_questions_leave_the_stream_whole(coordinator, engine_model, recursive):
     """A caller that goes away (an HTTP client disconnecting) cancels its question in the
     coordinator, possibly while the segment it closed is being committed; that commit is shielded
-    and the ones after it are chained to it, so later answers still equal the engine's."""
+    and the ones after it are chained to it, so later answers still equal the engine's.
+    recursive=True (Ray's default) also cancels the question's queued calls to the model actors,
+    which the coordinator sends again."""
     frames, chunks = video(30, seed=4), [9, 13, 8]
     expected = engine_answers(engine_model, "streamkv", frames, chunks)
+    stream_id = f"cancelled-{recursive}"
 
     def cancel_questions():
         for delay_s in (0.005, 0.015):  # while its segment is flushed or committed, not before
-            ref = coordinator.ask.remote("cancelled", QUESTIONS[0], 5)
+            ref = coordinator.ask.remote(stream_id, QUESTIONS[0], 5)
             time.sleep(delay_s)
-            ray.cancel(ref, recursive=False)  # the question only: its actor calls run to the end
+            ray.cancel(ref, recursive=recursive)
 
-    assert ray_answers(coordinator, "cancelled", "streamkv", frames, chunks, before_ask=cancel_questions) == expected
+    assert ray_answers(coordinator, stream_id, "streamkv", frames, chunks, before_ask=cancel_questions) == expected
 
 
 def test_eight_concurrent_streams_are_isolated(coordinator, engine_model):
@@ -255,6 +260,36 @@ def test_the_answer_pool_grows_under_load_and_shrinks_when_idle(ray_runtime, che
         assert ray.get(pool.ask.remote("p1", QUESTIONS[0], 5))["token_ids"] == answers["p1"][0]["token_ids"]
     finally:
         ray.kill(pool)
+
+
+def test_a_stream_whose_every_replica_is_lost_says_so_and_can_be_recreated(ray_runtime, checkpoint_dirs, engine_model):
+    """Kill the prefill actor and the only answer actor at once: they restart empty, no replica of
+    the stream survives, so the stream is lost. Its status says so, frames and questions get a
+    typed error at once, and deleting and recreating it gives a working stream."""
+    lone = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(
+        checkpoint_dirs["gqa"], answerers=1, restore_timeout_s=3.0)
+    try:
+        frames = video(24, seed=61)
+        ray.get(lone.create_stream.remote("doomed", "rekv", CASES["rekv"]))
+        ray.get(lone.ingest.remote("doomed", frames[:10]))
+        workers = ray.get(lone.workers.remote())
+        for actor in (workers["prefill"], *workers["answerers"]):
+            ray.kill(actor, no_restart=False)
+        with pytest.raises(StreamLostError):
+            ray.get(lone.ingest.remote("doomed", frames[10:]))  # closes a segment: nowhere to commit it
+        status = ray.get(lone.status.remote("doomed"))
+        assert status["state"] == "lost" and "all were lost" in status["last_error"]
+        with pytest.raises(StreamLostError):
+            ray.get(lone.ask.remote("doomed", QUESTIONS[0], 3))
+        ray.get(lone.delete_stream.remote("doomed"))
+        ray.get(lone.create_stream.remote("doomed", "rekv", CASES["rekv"]))
+        ray.get(lone.ingest.remote("doomed", frames))
+        session = StreamSession(engine_model, method="rekv", **CASES["rekv"])
+        session.add_frames(frames)
+        assert ray.get(lone.ask.remote("doomed", QUESTIONS[0], 5))["token_ids"] == session.ask(QUESTIONS[0], 5).token_ids
+        assert ray.get(lone.status.remote("doomed"))["state"] == "live"
+    finally:
+        ray.kill(lone)
 
 
 def test_the_coordinator_module_is_torch_free():
