@@ -151,13 +151,15 @@ def run_reader(model, streams, asked, distractors: int, seed: int = 0) -> dict:
 def report(results: dict, console: Console) -> str:
     table = Table(title=f"long-stream QA, {results['world']} world ({results['frames']} frames x "
                         f"{results['streams']} streams, {results['questions']} questions)")
-    columns = ["method", "accuracy", *KINDS, "evidence hit", "retained KV", "p50", "p95", "ingest fps"]
+    kinds = [k for k in KINDS if any(k in r["accuracy_by_kind"] for r in results["methods"].values())]
+    columns = ["method", "accuracy", *kinds, "evidence hit", "retained KV", "p50", "p95", "ingest fps"]
     for column in columns:
         table.add_column(column, justify="right")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for label, r in results["methods"].items():
         low, high = r["accuracy_ci95"]
-        row = [label, f"{r['accuracy']:.1%} [{low:.0%}, {high:.0%}]", *[f"{r['accuracy_by_kind'].get(k, float('nan')):.0%}" for k in KINDS],
+        row = [label, f"{r['accuracy']:.1%} [{low:.0%}, {high:.0%}]",
+               *[f"{r['accuracy_by_kind'].get(k, float('nan')):.0%}" for k in kinds],
                f"{r['evidence_hit_rate']:.0%}", f"{r['retained_bytes'] / 2**20:.2f} MiB",
                f"{r['latency_p50_s'] * 1000:.0f} ms", f"{r['latency_p95_s'] * 1000:.0f} ms", f"{r['ingest_fps']:.1f}"]
         table.add_row(*row)
