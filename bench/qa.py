@@ -186,16 +186,23 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axis = plt.subplots(figsize=(7, 4.5))
     for label, r in results["methods"].items():
-        axis.scatter(r["retained_bytes"] / 2**20, 100 * r["accuracy"], s=40)
+        low, high = (100 * bound for bound in r["accuracy_ci95"])
+        accuracy = 100 * r["accuracy"]
+        axis.errorbar(r["retained_bytes"] / 2**20, accuracy, yerr=[[accuracy - low], [high - accuracy]],
+                      fmt="o", markersize=6, capsize=3)
         axis.annotate(label, (r["retained_bytes"] / 2**20, 100 * r["accuracy"]), fontsize=8,
                       xytext=(4, 3), textcoords="offset points")
     axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("retained KV at the end of the stream (MiB, log)")
     axis.set_ylabel("accuracy (%)")
-    axis.set_title(f"accuracy vs memory, {results['frames']}-frame streams")
+    axis.set_title(f"accuracy vs memory, {results['frames']}-frame streams ({results['world']} world; "
+                   f"95% interval over {results['streams']} streams)", fontsize=10)
     axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -259,3 +259,12 @@ def test_a_pushed_source_that_goes_quiet_ends_after_its_idle_timeout(server):
         assert 0 < status["frames_ingested"] <= 48, status
         assert http.post("/v1/chat/completions", json=ask_body("quiet")).status_code == 200
         assert http.delete("/v1/streams/quiet").status_code == 200
+
+
+def test_a_lost_stream_answers_409_with_its_type():
+    """A lost stream (its memory has a gap) is the client's to delete and create again: 409."""
+    from deploy.app import _error_name, typed_status
+    from pipeline.errors import StreamLostError
+
+    error = StreamLostError("stream 'cam' is lost: ...; delete it and create it again")
+    assert (typed_status(error), _error_name(error)) == (409, "StreamLostError")
