@@ -57,11 +57,12 @@ def _model_actors() -> dict[str, type]:
 
 
 def _detached(coroutine) -> asyncio.Task:
-    """Run `coroutine` as a task of its own that its caller cannot cancel, outside the caller's
-    Ray task context. A caller that goes away (ray.cancel, recursive by default) cancels the
-    actor calls submitted in its context, and a model actor's call that is already running then
-    still runs to the end but reports TaskCancelledError: its effect (a segment flushed, an update
-    applied) would be done yet unknown to the coordinator. So stream work runs in these tasks."""
+    """Run `coroutine` as a task of its own, outside the caller's Ray task context (a caller that
+    awaits it shields it too). A caller that goes away (ray.cancel, recursive by default) cancels
+    the actor calls submitted in its context, and a model actor's call that is already running
+    then still runs to the end but reports TaskCancelledError: its effect (a segment flushed, an
+    update applied) would be done yet unknown to the coordinator. So stream work runs in these
+    tasks."""
     return asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
 
 
@@ -98,7 +99,7 @@ class _Stream:
     last_error: str | None = None
     committing: asyncio.Future | None = None  # the last of the closed segments' commits, chained in order
     publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
-    lost: str | None = None  # why the stream's memory has a gap (a commit failed): it is unusable
+    lost: str | None = None  # why the stream's memory has a gap (a failed commit, no replica left)
     mode: str | None = None  # "push" or "pull" once a source is attached
     decoder: Any = None  # the DecoderActor reading the source
 

@@ -164,8 +164,8 @@ def error_json(status: int, type_: str, message: str, headers: dict | None = Non
 
 
 _TYPED = [  # most specific first
-    (UnknownStreamError, 404), (NoFramesError, 409), (StreamLostError, 409), (VideoDecodeError, 422), (SourceUnavailableError, 422),
-    (ConfigError, 422), (InvalidInputError, 422),
+    (UnknownStreamError, 404), (NoFramesError, 409), (StreamLostError, 409), (VideoDecodeError, 422),
+    (SourceUnavailableError, 422), (ConfigError, 422), (InvalidInputError, 422),
 ]
 
 

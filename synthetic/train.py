@@ -87,13 +87,13 @@ def sample_clip(rng: np.random.Generator, seed: int, n_frames: int, world: World
 
 
 def make_batch(processor, rng, world, batch, n_frames, kinds, q_per_clip, seed_base, single=False,
-               hard_world: WorldConfig | None = None, hard_fraction: float = 0.0):
+               confusable_world: WorldConfig | None = None, confusable_fraction: float = 0.0):
     """Processor inputs for `batch` clips, each clip's questions, and each clip's frame numbers.
-    A `hard_fraction` of the clips come from `hard_world` (e.g. only shapes the model confuses)."""
+    A `confusable_fraction` of the clips come from `confusable_world` (only shapes the model confuses)."""
     texts, videos, qs_all, clips = [], [], [], []
     while len(texts) < batch:
         seed = int(rng.integers(0, 10**9)) + seed_base
-        clip_world = hard_world if hard_world is not None and rng.random() < hard_fraction else world
+        clip_world = confusable_world if confusable_world is not None and rng.random() < confusable_fraction else world
         idx, scenes, view = sample_clip(rng, seed, n_frames, clip_world)
         qs = view_questions(view, clip_world, rng, kinds, n=1 if single else q_per_clip)
         if not qs:
@@ -301,7 +301,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     spec = replace(DEMO_SPEC, seed=args.seed, **(json.loads(args.spec) if args.spec else {}))
     world = WorldConfig()
-    hard_world = replace(world, shapes=tuple(args.confusable_shapes.split(","))) if args.confusable_shapes else None
+    confusable_world = replace(world, shapes=tuple(args.confusable_shapes.split(","))) if args.confusable_shapes else None
     kinds = tuple(args.kinds.split(","))
     stage1_kinds = tuple(args.stage1_kinds.split(","))
     eval_lens = tuple(int(x) for x in args.eval_lens.split(","))
@@ -367,8 +367,8 @@ def main(argv=None):
         in_stage1 = frac < s1
         inputs, batch_questions, clips = make_batch(
             processor, rng, world, args.batch, n_frames, stage1_kinds if in_stage1 else kinds,
-            args.stage1_q if in_stage1 else args.q_per_clip, 0, hard_world=hard_world,
-            hard_fraction=0.0 if in_stage1 else args.confusable_fraction,
+            args.stage1_q if in_stage1 else args.q_per_clip, 0, confusable_world=confusable_world,
+            confusable_fraction=0.0 if in_stage1 else args.confusable_fraction,
         )  # fmt: skip
         labels = answer_labels(inputs["input_ids"], tok)
         loss = answer_loss = model(**inputs, labels=labels).loss
