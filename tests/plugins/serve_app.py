@@ -1,11 +1,12 @@
 """The HTTP API over real HTTP: one Serve app on the shared Ray runtime for the whole session.
 
-`server` (session): the base URL of a locally started Serve app (deploy.app:build_app) with the
+`server` (session): the base URL of a locally started, healthy Serve app (deploy.app:build_app) with the
 tiny GQA checkpoint, three bearer tokens (TOKEN_A, TOKEN_B, TOKEN_FUZZ), small body limits and its own
 coordinator; deleted, with its coordinator, at the end of the session.
 """
 
 import socket
+import time
 import uuid
 
 import httpx
@@ -45,8 +46,15 @@ def server(ray_runtime, checkpoint_dirs):
         "actor_cpus": 0.05, "coordinator_cpus": 0.05, "api_cpus": 0.05,
     })
     serve.run(app, name="streamkv-http-test", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    # ready as a load balancer's probe sees it: /healthz answers 503 until the coordinator (a
+    # detached actor the replica starts) answers, which takes longer than its 10 s on a busy machine
+    deadline = time.monotonic() + 180
+    while httpx.get(f"{url}/healthz", timeout=60).status_code != 200:
+        assert time.monotonic() < deadline, "the API did not become healthy in 180 s"
+        time.sleep(1)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         serve.delete("streamkv-http-test")
         try:
