@@ -25,16 +25,18 @@ class AnswerWorker:
         memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
         self.streams[spec.stream_id] = _Replica(spec, memory, Answerer(self.model, config, spec.system_prompt), applied)
 
-    def apply(self, stream_id: str, sequence: int, update: Wire) -> int:
-        """Apply update number `sequence` (1-based); idempotent for updates already applied."""
+    def apply(self, stream_id: str, first: int, updates: list[Wire]) -> int:
+        """Apply updates numbered from `first` (1-based) in order; idempotent for updates already
+        applied. Returns how many the replica holds."""
         replica = lookup(self.streams, stream_id)
-        if sequence <= replica.applied:
-            return replica.applied
-        if sequence != replica.applied + 1:
-            raise ReplicaGapError(f"stream {stream_id!r}: have {replica.applied} updates, got number {sequence}")
-        replica.memory.apply(unpack_update(update, self.model.device, self.model.dtype))
-        replica.applied = sequence
-        return sequence
+        for sequence, update in enumerate(updates, start=first):
+            if sequence <= replica.applied:
+                continue
+            if sequence != replica.applied + 1:
+                raise ReplicaGapError(f"stream {stream_id!r}: have {replica.applied} updates, got number {sequence}")
+            replica.memory.apply(unpack_update(update, self.model.device, self.model.dtype))
+            replica.applied = sequence
+        return replica.applied
 
     def check(self, stream_id: str, question: str, max_new_tokens: int) -> None:
         """Validate a question before the coordinator flushes the stream's open segment for it."""

@@ -50,10 +50,11 @@ class CompressorWorker:
         compressor.decide(decoded)
         return decoded.keep
 
-    def record(self, stream_id: str, update: Wire) -> None:
-        """The committed segment's entry in the summary index."""
-        if update.meta["units"]:
-            self.index.put(segment_record(stream_id, unpack_update(update, "cpu", torch.float32)))
+    def record(self, stream_id: str, updates: list[Wire]) -> None:
+        """The committed segments' entries in the summary index."""
+        for update in updates:
+            if update.meta["units"]:
+                self.index.put(segment_record(stream_id, unpack_update(update, "cpu", torch.float32)))
 
     def segments(self, stream_id: str) -> list[dict]:
         return [{"segment": r.segment_id, "frames": list(r.frame_range), "times": list(r.time_range),

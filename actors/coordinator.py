@@ -1,8 +1,9 @@
 """The stream coordinator: the one place that orders each stream's work across the actors.
 
     ingest(frames) -> prefill.encode_frames (batched across streams) -> compressor.push
-      -> per closed segment: prefill.encode_segment (-> compressor.decide -> prefill.commit, when
-         the decision is guidance's) -> every answer replica applies it, the index records it
+      -> closed segments: prefill.encode_and_commit (guidance: per segment prefill.encode_segment
+         -> compressor.decide -> prefill.commit) -> every answer replica applies them, the index
+         records them
     ask(question)  -> compressor.flush (+ the segment path above) -> one answer replica
 
 Memory is replicated: the prefill actor's replica and each answer actor's replica apply the same
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import itertools
 import logging
 import time
@@ -85,6 +87,20 @@ class _AnswerReplica:
 
 
 @dataclass
+class _Chunk:
+    tokens: np.ndarray  # [T, n, hidden] visual tokens of the chunk's frames
+    times: Any  # as the caller gave them (checked when the chunk's turn comes)
+    ingested: asyncio.Future  # the stream's frame count, once the chunk's segments are committed
+
+
+def _settle(future: asyncio.Future, result, source: asyncio.Future) -> None:
+    """Finish `future` like `source`: its exception, else `result`."""
+    if not future.done():
+        error = source.exception()
+        future.set_exception(error) if error else future.set_result(result)
+
+
+@dataclass
 class _Stream:
     spec: StreamSpec
     frame_rate: float
@@ -97,7 +113,13 @@ class _Stream:
     pending: list[tuple[int, np.ndarray, float]] = field(default_factory=list)  # frames in the open segment
     recoveries: int = 0
     last_error: str | None = None
-    committing: asyncio.Future | None = None  # the last of the closed segments' commits, chained in order
+    chunks: list[_Chunk] = field(default_factory=list)  # encoded, waiting to be segmented (in order)
+    segmenting: asyncio.Task | None = None  # runs _segment_chunks while chunks are queued
+    to_commit: list[tuple[list, asyncio.Future]] = field(default_factory=list)  # closed segments, in order
+    committer: asyncio.Task | None = None  # runs _commit_segments while segments are queued
+    committing: asyncio.Future | None = None  # done when the last queued segments are committed
+    # chunks segmented, compressor pushes and commits they took: how much queued-up work coalesced
+    batching: dict[str, int] = field(default_factory=lambda: {"chunks": 0, "pushes": 0, "commits": 0})
     publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
     lost: str | None = None  # why the stream's memory has a gap (a failed commit, no replica left)
     mode: str | None = None  # "push" or "pull" once a source is attached
@@ -211,7 +233,7 @@ class StreamCoordinator:
             "frames_decoded": source and source["frames_decoded"], "frames_dropped": source and source["frames_dropped"],
             "source_state": source and source["state"],
             "segments": stream.applied, "last_time": stream.last_time,
-            "recoveries": stream.recoveries, "restarts": dict(self.restarts),
+            "recoveries": stream.recoveries, "restarts": dict(self.restarts), "batching": dict(stream.batching),
             "last_error": stream.lost or stream.last_error or (source and source["last_error"]),
         }
 
@@ -256,10 +278,11 @@ class StreamCoordinator:
 
     # ---- ingest (the FrameSink contract of actors.decoder) ---------------------------------
     async def ingest(self, stream_id: str, frames, times=None, seq: int | None = None) -> int:
-        """Append frames to the stream. The vision tower runs first, ahead of the stream's order
-        (it is stateless), so with several chunks in flight one chunk's vision overlaps the
-        previous one's segment work. Decoder chunks carry `seq` and are appended in seq order
-        (Ray may start an async actor's calls in any order)."""
+        """Append frames to the stream; returns the frames ingested so far, once the segments
+        this chunk closed are in the stream's memory (bounded work per stream). The vision tower
+        runs first, ahead of the stream's order (it is stateless), so with several chunks in
+        flight one chunk's vision overlaps the previous one's segment work. Decoder chunks carry
+        `seq` and are appended in seq order (Ray may start an async actor's calls in any order)."""
         stream = self._live_stream(stream_id)
         try:
             frames = check_frames(frames)
@@ -267,52 +290,94 @@ class StreamCoordinator:
             if seq is not None:
                 async with stream.chunk_turn:
                     await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
-            # detached: a caller that goes away must not leave frames half-appended (in the
-            # segmenter, not in the stream's count) or cancel a commit later ones are chained to
-            return await asyncio.shield(_detached(self._append(stream, tokens, times)))
+            ingested = self._queue_chunk(stream, tokens, times)
         finally:
             if seq is not None:
                 async with stream.chunk_turn:
                     stream.next_chunk = max(stream.next_chunk, seq + 1)
                     stream.chunk_turn.notify_all()
+        # the chunk's work runs detached (_segment_chunks): a caller that goes away must not leave
+        # frames half-appended (in the segmenter, not in the stream's count) or cancel a commit
+        # later ones follow
+        return await asyncio.shield(ingested)
 
-    async def _append(self, stream: _Stream, tokens: np.ndarray, times) -> int:
-        """Segment the frames in stream order, then commit the segments they close after those
-        closed before: the next chunk is segmented while this one's segments are prefilled."""
-        stream_id = stream.spec.stream_id
-        async with stream.lock:
-            times = check_times(times, len(tokens), stream.frames_seen, stream.last_time, stream.frame_rate)
-            first = stream.frames_seen
-            stream.pending += [(first + i, tokens[i], times[i]) for i in range(len(tokens))]
-            wire = _features_wire(tokens, first, times)
-            segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(stream_id, wire))
-            stream.frames_seen += len(tokens)
-            stream.last_time = times[-1]
-            frames_seen = stream.frames_seen
-            committed = self._commit_in_order(stream, segments)
-        await committed  # bounded work: a chunk returns once its segments are in the stream's memory
-        return frames_seen
+    def _queue_chunk(self, stream: _Stream, tokens: np.ndarray, times) -> asyncio.Future:
+        ingested = asyncio.get_running_loop().create_future()
+        stream.chunks.append(_Chunk(tokens, times, ingested))
+        if stream.segmenting is None or stream.segmenting.done():
+            stream.segmenting = _detached(self._segment_chunks(stream))
+        return ingested
 
-    def _commit_in_order(self, stream: _Stream, segments: list) -> asyncio.Future:
-        """Commit `segments` after every segment closed before them (call under the stream lock)."""
+    async def _segment_chunks(self, stream: _Stream) -> None:
+        """Segment the queued chunks in stream order. Chunks that queued up behind a busy
+        compressor go in one call, and their segments into one commit: under load the per-call
+        cost is paid per batch, not per chunk, and an idle pipeline adds no wait."""
+        sid = stream.spec.stream_id
+        while stream.chunks:
+            batch, stream.chunks = stream.chunks, []
+            async with stream.lock:
+                accepted: list[tuple[_Chunk, int]] = []  # with the frames ingested once it is in
+                tokens, times = [], []
+                first, last_time = stream.frames_seen, stream.last_time
+                for chunk in batch:
+                    try:
+                        chunk_times = check_times(chunk.times, len(chunk.tokens), first + len(times), last_time,
+                                                  stream.frame_rate)
+                    except InvalidInputError as error:  # this chunk alone is refused
+                        chunk.ingested.set_exception(error)
+                        continue
+                    tokens.append(chunk.tokens)
+                    times += list(chunk_times)
+                    last_time = chunk_times[-1]
+                    accepted.append((chunk, first + len(times)))
+                if not accepted:
+                    continue
+                tokens = np.concatenate(tokens)
+                wire = _features_wire(tokens, first, times)
+                stream.batching["chunks"] += len(accepted)
+                stream.batching["pushes"] += 1
+                try:
+                    segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire))
+                except Exception as error:  # noqa: BLE001 - the batch's callers get it
+                    for chunk, _ in accepted:
+                        chunk.ingested.set_exception(error)
+                    continue
+                # recorded once pushed: a restarted compressor is replayed the frames before these
+                stream.pending += [(first + i, tokens[i], times[i]) for i in range(len(tokens))]
+                stream.frames_seen, stream.last_time = first + len(tokens), last_time
+                committed = self._queue_commit(stream, segments)
+            for chunk, frames_seen in accepted:
+                committed.add_done_callback(functools.partial(_settle, chunk.ingested, frames_seen))
+
+    def _queue_commit(self, stream: _Stream, segments: list) -> asyncio.Future:
+        """Commit `segments` after every segment closed before them (call under the stream lock);
+        the future is done once they are committed."""
         if segments:  # the segmenter holds no frames before the last closed segment's end any more
             closed_until = segments[-1].meta["features"][-1][0][1]
             stream.pending = [p for p in stream.pending if p[0] >= closed_until]
-        previous = stream.committing
+        stream.committing = asyncio.get_running_loop().create_future()
+        stream.to_commit.append((segments, stream.committing))
+        if stream.committer is None or stream.committer.done():
+            stream.committer = _detached(self._commit_segments(stream))
+        return stream.committing
 
-        async def commit_all():
-            if previous is not None:
-                await previous  # a failed commit fails the ones after it: the stream's memory has a gap
+    async def _commit_segments(self, stream: _Stream) -> None:
+        """Commit the queued segments in order, all that queued up at once. A failed commit fails
+        the ones after it: the stream's memory has a gap."""
+        while stream.to_commit:
+            batch, stream.to_commit = stream.to_commit, []
             try:
-                for segment in segments:
-                    await self._commit(stream, segment)
-            except Exception as error:
+                if stream.lost:
+                    raise StreamLostError(f"stream {stream.spec.stream_id!r} is lost: {stream.lost}")
+                await self._commit(stream, [segment for segments, _ in batch for segment in segments])
+            except Exception as error:  # noqa: BLE001 - the batch's callers get it
                 stream.lost = stream.lost or (
                     f"segment {stream.applied + 1} could not be committed ({type(error).__name__}: {error})")
-                raise
-
-        stream.committing = _detached(commit_all())
-        return stream.committing
+                for _, committed in batch:
+                    committed.set_exception(error)
+            else:
+                for _, committed in batch:
+                    committed.set_result(None)
 
     async def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> dict:
         stream = self._live_stream(stream_id)
@@ -352,7 +417,7 @@ class StreamCoordinator:
     async def _close_open_segment(self, stream: _Stream) -> None:
         async with stream.lock:
             segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream.spec.stream_id))
-            committed = self._commit_in_order(stream, [] if segment is None else [segment])
+            committed = self._queue_commit(stream, [] if segment is None else [segment])
         await committed
 
     # ---- the answer pool --------------------------------------------------------------------
@@ -417,28 +482,35 @@ class StreamCoordinator:
                     self.scaling_events["answerers_removed"] += 1
 
     # ---- the segment path -----------------------------------------------------------------
-    async def _commit(self, stream: _Stream, segment) -> None:
+    async def _commit(self, stream: _Stream, segments: list) -> None:
         sid = stream.spec.stream_id
-        guided = stream.spec.config().compression == "guidance"  # the one decision made elsewhere
+        stream.batching["commits"] += bool(segments)
+        # Values, not refs, travel on: an object the prefill actor returned can be lost with it
+        # (actor tasks are not reconstructed), and the replicas still need the updates.
+        if stream.spec.config().compression != "guidance":  # decided in the prefill actor: one call
+            if segments:
+                self._publish(stream, await self._on_prefill(
+                    stream, lambda: self.prefill.encode_and_commit.remote(sid, segments)))
+            return
 
-        async def encode_and_commit():
-            # Values, not refs, travel on: an object the prefill actor returned can be lost with it
-            # (actor tasks are not reconstructed), and the replicas still need the update.
-            update = await self.prefill.encode_segment.remote(sid, segment, not guided)
-            if not guided:
-                return update
+        async def guided(segment):  # the one decision made elsewhere
+            update = await self.prefill.encode_segment.remote(sid, segment)
             keep = await self._on_compressor(stream, lambda: self.compressor.decide.remote(sid, update))
             return await self.prefill.commit.remote(sid, keep)
 
-        update = await self._on_prefill(stream, encode_and_commit)
-        stream.applied += 1
-        sequence = stream.applied
-        # Replicas and the index catch up in the background: Ray runs one caller's calls to an
-        # actor in submission order, and a question first waits for its stream's updates.
+        for segment in segments:  # one at a time: a restored prefill replica resumes after the last
+            self._publish(stream, [await self._on_prefill(stream, lambda: guided(segment))])
+
+    def _publish(self, stream: _Stream, updates: list) -> None:
+        """Count committed updates and send them to every replica and the index in the background:
+        Ray runs one caller's calls to an actor in submission order, and a question first waits
+        for its stream's updates."""
+        sid, first = stream.spec.stream_id, stream.applied + 1
+        stream.applied += len(updates)
         stream.publishing = [t for t in stream.publishing if not t.done()] + [
             # the index write needs no stream state in the compressor: after a restart, just retry
-            asyncio.ensure_future(self._until_alive(lambda: self.compressor.record.remote(sid, update))),
-            *[asyncio.ensure_future(self._on_answerer(stream, r, lambda a: a.apply.remote(sid, sequence, update)))
+            asyncio.ensure_future(self._until_alive(lambda: self.compressor.record.remote(sid, updates))),
+            *[asyncio.ensure_future(self._on_answerer(stream, r, lambda a: a.apply.remote(sid, first, updates)))
               for r in self.answerers if sid in r.streams],
         ]
 

@@ -66,25 +66,35 @@ class PrefillWorker:
         tokens = self.model.encode_frames(np.concatenate(batches), batch_size).float().cpu().numpy()
         return np.split(tokens, np.cumsum(sizes)[:-1])
 
-    def encode_segment(self, stream_id: str, segment: Wire, decided_here: bool) -> Wire:
-        """Encode a closed segment. When its decisions need no other actor (`decided_here`), commit
-        it at once and return it committed; otherwise return it for the compressor to decide on."""
+    def encode_segment(self, stream_id: str, segment: Wire) -> Wire:
+        """Encode a closed segment and hold it, uncommitted, for the compressor to decide on."""
+        self._encode(stream_id, segment)
+        return pack_update(self.streams[stream_id].pending, stream_id=stream_id, model_id=self.model.name)
+
+    def encode_and_commit(self, stream_id: str, segments: list[Wire]) -> list[Wire]:
+        """Encode and commit closed segments whose decisions need no other actor (every
+        compression but guidance), in order: one call for all the segments that queued up."""
+        committed = []
+        for segment in segments:
+            self._encode(stream_id, segment)
+            committed.append(self.commit(stream_id, None))
+        return committed
+
+    def _encode(self, stream_id: str, segment: Wire) -> None:
         stream = lookup(self.streams, stream_id)
-        segment = unpack_segment(segment, self.model.device, self.model.dtype)
-        stream.pending = stream.encoder.encode(stream.memory, segment)
-        if decided_here:
-            return self.commit(stream_id, None)
-        return pack_update(stream.pending, stream_id=stream_id, model_id=self.model.name)
+        decoded = unpack_segment(segment, self.model.device, self.model.dtype)
+        stream.pending = stream.encoder.encode(stream.memory, decoded)
 
     def commit(self, stream_id: str, keep: list[list[int]] | None) -> Wire:
-        """Apply the pending update with the compressor's `keep` decisions to this replica; return it,
-        with the decisions that need the whole memory (VSB) recorded, for the other replicas."""
+        """Apply the pending update to this replica, with the compressor's `keep` decisions or
+        (None) decided here; return it, with the decisions that need the whole memory (VSB)
+        recorded, for the other replicas."""
         stream = lookup(self.streams, stream_id)
         update, stream.pending = stream.pending, None
         if update is None:
             raise UnknownStreamError(f"stream {stream_id!r} has no encoded segment to commit")
         if keep is None:
-            stream.compressor.decide(update)  # decided here (VSB: no blocks; keep-all: nothing)
+            stream.compressor.decide(update)  # VSB: no blocks; keep-all: nothing
         else:
             update.keep = keep  # the compressor actor's guidance decision
         stream.memory.apply(update)

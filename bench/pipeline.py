@@ -1,13 +1,14 @@
 """Ray pipeline benchmark: aggregate ingest and answer latency for N concurrent streams, against
 the single-process engine on the same model and frames, in one run.
 
-    python -m bench.pipeline [--streams 1 4 16] [--frames 256] [--method rekv]
+    python -m bench.pipeline [--streams 1 4 16] [--frames 256] [--method rekv] [--rounds 3]
 
 Every stream ingests the same number of frames in numbered chunks of 8, two in flight per stream
-(a decoder actor's default), all streams submitting at once;
+(a decoder actor's default, --in-flight), all streams submitting at once;
 then every stream asks each of bench.engine's 4 questions, all streams at once per question
 (answer p50 over those; the engine asks the same). A warm-up run (2 chunks and the questions on
-one stream) goes first. Object-store use is read from Ray at the end.
+one stream) goes first. Object-store use is read from Ray after the questions. The engine and the
+stream counts take turns, round after round, and each ratio is taken within its round.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import ray
 import torch
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
 from actors.coordinator import StreamCoordinator
@@ -59,14 +61,15 @@ def engine_run(model_dir: Path, method: str, options: dict, frames: np.ndarray) 
     return {"ingest_fps": len(frames) / ingest, "latency_p50_s": statistics.median(latencies)}
 
 
-def pipeline_run(coordinator, n_streams: int, method: str, options: dict, frames: np.ndarray) -> dict:
+def pipeline_run(coordinator, n_streams: int, method: str, options: dict, frames: np.ndarray,
+                 in_flight_chunks: int = IN_FLIGHT) -> dict:
     ids = [f"bench-{n_streams}-{i}" for i in range(n_streams)]
     ray.get([coordinator.create_stream.remote(sid, method, options) for sid in ids])
     start = time.perf_counter()
-    in_flight = []  # like a decoder actor: numbered chunks, IN_FLIGHT of them unfinished per stream
+    in_flight = []  # like a decoder actor: numbered chunks, in_flight_chunks of them unfinished per stream
     for seq, i in enumerate(range(0, len(frames), CHUNK)):
         in_flight.append([coordinator.ingest.remote(sid, frames[i : i + CHUNK], None, seq) for sid in ids])
-        if len(in_flight) == IN_FLIGHT:
+        if len(in_flight) == in_flight_chunks:
             ray.get(in_flight.pop(0))
     ray.get([ref for refs in in_flight for ref in refs])
     ingest = time.perf_counter() - start
@@ -92,9 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--in-flight", type=int, default=IN_FLIGHT, help="unfinished chunks per stream")
+    parser.add_argument("--rounds", type=int, default=3, help="engine, then every stream count, this many times")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    console = Console()
     frames = frames_for(args.frames)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_checkpoint(Path(tmp) / "bench", SIZES[args.size])
@@ -106,23 +110,37 @@ def main(argv: list[str] | None = None) -> dict:
             coordinator = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(str(model_dir))
             pipeline_run(coordinator, 1, args.method, options, frames[: 2 * CHUNK])  # warm-up
             results = {"method": args.method, "size": args.size, "frames_per_stream": args.frames, "options": options,
-                       "engine": engine_run(model_dir, args.method, options, frames), "pipeline": {}}
-            for n in args.streams:
-                results["pipeline"][n] = pipeline_run(coordinator, n, args.method, options, frames)
+                       "in_flight": args.in_flight, "engine": [], "pipeline": {n: [] for n in args.streams}}
+            for _ in track(range(args.rounds), description="rounds"):
+                results["engine"].append(engine_run(model_dir, args.method, options, frames))
+                for n in args.streams:
+                    results["pipeline"][n].append(
+                        pipeline_run(coordinator, n, args.method, options, frames, args.in_flight))
         finally:
             ray.shutdown()
-    table = Table(title=f"Ray pipeline vs engine ({args.method}, {args.size} model, {args.frames} frames per stream)")
-    for column in ("streams", "aggregate ingest fps", "vs engine (1 stream)", "answer p50", "object store"):
-        table.add_column(column, justify="right")
-    engine = results["engine"]
-    table.add_row("engine", f"{engine['ingest_fps']:.1f}", "1.00x", f"{engine['latency_p50_s'] * 1000:.0f} ms", "-")
-    for n, row in results["pipeline"].items():
-        table.add_row(str(n), f"{row['aggregate_ingest_fps']:.1f}", f"{row['aggregate_ingest_fps'] / engine['ingest_fps']:.2f}x",
-                      f"{row['latency_p50_s'] * 1000:.0f} ms", f"{row['object_store_bytes'] / 2**20:.1f} MiB")
-    console.print(table)
+    print_table(results, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"pipeline_{args.size}.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def print_table(results: dict, args) -> None:
+    """Medians over rounds; a pipeline's ratio to the engine is taken within each round (the
+    machine's load drifts between rounds) and its median and range are shown."""
+    table = Table(title=f"Ray pipeline vs engine ({args.method}, {args.size} model, {args.frames} frames per stream, "
+                        f"{args.rounds} rounds)")
+    for column in ("streams", "aggregate ingest fps", "vs engine (same round)", "answer p50", "object store"):
+        table.add_column(column, justify="right")
+    engine_fps = [r["ingest_fps"] for r in results["engine"]]
+    table.add_row("engine", f"{statistics.median(engine_fps):.1f}", "1.00x",
+                  f"{statistics.median(r['latency_p50_s'] for r in results['engine']) * 1000:.0f} ms", "-")
+    for n, rows in results["pipeline"].items():
+        ratios = [row["aggregate_ingest_fps"] / fps for row, fps in zip(rows, engine_fps)]
+        table.add_row(str(n), f"{statistics.median(r['aggregate_ingest_fps'] for r in rows):.1f}",
+                      f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]",
+                      f"{statistics.median(r['latency_p50_s'] for r in rows) * 1000:.0f} ms",
+                      f"{max(r['object_store_bytes'] for r in rows) / 2**20:.1f} MiB")
+    Console(width=120).print(table)
 
 
 if __name__ == "__main__":

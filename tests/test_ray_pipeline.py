@@ -67,6 +67,36 @@ def test_same_answers_and_evidence_as_the_engine(coordinator, engine_model, meth
     assert ray_answers(coordinator, f"eq-{method}", method, frames, chunks) == expected
 
 
+@pytest.mark.parametrize("method", ["rekv", "streamkv"])
+def test_a_burst_of_chunks_is_segmented_together_and_a_bad_one_refused_alone(coordinator, engine_model, method):
+    """Chunks that queue up (a decoder far ahead of the pipeline) are segmented and committed in
+    fewer calls than chunks; one with bad timestamps in the middle of the burst is refused alone;
+    the answer equals the engine's on the frames accepted."""
+    frames, size, bad = video(30, seed=11), 3, 4
+    stream_id = f"burst-{method}"
+    ray.get(coordinator.create_stream.remote(stream_id, method, CASES[method]))
+    starts = list(enumerate(range(0, len(frames), size)))
+    refs = {seq: coordinator.ingest.remote(stream_id, frames[start : start + size],
+                                           [0.0] * size if seq == bad else [(start + i) / 2 for i in range(size)], seq)
+            for seq, start in reversed(starts)}  # the first chunk last: the others are all queued by then
+    refs = [refs[seq] for seq, _ in starts]
+    for seq, ref in enumerate(refs):
+        if seq == bad:
+            with pytest.raises(InvalidInputError, match="increasing"):
+                ray.get(ref)
+        else:
+            ray.get(ref)
+    session = StreamSession(engine_model, method=method, **CASES[method])
+    session.add_frames(np.concatenate([frames[: bad * size], frames[(bad + 1) * size :]]))
+    expected = session.ask(QUESTIONS[0], max_new_tokens=5)
+    answer = ray.get(coordinator.ask.remote(stream_id, QUESTIONS[0], 5))
+    assert (answer["token_ids"], [e["frames"] for e in answer["evidence"]]) == \
+        (expected.token_ids, [list(e.frames) for e in expected.evidence])
+    status = ray.get(coordinator.status.remote(stream_id))
+    assert status["frames_ingested"] == len(frames) - size
+    assert status["batching"]["chunks"] == len(refs) - 1 and status["batching"]["pushes"] < len(refs) - 1
+
+
 @pytest.mark.parametrize("recursive", [False, True])
 def test_cancelled_questions_leave_the_stream_whole(coordinator, engine_model, recursive):
     """A caller that goes away (an HTTP client disconnecting) cancels its question in the
