@@ -86,6 +86,25 @@ class _AnswerReplica:
     last_used: float = field(default_factory=time.monotonic)
 
 
+class _Coalescer:
+    """Hands everything queued so far to `drain` in one call, one call at a time, in queue order:
+    items that queue up behind a running call go together into the next one (batching under
+    load), and an item queued while nothing runs goes at once (no added latency)."""
+
+    def __init__(self, drain):
+        self.drain, self.items, self.running = drain, [], None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        if self.running is None or self.running.done():
+            self.running = _detached(self._run())  # it serves every caller that queued, not only this one
+
+    async def _run(self) -> None:
+        while self.items:
+            batch, self.items = self.items, []
+            await self.drain(batch)
+
+
 @dataclass
 class _Chunk:
     tokens: np.ndarray  # [T, n, hidden] visual tokens of the chunk's frames
@@ -113,10 +132,8 @@ class _Stream:
     pending: list[tuple[int, np.ndarray, float]] = field(default_factory=list)  # frames in the open segment
     recoveries: int = 0
     last_error: str | None = None
-    chunks: list[_Chunk] = field(default_factory=list)  # encoded, waiting to be segmented (in order)
-    segmenting: asyncio.Task | None = None  # runs _segment_chunks while chunks are queued
-    to_commit: list[tuple[list, asyncio.Future]] = field(default_factory=list)  # closed segments, in order
-    committer: asyncio.Task | None = None  # runs _commit_segments while segments are queued
+    chunks: _Coalescer = field(init=False)  # encoded chunks on their way to the segmenter (_segment_batch)
+    commits: _Coalescer = field(init=False)  # closed segments on their way to the replicas (_commit_batch)
     committing: asyncio.Future | None = None  # done when the last queued segments are committed
     # chunks segmented, compressor pushes and commits they took: how much queued-up work coalesced
     batching: dict[str, int] = field(default_factory=lambda: {"chunks": 0, "pushes": 0, "commits": 0})
@@ -155,8 +172,7 @@ class StreamCoordinator:
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0}
         self.scaling_events = {"answerers_added": 0, "answerers_removed": 0}
         self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
-        self._batch: list[tuple[np.ndarray, asyncio.Future]] = []
-        self._batch_running = False
+        self._vision = _Coalescer(self._encode_batch)  # (frames, future) of every stream
 
     def _spawn(self, kind: str, *args):
         worker = _model_actors()[kind]
@@ -182,7 +198,9 @@ class StreamCoordinator:
         await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])
         for replica in replicas:
             replica.streams.add(stream_id)
-        self.streams[stream_id] = _Stream(spec, config.frame_rate)
+        self.streams[stream_id] = stream = _Stream(spec, config.frame_rate)
+        stream.chunks = _Coalescer(functools.partial(self._segment_batch, stream))
+        stream.commits = _Coalescer(functools.partial(self._commit_batch, stream))
         if self._idle_watch is None and self.max_answerers > self.min_answerers:
             self._idle_watch = _detached(self._remove_idle_answerers())
         return await self.status(stream_id)
@@ -290,64 +308,55 @@ class StreamCoordinator:
             if seq is not None:
                 async with stream.chunk_turn:
                     await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
-            ingested = self._queue_chunk(stream, tokens, times)
+            ingested = asyncio.get_running_loop().create_future()
+            stream.chunks.put(_Chunk(tokens, times, ingested))
         finally:
             if seq is not None:
                 async with stream.chunk_turn:
                     stream.next_chunk = max(stream.next_chunk, seq + 1)
                     stream.chunk_turn.notify_all()
-        # the chunk's work runs detached (_segment_chunks): a caller that goes away must not leave
+        # the chunk's work runs detached (_segment_batch): a caller that goes away must not leave
         # frames half-appended (in the segmenter, not in the stream's count) or cancel a commit
         # later ones follow
         return await asyncio.shield(ingested)
 
-    def _queue_chunk(self, stream: _Stream, tokens: np.ndarray, times) -> asyncio.Future:
-        ingested = asyncio.get_running_loop().create_future()
-        stream.chunks.append(_Chunk(tokens, times, ingested))
-        if stream.segmenting is None or stream.segmenting.done():
-            stream.segmenting = _detached(self._segment_chunks(stream))
-        return ingested
-
-    async def _segment_chunks(self, stream: _Stream) -> None:
-        """Segment the queued chunks in stream order. Chunks that queued up behind a busy
-        compressor go in one call, and their segments into one commit: under load the per-call
-        cost is paid per batch, not per chunk, and an idle pipeline adds no wait."""
+    async def _segment_batch(self, stream: _Stream, batch: list[_Chunk]) -> None:
+        """Segment queued chunks in stream order, in one compressor call, and queue the segments
+        they close for one commit: under load the per-call cost is paid per batch, not per chunk."""
         sid = stream.spec.stream_id
-        while stream.chunks:
-            batch, stream.chunks = stream.chunks, []
-            async with stream.lock:
-                accepted: list[tuple[_Chunk, int]] = []  # with the frames ingested once it is in
-                tokens, times = [], []
-                first, last_time = stream.frames_seen, stream.last_time
-                for chunk in batch:
-                    try:
-                        chunk_times = check_times(chunk.times, len(chunk.tokens), first + len(times), last_time,
-                                                  stream.frame_rate)
-                    except InvalidInputError as error:  # this chunk alone is refused
-                        chunk.ingested.set_exception(error)
-                        continue
-                    tokens.append(chunk.tokens)
-                    times += list(chunk_times)
-                    last_time = chunk_times[-1]
-                    accepted.append((chunk, first + len(times)))
-                if not accepted:
-                    continue
-                tokens = np.concatenate(tokens)
-                wire = _features_wire(tokens, first, times)
-                stream.batching["chunks"] += len(accepted)
-                stream.batching["pushes"] += 1
+        async with stream.lock:
+            accepted: list[tuple[_Chunk, int]] = []  # with the frames ingested once it is in
+            tokens, times = [], []
+            first, last_time = stream.frames_seen, stream.last_time
+            for chunk in batch:
                 try:
-                    segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire))
-                except Exception as error:  # noqa: BLE001 - the batch's callers get it
-                    for chunk, _ in accepted:
-                        chunk.ingested.set_exception(error)
+                    chunk_times = check_times(chunk.times, len(chunk.tokens), first + len(times), last_time,
+                                              stream.frame_rate)
+                except InvalidInputError as error:  # this chunk alone is refused
+                    chunk.ingested.set_exception(error)
                     continue
-                # recorded once pushed: a restarted compressor is replayed the frames before these
-                stream.pending += [(first + i, tokens[i], times[i]) for i in range(len(tokens))]
-                stream.frames_seen, stream.last_time = first + len(tokens), last_time
-                committed = self._queue_commit(stream, segments)
-            for chunk, frames_seen in accepted:
-                committed.add_done_callback(functools.partial(_settle, chunk.ingested, frames_seen))
+                tokens.append(chunk.tokens)
+                times += chunk_times
+                last_time = chunk_times[-1]
+                accepted.append((chunk, first + len(times)))
+            if not accepted:
+                return
+            tokens = np.concatenate(tokens)
+            wire = _features_wire(tokens, first, times)
+            stream.batching["chunks"] += len(accepted)
+            stream.batching["pushes"] += 1
+            try:
+                segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire))
+            except Exception as error:  # noqa: BLE001 - the batch's callers get it
+                for chunk, _ in accepted:
+                    chunk.ingested.set_exception(error)
+                return
+            # recorded once pushed: a restarted compressor is replayed the frames before these
+            stream.pending += [(first + i, tokens[i], times[i]) for i in range(len(tokens))]
+            stream.frames_seen, stream.last_time = first + len(tokens), last_time
+            committed = self._queue_commit(stream, segments)
+        for chunk, frames_seen in accepted:
+            committed.add_done_callback(functools.partial(_settle, chunk.ingested, frames_seen))
 
     def _queue_commit(self, stream: _Stream, segments: list) -> asyncio.Future:
         """Commit `segments` after every segment closed before them (call under the stream lock);
@@ -356,28 +365,24 @@ class StreamCoordinator:
             closed_until = segments[-1].meta["features"][-1][0][1]
             stream.pending = [p for p in stream.pending if p[0] >= closed_until]
         stream.committing = asyncio.get_running_loop().create_future()
-        stream.to_commit.append((segments, stream.committing))
-        if stream.committer is None or stream.committer.done():
-            stream.committer = _detached(self._commit_segments(stream))
+        stream.commits.put((segments, stream.committing))
         return stream.committing
 
-    async def _commit_segments(self, stream: _Stream) -> None:
-        """Commit the queued segments in order, all that queued up at once. A failed commit fails
-        the ones after it: the stream's memory has a gap."""
-        while stream.to_commit:
-            batch, stream.to_commit = stream.to_commit, []
-            try:
-                if stream.lost:
-                    raise StreamLostError(f"stream {stream.spec.stream_id!r} is lost: {stream.lost}")
-                await self._commit(stream, [segment for segments, _ in batch for segment in segments])
-            except Exception as error:  # noqa: BLE001 - the batch's callers get it
-                stream.lost = stream.lost or (
-                    f"segment {stream.applied + 1} could not be committed ({type(error).__name__}: {error})")
-                for _, committed in batch:
-                    committed.set_exception(error)
-            else:
-                for _, committed in batch:
-                    committed.set_result(None)
+    async def _commit_batch(self, stream: _Stream, batch: list[tuple[list, asyncio.Future]]) -> None:
+        """Commit queued segments in order, all at once. A failed commit fails the ones after it:
+        the stream's memory has a gap."""
+        try:
+            if stream.lost:
+                raise StreamLostError(f"stream {stream.spec.stream_id!r} is lost: {stream.lost}")
+            await self._commit(stream, [segment for segments, _ in batch for segment in segments])
+        except Exception as error:  # noqa: BLE001 - the batch's callers get it
+            stream.lost = stream.lost or (
+                f"segment {stream.applied + 1} could not be committed ({type(error).__name__}: {error})")
+            for _, committed in batch:
+                committed.set_exception(error)
+        else:
+            for _, committed in batch:
+                committed.set_result(None)
 
     async def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> dict:
         stream = self._live_stream(stream_id)
@@ -525,29 +530,19 @@ class StreamCoordinator:
         stream.publishing = [t for t in stream.publishing if not t.done()]
 
     async def _encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        """Cross-stream batching without added latency: a vision call goes out at once; requests
-        that arrive while it runs are sent together as the next call."""
+        """Visual tokens, batched across streams without added latency (_Coalescer)."""
         future = asyncio.get_running_loop().create_future()
-        self._batch.append((frames, future))
-        if not self._batch_running:
-            self._batch_running = True
-            _detached(self._run_batches())  # it serves every stream, not only this caller
+        self._vision.put((frames, future))
         return await future
 
-    async def _run_batches(self) -> None:
-        while self._batch:
-            batch, self._batch = self._batch, []
-            try:  # stateless: once a restarted actor answers, simply run it again
-                results = await self._until_alive(lambda: self.prefill.encode_frames.remote([f for f, _ in batch]))
-            except Exception as error:  # noqa: BLE001 - handed to every waiting stream
-                for _, future in batch:
-                    if not future.done():  # its caller may have been cancelled
-                        future.set_exception(error)
-                continue
-            for (_, future), tokens in zip(batch, results):
-                if not future.done():
-                    future.set_result(tokens)
-        self._batch_running = False
+    async def _encode_batch(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
+        try:  # stateless: once a restarted actor answers, simply run it again
+            results = await self._until_alive(lambda: self.prefill.encode_frames.remote([f for f, _ in batch]))
+        except Exception as error:  # noqa: BLE001 - handed to every waiting stream
+            results = [error] * len(batch)
+        for (_, future), tokens in zip(batch, results):
+            if not future.done():  # its caller may have been cancelled
+                future.set_exception(tokens) if isinstance(tokens, Exception) else future.set_result(tokens)
 
     # ---- calls with recovery --------------------------------------------------------------
     async def _on_prefill(self, stream: _Stream, call):
