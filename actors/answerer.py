@@ -25,7 +25,7 @@ class AnswerWorker:
         memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
         self.streams[spec.stream_id] = _Replica(spec, memory, Answerer(self.model, config, spec.system_prompt), applied)
 
-    def apply(self, stream_id: str, first: int, updates: list[Wire]) -> int:
+    def apply(self, stream_id: str, first: int, *updates: Wire) -> int:
         """Apply updates numbered from `first` (1-based) in order; idempotent for updates already
         applied. Returns how many the replica holds."""
         replica = lookup(self.streams, stream_id)

@@ -50,7 +50,7 @@ class CompressorWorker:
         compressor.decide(decoded)
         return decoded.keep
 
-    def record(self, stream_id: str, updates: list[Wire]) -> None:
+    def record(self, stream_id: str, *updates: Wire) -> None:
         """The committed segments' entries in the summary index."""
         for update in updates:
             if update.meta["units"]:

@@ -2,8 +2,8 @@
 
     ingest(frames) -> prefill.encode_frames (batched across streams) -> compressor.push
       -> closed segments: prefill.encode_and_commit (guidance: per segment prefill.encode_segment
-         -> compressor.decide -> prefill.commit) -> every answer replica applies them, the index
-         records them
+         -> compressor.decide -> prefill.commit) -> every answer replica applies the updates, the
+         index records them (the updates' KV goes by object ref, owned here: see _settled)
     ask(question)  -> compressor.flush (+ the segment path above) -> one answer replica
 
 Memory is replicated: the prefill actor's replica and each answer actor's replica apply the same
@@ -66,6 +66,15 @@ def _detached(coroutine) -> asyncio.Task:
     update applied) would be done yet unknown to the coordinator. So stream work runs in these
     tasks."""
     return asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
+
+
+async def _settled(refs) -> list[tuple[ray.ObjectRef, Any]]:
+    """A call's return objects (one ref, or a list with num_returns), each with its value, once
+    the call is done (its errors raised here). This actor owns the objects its calls return, so
+    they outlive the actor that made them; awaiting a value also pulls a copy to this node, which
+    Ray recovers the object from if the maker's node is lost while the copy is held."""
+    refs = list(refs) if isinstance(refs, list) else [refs]
+    return list(zip(refs, await asyncio.gather(*refs)))
 
 
 def _features_wire(tokens: np.ndarray, first_frame: int, times):
@@ -490,34 +499,38 @@ class StreamCoordinator:
     async def _commit(self, stream: _Stream, segments: list) -> None:
         sid = stream.spec.stream_id
         stream.batching["commits"] += bool(segments)
-        # Values, not refs, travel on: an object the prefill actor returned can be lost with it
-        # (actor tasks are not reconstructed), and the replicas still need the updates.
         if stream.spec.config().compression != "guidance":  # decided in the prefill actor: one call
             if segments:
-                self._publish(stream, await self._on_prefill(
-                    stream, lambda: self.prefill.encode_and_commit.remote(sid, segments)))
+                self._publish(stream, await self._on_prefill(stream, lambda: _settled(
+                    self.prefill.encode_and_commit.options(num_returns=len(segments)).remote(sid, segments))))
             return
 
         async def guided(segment):  # the one decision made elsewhere
-            update = await self.prefill.encode_segment.remote(sid, segment)
+            update = self.prefill.encode_segment.remote(sid, segment)
+            await update  # its errors are the prefill actor's, not the compressor's
             keep = await self._on_compressor(stream, lambda: self.compressor.decide.remote(sid, update))
-            return await self.prefill.commit.remote(sid, keep)
+            return await _settled(self.prefill.commit.remote(sid, keep))
 
         for segment in segments:  # one at a time: a restored prefill replica resumes after the last
-            self._publish(stream, [await self._on_prefill(stream, lambda: guided(segment))])
+            self._publish(stream, await self._on_prefill(stream, lambda: guided(segment)))
 
-    def _publish(self, stream: _Stream, updates: list) -> None:
+    def _publish(self, stream: _Stream, updates: list[tuple[ray.ObjectRef, Any]]) -> None:
         """Count committed updates and send them to every replica and the index in the background:
         Ray runs one caller's calls to an actor in submission order, and a question first waits
-        for its stream's updates."""
+        for its stream's updates. The updates go on as object refs, not through this actor: each
+        replica reads them from the object store."""
         sid, first = stream.spec.stream_id, stream.applied + 1
+        refs = [ref for ref, _ in updates]
         stream.applied += len(updates)
-        stream.publishing = [t for t in stream.publishing if not t.done()] + [
-            # the index write needs no stream state in the compressor: after a restart, just retry
-            asyncio.ensure_future(self._until_alive(lambda: self.compressor.record.remote(sid, updates))),
-            *[asyncio.ensure_future(self._on_answerer(stream, r, lambda a: a.apply.remote(sid, first, updates)))
-              for r in self.answerers if sid in r.streams],
-        ]
+
+        async def deliver(held=updates):  # holds this node's copies until every reader has them (_settled)
+            await asyncio.gather(
+                # the index write needs no stream state in the compressor: after a restart, just retry
+                self._until_alive(lambda: self.compressor.record.remote(sid, *refs)),
+                *[self._on_answerer(stream, r, lambda a: a.apply.remote(sid, first, *refs))
+                  for r in self.answerers if sid in r.streams])
+
+        stream.publishing = [t for t in stream.publishing if not t.done()] + [asyncio.ensure_future(deliver())]
 
     async def _published(self, stream: _Stream) -> None:
         """Wait until every closed segment of the stream is committed (its errors belong to the

@@ -71,14 +71,16 @@ class PrefillWorker:
         self._encode(stream_id, segment)
         return pack_update(self.streams[stream_id].pending, stream_id=stream_id, model_id=self.model.name)
 
-    def encode_and_commit(self, stream_id: str, segments: list[Wire]) -> list[Wire]:
+    def encode_and_commit(self, stream_id: str, segments: list[Wire]) -> Wire | list[Wire]:
         """Encode and commit closed segments whose decisions need no other actor (every
-        compression but guidance), in order: one call for all the segments that queued up."""
+        compression but guidance), in order: one call for all the segments that queued up. Call
+        with num_returns=len(segments): each update is an object of its own (Ray takes a single
+        return value as it is)."""
         committed = []
         for segment in segments:
             self._encode(stream_id, segment)
             committed.append(self.commit(stream_id, None))
-        return committed
+        return committed if len(committed) > 1 else committed[0]
 
     def _encode(self, stream_id: str, segment: Wire) -> None:
         stream = lookup(self.streams, stream_id)

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--in-flight", type=int, default=IN_FLIGHT, help="unfinished chunks per stream")
     parser.add_argument("--rounds", type=int, default=3, help="engine, then every stream count, this many times")
+    parser.add_argument("--answerers", type=int, default=1, help="answer actors (each applies every update)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     frames = frames_for(args.frames)
@@ -107,10 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": str(args.threads)}})
         try:
-            coordinator = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(str(model_dir))
+            coordinator = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(
+                str(model_dir), answerers=args.answerers)
             pipeline_run(coordinator, 1, args.method, options, frames[: 2 * CHUNK])  # warm-up
             results = {"method": args.method, "size": args.size, "frames_per_stream": args.frames, "options": options,
-                       "in_flight": args.in_flight, "engine": [], "pipeline": {n: [] for n in args.streams}}
+                       "answerers": args.answerers, "in_flight": args.in_flight, "engine": [], "pipeline": {n: [] for n in args.streams}}
             for _ in track(range(args.rounds), description="rounds"):
                 results["engine"].append(engine_run(model_dir, args.method, options, frames))
                 for n in args.streams:
@@ -128,7 +130,7 @@ def print_table(results: dict, args) -> None:
     """Medians over rounds; a pipeline's ratio to the engine is taken within each round (the
     machine's load drifts between rounds) and its median and range are shown."""
     table = Table(title=f"Ray pipeline vs engine ({args.method}, {args.size} model, {args.frames} frames per stream, "
-                        f"{args.rounds} rounds)")
+                        f"{args.answerers} answer actor(s), {args.rounds} rounds)")
     for column in ("streams", "aggregate ingest fps", "vs engine (same round)", "answer p50", "object store"):
         table.add_column(column, justify="right")
     engine_fps = [r["ingest_fps"] for r in results["engine"]]
