@@ -440,6 +440,22 @@ def get_or_create_coordinator(s: Settings):
              restore_timeout_s=s.restore_timeout_s, placement=CLUSTER_PLACEMENT if s.placement == "cluster" else None)
 
 
+def stream_status(stream_id: str, status: dict, retained_bytes: int | None) -> dict:
+    """The coordinator's status of a stream as the API's StreamStatus (stream_id: the client's)."""
+    decoded, dropped = status.get("frames_decoded"), status.get("frames_dropped")
+    pending = None if decoded is None else max(0, decoded - status["frames_ingested"] - (dropped or 0))
+    last_error = status.get("last_error")
+    if isinstance(last_error, dict):  # the decoder's {type, message, where}
+        last_error = f"{last_error.get('type')}: {last_error.get('message')} (in {last_error.get('where')})"
+    return StreamStatus(
+        stream_id=stream_id, method=status["method"], state=status["state"], mode=status.get("mode"),
+        frames_ingested=status["frames_ingested"], frames_decoded=decoded, frames_dropped=dropped,
+        frames_pending=pending, source_state=status.get("source_state"), segments=status["segments"],
+        last_time=status.get("last_time"), retained_bytes=retained_bytes, recoveries=status.get("recoveries", 0),
+        batching=status.get("batching"), last_error=last_error,
+    ).model_dump()
+
+
 @serve.deployment(name="StreamKVAPI", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64)
 @serve.ingress(app)
 class StreamKVAPI:
@@ -463,17 +479,7 @@ class StreamKVAPI:
             retained = int(memory.get("total", 0))
         except StreamKVError:
             retained = None
-        decoded, dropped = status.get("frames_decoded"), status.get("frames_dropped")
-        pending = None if decoded is None else max(0, decoded - status["frames_ingested"] - (dropped or 0))
-        last_error = status.get("last_error")
-        if isinstance(last_error, dict):  # the decoder's {type, message, where}
-            last_error = f"{last_error.get('type')}: {last_error.get('message')} (in {last_error.get('where')})"
-        return StreamStatus(
-            stream_id=stream_id, method=status["method"], mode=status.get("mode"), frames_ingested=status["frames_ingested"],
-            frames_decoded=decoded, frames_dropped=dropped, frames_pending=pending,
-            source_state=status.get("source_state"), segments=status["segments"], last_time=status.get("last_time"),
-            retained_bytes=retained, recoveries=status.get("recoveries", 0), last_error=last_error,
-        ).model_dump()
+        return stream_status(stream_id, status, retained)
 
     def _source(self, source: str) -> str:
         parts = urlsplit(source)

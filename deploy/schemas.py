@@ -63,6 +63,9 @@ class StreamStatus(BaseModel):
     last_time: float | None = None
     retained_bytes: int | None = None
     recoveries: int = 0
+    batching: dict[str, int] | None = Field(
+        None, description="chunks segmented, and the segmenter calls and commits they took: fewer calls than chunks "
+                          "means queued-up work went together")
     last_error: str | None = None
 
 

@@ -80,7 +80,8 @@ def test_stream_lifecycle(server, cam):
         http.post("/v1/streams/life/close", params={"wait_s": 60})
         status = wait_ingested(http, "life", 16)
         assert status["frames_ingested"] == 16 and status["frames_dropped"] == 0 and status["mode"] == "push"
-        assert status["retained_bytes"] > 0
+        assert status["retained_bytes"] > 0 and status["state"] == "live"
+        assert status["batching"]["chunks"] >= status["batching"]["pushes"] >= 1
         assert {s["stream_id"] for s in http.get("/v1/streams").json()["data"]} >= {"life", "cam"}
 
         answer = http.post("/v1/chat/completions", json=ask_body("life")).json()

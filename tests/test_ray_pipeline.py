@@ -10,6 +10,7 @@ import ray
 from tests.stages import scene_video as video
 
 from actors.coordinator import StreamCoordinator
+from deploy.app import stream_status
 from pipeline import InvalidInputError, StreamSession, UnknownStreamError, load_model
 from pipeline.errors import StreamLostError
 
@@ -309,6 +310,7 @@ def test_a_stream_whose_every_replica_is_lost_says_so_and_can_be_recreated(ray_r
             ray.get(lone.ingest.remote("doomed", frames[10:]))  # closes a segment: nowhere to commit it
         status = ray.get(lone.status.remote("doomed"))
         assert status["state"] == "lost" and "all were lost" in status["last_error"]
+        assert stream_status("doomed", status, None)["state"] == "lost"  # as GET /v1/streams/{id} shows it
         with pytest.raises(StreamLostError):
             ray.get(lone.ask.remote("doomed", QUESTIONS[0], 3))
         ray.get(lone.delete_stream.remote("doomed"))
