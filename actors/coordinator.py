@@ -14,8 +14,9 @@ ingested is lost. It is also the FrameSink that decoder actors deliver frames to
 
 Answer actors form a pool that scales with the questions: a question goes to the least busy
 actor; while every actor has `answer_target_ongoing` questions in flight another one is started
-(up to `max_answerers`) and given a replica of every stream before it takes questions; an extra
-actor idle for `answer_idle_s` is removed. Each actor holds every stream (memory is bounded per
+(up to `max_answerers`) and given a replica of every stream before it takes questions; one the
+cluster cannot place within `answer_start_timeout_s` (no autoscaler, or no node left to add) is
+given up, and the next busy spell tries again; an extra actor idle for `answer_idle_s` is removed. Each actor holds every stream (memory is bounded per
 stream), so any of them can answer any question.
 """
 
@@ -156,20 +157,23 @@ class StreamCoordinator:
     def __init__(self, model_dir: str, device: str = "cpu", answerers: int = 1, index_url: str | None = None,
                  actor_cpus: float = 0.1, placement: dict[str, dict] | None = None, max_answerers: int | None = None,
                  answer_target_ongoing: int = 2, answer_idle_s: float = 120.0,
-                 restore_timeout_s: float = RESTORE_TIMEOUT_S):
+                 restore_timeout_s: float = RESTORE_TIMEOUT_S, answer_start_timeout_s: float = 600.0):
         """placement: extra Ray options per actor kind ("prefill", "compressor", "answerer",
         "decoder"), e.g. {"prefill": {"num_gpus": 1}, "decoder": {"resources": {"decoder": 1}}}
         to pin kinds to node types (see ray_cluster.yaml). answerers / max_answerers: the answer
-        pool's size range (max defaults to min: a fixed pool). restore_timeout_s: how long a
+        pool's size range (max defaults to min: a fixed pool). answer_start_timeout_s: how long
+        a new answer actor may wait to be placed (an autoscaler adds a node in minutes) before
+        the pool gives up growing this time. restore_timeout_s: how long a
         restarted prefill actor waits for a replica holding every committed update before the
         stream is declared lost."""
         self.placement = placement or {}
         self.model_dir, self.device, self.actor_cpus = model_dir, device, actor_cpus
         self.min_answerers = max(1, answerers)
         self.max_answerers = max(self.min_answerers, max_answerers or self.min_answerers)
-        if answer_target_ongoing < 1 or answer_idle_s <= 0:
-            raise InvalidInputError("answer_target_ongoing must be >= 1 and answer_idle_s > 0")
+        if answer_target_ongoing < 1 or answer_idle_s <= 0 or answer_start_timeout_s <= 0:
+            raise InvalidInputError("answer_target_ongoing must be >= 1, answer_idle_s and answer_start_timeout_s > 0")
         self.answer_target_ongoing, self.answer_idle_s = answer_target_ongoing, answer_idle_s
+        self.answer_start_timeout_s = answer_start_timeout_s
         self.restore_timeout_s = restore_timeout_s
         self.prefill = self._spawn("prefill", model_dir, device)
         self.compressor = self._spawn("compressor", model_dir, device, index_url)
@@ -179,7 +183,7 @@ class StreamCoordinator:
         self._idle_watch: asyncio.Task | None = None
         self.streams: dict[str, _Stream] = {}
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0}
-        self.scaling_events = {"answerers_added": 0, "answerers_removed": 0}
+        self.scaling_events = {"answerers_added": 0, "answerers_removed": 0, "answerers_unplaced": 0}
         self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
         self._vision = _Coalescer(self._encode_batch)  # (frames, future) of every stream
 
@@ -461,8 +465,8 @@ class StreamCoordinator:
         that reach it like any replica. It takes questions once it holds every stream."""
         replica = self._new_answerer(ready=False)
         self.answerers.append(replica)
-        try:
-            await self._until_alive(replica.handle.ping.remote)  # the model is loaded
+        try:  # placed (an autoscaler may first add a node for it) and its model loaded
+            await asyncio.wait_for(self._until_alive(replica.handle.ping.remote), self.answer_start_timeout_s)
             for stream in list(self.streams.values()):
                 sid = stream.spec.stream_id
                 async with stream.lock:
@@ -474,8 +478,11 @@ class StreamCoordinator:
                     replica.streams.add(sid)
             replica.ready = True
             self.scaling_events["answerers_added"] += 1
-        except Exception:  # a background task: nobody awaits it, so say why the pool did not grow
-            log.warning("answer pool: a new answer actor could not be set up", exc_info=True)
+        except Exception as error:  # a background task: nobody awaits it, so say why the pool did not grow
+            unplaced = isinstance(error, asyncio.TimeoutError)
+            self.scaling_events["answerers_unplaced"] += unplaced
+            log.warning("answer pool: a new answer actor %s", f"was not placed within {self.answer_start_timeout_s:.0f} s"
+                        if unplaced else "could not be set up", exc_info=not unplaced)
             self.answerers.remove(replica)
             ray.kill(replica.handle, no_restart=True)
         finally:

@@ -87,6 +87,7 @@ class Settings:
     max_answerers: int | None = None  # ... at most this many (None: a fixed pool)
     answer_target_ongoing: int = 2  # questions in flight per answer actor before the pool grows
     answer_idle_s: float = 120.0  # an extra answer actor idle this long is removed
+    answer_start_timeout_s: float = 600.0  # a new answer actor not placed this long is given up
     restore_timeout_s: float = 120.0  # a restarted actor finds no replica of a stream this long: the stream is lost
     api_tokens: list[str] = field(default_factory=list)
     allow_local_files: bool = False
@@ -133,6 +134,7 @@ def settings_from_args(args: dict | None) -> Settings:
         max_answerers=int(get("max_answerers")) if get("max_answerers") else None,
         answer_target_ongoing=int(get("answer_target_ongoing", 2)),
         answer_idle_s=float(get("answer_idle_s", 120.0)),
+        answer_start_timeout_s=float(get("answer_start_timeout_s", 600.0)),
         restore_timeout_s=float(get("restore_timeout_s", 120.0)),
         api_tokens=auth.parse_tokens(get("api_token")),
         allow_local_files=_flag(get("allow_local_files", False)),
@@ -437,6 +439,7 @@ def get_or_create_coordinator(s: Settings):
         num_cpus=s.coordinator_cpus,
     ).remote(s.model_dir, s.device, s.answerers, s.index_url, s.actor_cpus, max_answerers=s.max_answerers,
              answer_target_ongoing=s.answer_target_ongoing, answer_idle_s=s.answer_idle_s,
+             answer_start_timeout_s=s.answer_start_timeout_s,
              restore_timeout_s=s.restore_timeout_s, placement=CLUSTER_PLACEMENT if s.placement == "cluster" else None)
 
 
@@ -760,7 +763,7 @@ def build_app(args: dict | None = None) -> serve.Application:
     """Serve application builder (`serve run deploy/serve.yaml` or `serve run deploy.app:build_app k=v`).
 
     args: model_dir (required), index_url, answerers, max_answerers, answer_target_ongoing,
-    answer_idle_s, restore_timeout_s, api_token (one, comma-separated, or a list), allow_local_files,
+    answer_idle_s, answer_start_timeout_s, restore_timeout_s, api_token (one, comma-separated, or a list), allow_local_files,
     max_upload_bytes, max_json_bytes, model_name, device, placement (local | cluster), actor_cpus, coordinator_cpus,
     coordinator_name, api_cpus (the HTTP replica's CPUs, default 0.05), replicas (a fixed number of
     HTTP replicas; left out: one, or what the Serve config's autoscaling_config says).

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import ray
 
+from tests.plugins.ray_runtime import SINGLE_SLOT
 from tests.stages import scene_video as video
 
 from actors.coordinator import StreamCoordinator
@@ -291,6 +292,32 @@ def test_the_answer_pool_grows_under_load_and_shrinks_when_idle(ray_runtime, che
         assert ray.get(pool.ask.remote("p1", QUESTIONS[0], 5))["token_ids"] == answers["p1"][0]["token_ids"]
     finally:
         ray.kill(pool)
+
+
+def test_an_answer_actor_the_cluster_cannot_place_is_given_up_and_the_pool_keeps_answering(
+        ray_runtime, checkpoint_dirs, engine_model):
+    """Answer actors need the session's single slot: the first takes it, so the one a busy spell
+    starts is never placed (no autoscaler here). It is given up after its start timeout, the pool
+    says so, and the first actor goes on answering exactly."""
+    cramped = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(
+        checkpoint_dirs["gqa"], answerers=1, max_answerers=2, answer_target_ongoing=1, answer_start_timeout_s=2.0,
+        placement={"answerer": {"resources": {SINGLE_SLOT: 1}}})
+    try:
+        frames = video(12, seed=71)
+        ray.get(cramped.create_stream.remote("c0", "rekv", CASES["rekv"]))
+        ray.get(cramped.ingest.remote("c0", frames))
+        ray.get([cramped.ask.remote("c0", QUESTIONS[0], 5) for _ in range(3)])  # starts a second actor
+        deadline = time.monotonic() + 60
+        while ray.get(cramped.pool.remote())["answerers_unplaced"] < 1:
+            assert time.monotonic() < deadline, ray.get(cramped.pool.remote())
+            time.sleep(0.2)
+        pool = ray.get(cramped.pool.remote())
+        assert len(pool["answerers"]) == 1 and pool["answerers_added"] == 0
+        session = StreamSession(engine_model, method="rekv", **CASES["rekv"])
+        session.add_frames(frames)
+        assert ray.get(cramped.ask.remote("c0", QUESTIONS[0], 5))["token_ids"] == session.ask(QUESTIONS[0], 5).token_ids
+    finally:
+        ray.kill(cramped)
 
 
 def test_a_stream_whose_every_replica_is_lost_says_so_and_can_be_recreated(ray_runtime, checkpoint_dirs, engine_model):

@@ -4,7 +4,8 @@
 in the tests asks for a fraction, e.g. `num_cpus=0.05`), no dashboard, worker logs kept out of
 the test output, and a job-wide `runtime_env` whose `PYTHONPATH` starts with the repository root
 (found from this file's location), so actor workers can import `actors`, `pipeline`,
-`cache_store` and the test modules. Yields a small info object (`.repo_root`, `.gcs_address`,
+`cache_store` and the test modules; and one unit of the custom resource `SINGLE_SLOT`, which
+a test gives an actor kind so that the cluster can place one actor of it and no second. Yields a small info object (`.repo_root`, `.gcs_address`,
 `.port`). Ray is shut down at the end of the session.
 
 Ports: `ray.init()` without an address starts a private local cluster whose GCS listens on a
@@ -28,6 +29,7 @@ NUM_CPUS = 4
 # The object store would take 30% of RAM by default; tests need a few hundred MB at most.
 OBJECT_STORE_BYTES = int(os.environ.get("STREAMKV_TEST_OBJECT_STORE_BYTES", 512 * 2**20))
 REDIS_PORT = 6379
+SINGLE_SLOT = "single_slot"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ def ray_runtime():
     ray.init(
         num_cpus=NUM_CPUS,
         num_gpus=0,
+        resources={SINGLE_SLOT: 1},
         object_store_memory=OBJECT_STORE_BYTES,
         include_dashboard=False,
         log_to_driver=False,
