@@ -1,0 +1,23 @@
+"""The Ray pipeline benchmark runs end to end at a small size (in a process of its own: it starts
+and stops its own Ray runtime) and records what BENCHMARKS.md quotes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_small_run_records_every_stream_count_against_the_engine(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline", "--streams", "1", "2", "--frames", "16", "--rounds", "1",
+         "--answerers", "2", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Ray pipeline vs engine" in run.stdout
+    results = json.loads((tmp_path / "pipeline_tiny.json").read_text())
+    assert results["answerers"] == 2 and len(results["engine"]) == 1
+    assert set(results["pipeline"]) == {"1", "2"}
+    for rows in results["pipeline"].values():
+        assert rows[0]["aggregate_ingest_fps"] > 0 and rows[0]["latency_p50_s"] > 0
