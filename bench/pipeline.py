@@ -3,8 +3,8 @@ the single-process engine on the same model and frames, in one run.
 
     python -m bench.pipeline [--streams 1 4 16] [--frames 256] [--method rekv] [--rounds 3]
 
-Every stream ingests the same number of frames in numbered chunks of 8, two in flight per stream
-(a decoder actor's default, --in-flight), all streams submitting at once;
+Every stream ingests the same number of frames in numbered chunks of 8, four in flight per stream
+(a decoder actor's default for a file, --in-flight), all streams submitting at once;
 then every stream asks each of bench.engine's 4 questions, all streams at once per question
 (answer p50 over those; the engine asks the same). A warm-up run (2 chunks and the questions on
 one stream) goes first. Object-store use is read from Ray after the questions. The engine and the
@@ -27,13 +27,13 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from actors.coordinator import StreamCoordinator
+from actors.coordinator import DEFAULT_IN_FLIGHT, StreamCoordinator
 from bench.engine import BENCH_SPEC, CHUNK, QUESTIONS, frames_for
 from pipeline import StreamSession, load_model
 from pipeline.config import frame_scaled_options
 from synthetic.checkpoint import CheckpointSpec, build_checkpoint
 
-IN_FLIGHT = 2
+IN_FLIGHT = DEFAULT_IN_FLIGHT["block"]  # a decoder actor's, for a file
 # Models with ~10x (medium) and ~100x (large) the compute per frame of the tiny one: the share of
 # per-chunk call overhead falls as compute per frame grows (a 7B model on a GPU is far beyond these)
 SIZES = {
