@@ -16,8 +16,9 @@ Answer actors form a pool that scales with the questions: a question goes to the
 actor; while every actor has `answer_target_ongoing` questions in flight another one is started
 (up to `max_answerers`) and given a replica of every stream before it takes questions; one the
 cluster cannot place within `answer_start_timeout_s` (no autoscaler, or no node left to add) is
-given up, and the next busy spell tries again; an extra actor idle for `answer_idle_s` is removed. Each actor holds every stream (memory is bounded per
-stream), so any of them can answer any question.
+given up, and the next busy spell tries again; an extra actor idle for `answer_idle_s` is
+removed. Each actor holds every stream (memory is bounded per stream), so any of them can answer
+any question.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ RECOVERY_ATTEMPTS = 3
 RESTORE_TIMEOUT_S = 120.0
 # Unfinished chunks a decoder may have per stream. More lets more queue up to be segmented and
 # committed together (fewer calls per frame: 1 stream of bench.pipeline's medium model ingests
-# ~20% faster with 4 than with 2); a live source keeps 2, so that it lags little before dropping.
+# 6-10% faster with 4 than with 2, see BENCHMARKS.md); a live source keeps 2, so that it lags
+# little before dropping.
 DEFAULT_IN_FLIGHT = {"block": 4, "drop": 2}
 log = logging.getLogger(__name__)
 
@@ -167,9 +169,9 @@ class StreamCoordinator:
         to pin kinds to node types (see ray_cluster.yaml). answerers / max_answerers: the answer
         pool's size range (max defaults to min: a fixed pool). answer_start_timeout_s: how long
         a new answer actor may wait to be placed (an autoscaler adds a node in minutes) before
-        the pool gives up growing this time. restore_timeout_s: how long a
-        restarted prefill actor waits for a replica holding every committed update before the
-        stream is declared lost."""
+        the pool gives up growing this time. restore_timeout_s: how long a restarted prefill
+        actor waits for a replica holding every committed update before the stream is declared
+        lost."""
         self.placement = placement or {}
         self.model_dir, self.device, self.actor_cpus = model_dir, device, actor_cpus
         self.min_answerers = max(1, answerers)
@@ -238,9 +240,10 @@ class StreamCoordinator:
             raise InvalidInputError(f"stream {stream_id!r} already has a source")
         stream.mode = "push" if source is None else "pull"
         sink = ray.get_runtime_context().current_actor
+        if max_in_flight is None:
+            max_in_flight = DEFAULT_IN_FLIGHT.get(policy, 2)  # an unknown policy is the decoder's error
         stream.decoder = DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
-            stream_id, source, decode or DecodeConfig(), sink, chunk_frames,
-            DEFAULT_IN_FLIGHT.get(policy, 2) if max_in_flight is None else max_in_flight, policy)  # bad policy: decoder says
+            stream_id, source, decode or DecodeConfig(), sink, chunk_frames, max_in_flight, policy)
         await stream.decoder.start.remote()
         return await self.status(stream_id)
 
@@ -487,8 +490,8 @@ class StreamCoordinator:
         except Exception as error:  # a background task: nobody awaits it, so say why the pool did not grow
             unplaced = isinstance(error, asyncio.TimeoutError)
             self.scaling_events["answerers_unplaced"] += unplaced
-            log.warning("answer pool: a new answer actor %s", f"was not placed within {self.answer_start_timeout_s:.0f} s"
-                        if unplaced else "could not be set up", exc_info=not unplaced)
+            reason = f"was not placed within {self.answer_start_timeout_s:.0f} s" if unplaced else "could not be set up"
+            log.warning("answer pool: a new answer actor %s", reason, exc_info=not unplaced)
             self.answerers.remove(replica)
             ray.kill(replica.handle, no_restart=True)
         finally:
