@@ -297,6 +297,9 @@ class StreamCoordinator:
         stream = self._stream(stream_id)
         if stream.decoder is not None:
             await stream.decoder.stop.remote()
+            # its process goes now: the stream's state can outlive this call (reference cycles
+            # wait for the garbage collector), and a decoder is a process of its own
+            ray.kill(stream.decoder, no_restart=True)
         async with stream.lock:
             await self._published(stream)
             del self.streams[stream_id]
@@ -309,7 +312,8 @@ class StreamCoordinator:
 
     def workers(self) -> dict:
         """Actor handles, for operations (and fault-injection tests)."""
-        return {"prefill": self.prefill, "compressor": self.compressor, "answerers": [r.handle for r in self.answerers]}
+        return {"prefill": self.prefill, "compressor": self.compressor, "answerers": [r.handle for r in self.answerers],
+                "decoders": {sid: s.decoder for sid, s in self.streams.items() if s.decoder is not None}}
 
     async def index_keys(self, stream_id: str) -> int:
         if stream_id in self.streams:

@@ -224,6 +224,10 @@ def test_a_file_source_with_block_loses_nothing(coordinator, engine_model, clip)
     assert status["source_state"] == "finished" and status["frames_dropped"] == 0
     assert status["frames_ingested"] == status["frames_decoded"] == 60
     assert ray.get(coordinator.ask.remote("file-block", QUESTIONS[0], 3))["evidence"]
+    decoder = ray.get(coordinator.workers.remote())["decoders"]["file-block"]
+    ray.get(coordinator.delete_stream.remote("file-block"))
+    with pytest.raises(ray.exceptions.RayActorError):  # its process is gone with the stream
+        ray.get(decoder.status.remote())
 
 
 def test_a_live_source_that_outruns_the_pipeline_drops_and_counts(coordinator, clip):
