@@ -763,10 +763,11 @@ def build_app(args: dict | None = None) -> serve.Application:
     """Serve application builder (`serve run deploy/serve.yaml` or `serve run deploy.app:build_app k=v`).
 
     args: model_dir (required), index_url, answerers, max_answerers, answer_target_ongoing,
-    answer_idle_s, answer_start_timeout_s, restore_timeout_s, api_token (one, comma-separated, or a list), allow_local_files,
-    max_upload_bytes, max_json_bytes, model_name, device, placement (local | cluster), actor_cpus, coordinator_cpus,
-    coordinator_name, api_cpus (the HTTP replica's CPUs, default 0.05), replicas (a fixed number of
-    HTTP replicas; left out: one, or what the Serve config's autoscaling_config says).
+    answer_idle_s, answer_start_timeout_s, restore_timeout_s, api_token (one, comma-separated, or a
+    list), allow_local_files, max_upload_bytes, max_json_bytes, model_name, device, placement
+    (local | cluster), actor_cpus, coordinator_cpus, coordinator_name, api_cpus (the HTTP
+    replica's CPUs, default 0.05), replicas (a fixed number of HTTP replicas; left out: one, or
+    what the Serve config's autoscaling_config says).
     Missing args come from STREAMKV_<NAME> environment variables.
     """
     args = dict(args or {})

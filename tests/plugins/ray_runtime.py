@@ -5,8 +5,9 @@ in the tests asks for a fraction, e.g. `num_cpus=0.05`), no dashboard, worker lo
 the test output, and a job-wide `runtime_env` whose `PYTHONPATH` starts with the repository root
 (found from this file's location), so actor workers can import `actors`, `pipeline`,
 `cache_store` and the test modules; and one unit of the custom resource `SINGLE_SLOT`, which
-a test gives an actor kind so that the cluster can place one actor of it and no second. Yields a small info object (`.repo_root`, `.gcs_address`,
-`.port`). Ray is shut down at the end of the session.
+a test gives an actor kind so that the cluster can place one actor of it and no second. Yields
+a small info object (`.repo_root`, `.gcs_address`, `.port`). Ray is shut down at the end of the
+session.
 
 Ports: `ray.init()` without an address starts a private local cluster whose GCS listens on a
 free port it picks itself; it never needs 6379 (the Redis default, which `ray start --head` would
