@@ -16,6 +16,7 @@ from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRe
 from cache_store.wire import Wire, pack_segment, unpack_features, unpack_update
 from pipeline.compression import make_compressor
 from pipeline.kv_store import mean_key
+from pipeline.errors import UnknownStreamError
 from pipeline.model import load_model
 from pipeline.segmenter import Segmenter
 
@@ -57,8 +58,13 @@ class CompressorWorker:
                 self.index.put(segment_record(stream_id, unpack_update(update, "cpu", torch.float32)))
 
     def segments(self, stream_id: str) -> list[dict]:
+        try:
+            records = self.index.segments(stream_id)
+        except UnknownStreamError:  # to the index, a stream is known once it has a record
+            lookup(self.streams, stream_id)
+            records = []
         return [{"segment": r.segment_id, "frames": list(r.frame_range), "times": list(r.time_range),
-                 "units": list(r.unit_ids)} for r in self.index.segments(stream_id)]
+                 "units": list(r.unit_ids)} for r in records]
 
     def close(self, stream_id: str) -> int:
         """Forget the stream; returns how many index keys were deleted."""

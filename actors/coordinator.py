@@ -29,6 +29,7 @@ import contextvars
 import functools
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,8 +149,10 @@ class _Stream:
     pending: list[tuple[int, np.ndarray, float]] = field(default_factory=list)  # frames in the open segment
     recoveries: int = 0
     last_error: str | None = None
-    chunks: _Coalescer = field(init=False)  # encoded chunks on their way to the segmenter (_segment_batch)
-    commits: _Coalescer = field(init=False)  # closed segments on their way to the replicas (_commit_batch)
+    deleted: bool = False  # set when deletion starts: no work for it may reach the actors after that
+    # None once deleted (_current guards their use)
+    chunks: _Coalescer | None = field(init=False)  # encoded chunks on their way to the segmenter (_segment_batch)
+    commits: _Coalescer | None = field(init=False)  # closed segments on their way to the replicas (_commit_batch)
     committing: asyncio.Future | None = None  # done when the last queued segments are committed
     # chunks segmented, compressor pushes and commits they took: how much queued-up work coalesced
     batching: dict[str, int] = field(default_factory=lambda: {"chunks": 0, "pushes": 0, "commits": 0})
@@ -297,17 +300,21 @@ class StreamCoordinator:
         stream = self._stream(stream_id)
         if stream.decoder is not None:
             await stream.decoder.stop.remote()
-            # its process goes now: the stream's state can outlive this call (reference cycles
-            # wait for the garbage collector), and a decoder is a process of its own
+            # its process goes now, even while other handles to it (a caller's) are alive
             ray.kill(stream.decoder, no_restart=True)
         async with stream.lock:
             await self._published(stream)
-            del self.streams[stream_id]
+            stream.deleted = True
             index_keys = await self.compressor.close.remote(stream_id)
             await self.prefill.close.remote(stream_id)
             await asyncio.gather(*[r.handle.close.remote(stream_id) for r in self.answerers])
             for replica in self.answerers:
                 replica.streams.discard(stream_id)
+            del self.streams[stream_id]  # only now: until the actors have closed it, its id names no new stream
+            stream.chunks = stream.commits = None  # they refer back to the stream: free it now, not at a GC
+        async with stream.chunk_turn:  # chunks waiting for an earlier one that will not come now fail
+            stream.next_chunk = math.inf
+            stream.chunk_turn.notify_all()
         return {"stream_id": stream_id, "index_keys_deleted": index_keys}
 
     def workers(self) -> dict:
@@ -334,6 +341,7 @@ class StreamCoordinator:
             if seq is not None:
                 async with stream.chunk_turn:
                     await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
+            self._current(stream)  # deleted while its frames were encoded
             ingested = asyncio.get_running_loop().create_future()
             stream.chunks.put(_Chunk(tokens, times, ingested))
         finally:
@@ -372,6 +380,7 @@ class StreamCoordinator:
             stream.batching["chunks"] += len(accepted)
             stream.batching["pushes"] += 1
             try:
+                self._current(stream)  # deleted while these chunks waited
                 segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire))
             except Exception as error:  # noqa: BLE001 - the batch's callers get it
                 for chunk, _ in accepted:
@@ -447,6 +456,7 @@ class StreamCoordinator:
 
     async def _close_open_segment(self, stream: _Stream) -> None:
         async with stream.lock:
+            self._current(stream)
             segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream.spec.stream_id))
             committed = self._queue_commit(stream, [] if segment is None else [segment])
         await committed
@@ -483,7 +493,7 @@ class StreamCoordinator:
             for stream in list(self.streams.values()):
                 sid = stream.spec.stream_id
                 async with stream.lock:
-                    if sid not in self.streams or sid in replica.streams:
+                    if stream.deleted or sid in replica.streams:
                         continue
                     await self._published(stream)
                     snapshot, applied = await self._on_answerer(stream, self._holder(sid), lambda a: a.snapshot.remote(sid))
@@ -627,8 +637,8 @@ class StreamCoordinator:
             try:
                 return await call()
             except (*ACTOR_LOST, UnknownStreamError, ReplicaGapError) as error:
-                if isinstance(error, UnknownStreamError) and stream.spec.stream_id not in self.streams:
-                    raise
+                if isinstance(error, UnknownStreamError):
+                    self._current(stream)  # else restore it: the actor restarted without it
                 if attempt == RECOVERY_ATTEMPTS - 1:
                     stream.last_error = f"{type(error).__name__}: {error}"
                     raise
@@ -657,9 +667,16 @@ class StreamCoordinator:
         except KeyError:
             raise UnknownStreamError(f"no stream {stream_id!r}") from None
 
+    def _current(self, stream: _Stream) -> None:
+        """Raise if `stream` was deleted: work that waited for it must not reach the actors (nor be
+        restored there), where its id may name a new stream by now."""
+        if stream.deleted:
+            raise UnknownStreamError(f"stream {stream.spec.stream_id!r} was deleted")
+
     def _live_stream(self, stream_id: str) -> _Stream:
         """The stream, for work that needs its memory whole."""
         stream = self._stream(stream_id)
+        self._current(stream)
         if stream.lost:
             raise StreamLostError(f"stream {stream_id!r} is lost: {stream.lost}; delete it and create it again")
         return stream

@@ -1,7 +1,9 @@
 """The Ray pipeline hosts the engine: same answers, isolated streams, recovery from dead actors,
 a streamed answer, an answer pool that grows and shrinks."""
 
+import gc
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -182,6 +184,41 @@ def test_delete_frees_replicas_and_index_keys(coordinator):
     assert [ray.get(w.ping.remote()) for w in [workers["prefill"], *workers["answerers"]]] == [h - 1 for h in held]
     with pytest.raises(UnknownStreamError):
         ray.get(coordinator.ask.remote("gone", QUESTIONS[0], 3))
+
+
+def _watch_stream(coordinator, stream_id):
+    """Turn the coordinator's garbage collector off and keep a weak reference to the stream's state."""
+    def watch(self):
+        gc.disable()
+        self.watched = weakref.ref(self.streams[stream_id])
+    ray.get(coordinator.__ray_call__.remote(watch))
+
+
+def _watched_stream_is_alive(coordinator) -> bool:
+    def check(self):
+        alive = self.watched() is not None
+        gc.enable()
+        return alive
+    return ray.get(coordinator.__ray_call__.remote(check))
+
+
+def test_frames_in_flight_when_a_stream_is_deleted_never_reach_a_stream_created_under_its_id(coordinator):
+    ray.get(coordinator.create_stream.remote("reused", "rekv", CASES["rekv"]))
+    _watch_stream(coordinator, "reused")
+    late = coordinator.ingest.remote("reused", video(128, seed=3))
+    while not ray.get(coordinator.__ray_call__.remote(lambda self: self._vision.running is not None)):
+        time.sleep(0.01)  # until its frames are in the vision tower
+    ray.get(coordinator.delete_stream.remote("reused"))
+    ray.get(coordinator.create_stream.remote("reused", "rekv", CASES["rekv"]))
+    with pytest.raises(UnknownStreamError, match="was deleted"):
+        ray.get(late)
+    assert ray.get(coordinator.status.remote("reused"))["frames_ingested"] == 0
+    assert ray.get(coordinator.segments.remote("reused")) == []
+    memory = ray.get(coordinator.memory.remote("reused"))
+    assert memory["blocks"] == memory["window"] == 0
+    # the deleted stream's state was freed at once, with no reference cycle left for the collector
+    assert not _watched_stream_is_alive(coordinator)
+    ray.get(coordinator.delete_stream.remote("reused"))
 
 
 def test_bad_requests_are_typed_and_leave_the_stream_usable(coordinator):
