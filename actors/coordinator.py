@@ -191,6 +191,7 @@ class StreamCoordinator:
         self._scaling: asyncio.Task | None = None
         self._idle_watch: asyncio.Task | None = None
         self.streams: dict[str, _Stream] = {}
+        self._creating: set[str] = set()  # ids of streams being created
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0}
         self.scaling_events = {"answerers_added": 0, "answerers_removed": 0, "answerers_unplaced": 0}
         self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
@@ -210,17 +211,21 @@ class StreamCoordinator:
     # ---- streams --------------------------------------------------------------------------
     async def create_stream(self, stream_id: str, method: str = "rekv", options: dict | None = None,
                             system_prompt: str | None = "You are a helpful assistant.") -> dict:
-        if not isinstance(stream_id, str) or not stream_id or stream_id in self.streams:
+        if not isinstance(stream_id, str) or not stream_id or stream_id in self.streams or stream_id in self._creating:
             raise InvalidInputError(f"stream id {stream_id!r} is empty or already in use")
         spec = StreamSpec(stream_id, method, dict(options or {}), system_prompt)
         config = spec.config()  # ConfigError here, before any actor holds state
-        snapshot = await self.prefill.open.remote(spec)
-        await self.compressor.open.remote(spec)
-        replicas = list(self.answerers)
-        await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])
-        for replica in replicas:
-            replica.streams.add(stream_id)
-        self.streams[stream_id] = stream = _Stream(spec, config.frame_rate)
+        self._creating.add(stream_id)  # taken from here: a concurrent create of the id would undo this one
+        try:
+            snapshot = await self.prefill.open.remote(spec)
+            await self.compressor.open.remote(spec)
+            replicas = list(self.answerers)
+            await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])
+            for replica in replicas:
+                replica.streams.add(stream_id)
+            self.streams[stream_id] = stream = _Stream(spec, config.frame_rate)
+        finally:
+            self._creating.discard(stream_id)
         stream.chunks = _Coalescer(functools.partial(self._segment_batch, stream))
         stream.commits = _Coalescer(functools.partial(self._commit_batch, stream))
         if self._idle_watch is None and self.max_answerers > self.min_answerers:

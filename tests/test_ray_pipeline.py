@@ -221,6 +221,20 @@ def test_frames_in_flight_when_a_stream_is_deleted_never_reach_a_stream_created_
     ray.get(coordinator.delete_stream.remote("reused"))
 
 
+def test_of_two_concurrent_creates_of_one_id_exactly_one_succeeds(coordinator):
+    creates = [coordinator.create_stream.remote("twice", "rekv", CASES["rekv"]) for _ in range(2)]
+    outcomes = []
+    for ref in creates:
+        try:
+            outcomes.append(ray.get(ref)["stream_id"])
+        except InvalidInputError as error:
+            outcomes.append("already in use" in str(error))
+    assert sorted(outcomes, key=str) == sorted(["twice", True], key=str)
+    ray.get(coordinator.ingest.remote("twice", video(8, seed=4)))
+    assert ray.get(coordinator.status.remote("twice"))["frames_ingested"] == 8
+    ray.get(coordinator.delete_stream.remote("twice"))
+
+
 def test_bad_requests_are_typed_and_leave_the_stream_usable(coordinator):
     ray.get(coordinator.create_stream.remote("bad", "rekv", CASES["rekv"]))
     ray.get(coordinator.ingest.remote("bad", video(8, seed=9)))
