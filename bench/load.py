@@ -57,6 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.procs import descendants, processes, pss, title
+
 REPO = Path(__file__).resolve().parent.parent
 HELD_OUT_SEED = 90_000
 APP_NAME = "streamkv-load"
@@ -128,93 +130,32 @@ def question_for(video: Video, frames_pushed: int, turn: int) -> str:
     return ready[turn % len(ready)] if ready else "what is on screen now ?"
 
 
-# ---- memory of the local Ray runtime: /proc (psutil when installed) -------------------------------
-def _processes() -> list[tuple[int, int, str, int]]:
-    """(pid, ppid, cmdline, rss bytes) of every process we can read."""
-    try:
-        import psutil
-
-        out = []
-        for p in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info"]):
-            info = p.info
-            if info.get("memory_info") is None:
-                continue
-            out.append((info["pid"], info["ppid"] or 0, " ".join(info.get("cmdline") or []), info["memory_info"].rss))
-        return out
-    except ImportError:
-        pass
-    out = []
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            with open(f"/proc/{entry}/statm") as f:
-                rss = int(f.read().split()[1]) * page
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        out.append((int(entry), ppid, cmd, rss))
-    return out
-
-
-def _descendants(root: int) -> set[int]:
-    children = defaultdict(list)
-    for pid, ppid, _, _ in _processes():
-        children[ppid].append(pid)
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _pss(pid: int) -> int | None:
-    """Proportional set size (shared pages split among their users), from smaps_rollup."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def ray_rss(root_pid: int | None) -> dict:
     """Resident memory of the Ray runtime: `ray::*` worker processes (actors, Serve, idle
     workers), by name, and every process of the runtime (raylet, GCS, ... too). RSS counts shared
     pages (torch's libraries) once per process; PSS splits them, so its sum is the real total.
     With `root_pid` (this driver, which started the runtime) only its descendants count; without,
     every `ray::` process on the host."""
-    procs = _processes()
+    procs = processes()
     if root_pid is not None:
-        mine = _descendants(root_pid)
+        mine = descendants(root_pid)
         procs = [p for p in procs if p[0] in mine]
     by_name: dict[str, int] = defaultdict(int)
     by_name_pss: dict[str, int] = defaultdict(int)
     workers = workers_pss = total = count = 0
     for pid, _, cmd, rss in procs:
         if cmd.startswith("ray::"):
-            name = cmd.split()[0].split(".")[0].rstrip("()")
-            pss = _pss(pid) or 0
+            name, proportional = title(cmd), pss(pid) or 0
             by_name[name] += rss
-            by_name_pss[name] += pss
+            by_name_pss[name] += proportional
             workers += rss
-            workers_pss += pss
+            workers_pss += proportional
             count += 1
         total += rss
     return {"workers_bytes": workers, "workers_pss_bytes": workers_pss, "workers": count,
             "runtime_bytes": total if root_pid is not None else None,
             "by_name": dict(sorted(by_name.items())), "by_name_pss": dict(sorted(by_name_pss.items())),
-            "count_by_name": dict(Counter(c.split()[0].split(".")[0].rstrip("()") for _, _, c, _ in procs
-                                          if c.startswith("ray::")))}
+            "count_by_name": dict(Counter(title(c) for _, _, c, _ in procs if c.startswith("ray::")))}
 
 
 def object_store_used() -> int | None:
@@ -982,8 +923,8 @@ def main(argv: list[str] | None = None) -> int:
             service.close()
     if service is not None:  # nothing of the runtime may outlive it
         time.sleep(2)
-        mine = _descendants(os.getpid())
-        left = [(pid, cmd[:80]) for pid, _, cmd, _ in _processes() if pid in mine]
+        mine = descendants(os.getpid())
+        left = [(pid, cmd[:80]) for pid, _, cmd, _ in processes() if pid in mine]
         results["leftover_processes"] = left
         if left:
             console.log(f"[red]processes left after ray.shutdown: {left}")

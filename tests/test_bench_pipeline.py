@@ -21,3 +21,8 @@ def test_a_small_run_records_every_stream_count_against_the_engine(tmp_path):
     assert set(results["pipeline"]) == {"1", "2"}
     for rows in results["pipeline"].values():
         assert rows[0]["aggregate_ingest_fps"] > 0 and rows[0]["latency_p50_s"] > 0
+        # ingest CPU time by process: the model actors did the work, not the engine (this process)
+        assert rows[0]["ingest_cpu_s"]["ray::PrefillWorker"] > 0 and "engine" not in rows[0]["ingest_cpu_s"]
+    assert results["engine"][0]["ingest_cpu_s"]["engine"] > 0
+    assert "ingest CPU seconds per 1,000 frames" in run.stdout
+    assert (tmp_path / "pipeline_tiny.png").read_bytes().startswith(b"\x89PNG")

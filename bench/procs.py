@@ -1,0 +1,89 @@
+"""The local Ray runtime's processes, read from /proc (psutil when installed): what the
+benchmarks account memory and CPU time to."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+
+
+def processes() -> list[tuple[int, int, str, int]]:
+    """(pid, ppid, cmdline, rss bytes) of every process we can read."""
+    try:
+        import psutil
+
+        out = []
+        for p in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info"]):
+            info = p.info
+            if info.get("memory_info") is None:
+                continue
+            out.append((info["pid"], info["ppid"] or 0, " ".join(info.get("cmdline") or []), info["memory_info"].rss))
+        return out
+    except ImportError:
+        pass
+    out = []
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            with open(f"/proc/{entry}/statm") as f:
+                rss = int(f.read().split()[1]) * page
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        out.append((int(entry), ppid, cmd, rss))
+    return out
+
+
+def descendants(root: int) -> set[int]:
+    children = defaultdict(list)
+    for pid, ppid, _, _ in processes():
+        children[ppid].append(pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def pss(pid: int) -> int | None:
+    """Proportional set size (shared pages split among their users), from smaps_rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def title(cmdline: str) -> str:
+    """A process's name without its current task: "ray::PrefillWorker", "raylet", "python"."""
+    first = cmdline.split()[0] if cmdline.strip() else "?"
+    return first.split(".")[0].rstrip("()") if first.startswith("ray::") else first.rsplit("/", 1)[-1]
+
+
+def cpu_seconds(root: int) -> Counter:
+    """CPU seconds (user + system) used so far by `root` and its descendants (a driver that
+    started a local Ray runtime: its raylet, GCS and workers), summed by process title
+    ("ray::PrefillWorker", "raylet", ...). Linux only (/proc); elsewhere empty."""
+    titles = {pid: title(cmd) for pid, _, cmd, _ in processes()}
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: Counter = Counter()
+    for pid in descendants(root) | {root}:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        utime, stime = stat[stat.rindex(")") + 2 :].split()[11:13]
+        used[titles.get(pid, "?")] += (int(utime) + int(stime)) / ticks
+    return used
