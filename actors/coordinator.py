@@ -41,7 +41,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from actors.decoder import DecoderActor
 from actors.spec import ReplicaGapError, StreamSpec
 from pipeline.decode import DecodeConfig
-from pipeline.errors import InvalidInputError, StreamLostError, UnknownStreamError
+from pipeline.errors import AnswerResumeError, InvalidInputError, StreamLostError, UnknownStreamError
 from pipeline.frames import check_frames, check_times
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -434,21 +434,40 @@ class StreamCoordinator:
     async def ask_stream(self, stream_id: str, question: str, max_new_tokens: int = 64):
         """`ask` as it is generated (call with num_returns="streaming"): a dict with the evidence
         and prompt size, the answer text piece by piece, then a dict with the token ids. Errors
-        in the question surface at the first item; an answer actor lost before the first item
-        is recovered like `ask`, one lost later ends the stream with its error."""
+        in the question surface at the first item. An answer actor lost midway is recovered like
+        `ask`'s and the answer resumes where it stopped: decoding is greedy, so a replica holding
+        the same updates generates the same items again, which are checked and skipped (if the
+        stream took updates meanwhile, they differ, and the error is AnswerResumeError)."""
         stream = self._live_stream(stream_id)
         with self._answer_slot() as replica:
             await self._prepare_question(stream, replica, question, max_new_tokens)
+            sent: list = []  # items yielded so far
 
-            async def first_item():
-                items = replica.handle.ask_stream.options(num_returns="streaming").remote(
-                    stream_id, question, max_new_tokens)
-                return items, await (await items.__anext__())
+            async def resume(answerer):
+                """A new generation on `answerer`, read past the items already sent, and its next
+                item (None if there is none)."""
+                items = answerer.ask_stream.options(num_returns="streaming").remote(stream_id, question, max_new_tokens)
+                for old in sent:
+                    if await (await items.__anext__()) != old:
+                        raise AnswerResumeError(f"stream {stream_id!r} took updates since the answer began")
+                try:
+                    return items, await (await items.__anext__())
+                except StopAsyncIteration:
+                    return items, None
 
-            items, head = await self._on_answerer(stream, replica, lambda _: first_item())
-            yield head
-            async for ref in items:
-                yield await ref
+            for attempt in range(RECOVERY_ATTEMPTS):
+                items, item = await self._on_answerer(stream, replica, resume)
+                try:
+                    while item is not None:
+                        sent.append(item)
+                        yield item
+                        item = await (await items.__anext__())
+                    return
+                except StopAsyncIteration:
+                    return
+                except ACTOR_LOST:  # the next resume restores the replica (and counts the restart)
+                    if attempt == RECOVERY_ATTEMPTS - 1:
+                        raise
 
     async def _prepare_question(self, stream: _Stream, replica: _AnswerReplica, question: str,
                                 max_new_tokens: int) -> None:

@@ -43,5 +43,10 @@ class StreamLostError(StreamKVError, RuntimeError):
     create it again."""
 
 
+class AnswerResumeError(StreamKVError, RuntimeError):
+    """A streamed answer whose answer actor was lost midway could not resume: the stream took
+    updates since the answer began, so a new generation would not continue the same text."""
+
+
 class PageCorruptError(StreamKVError, ValueError):
     """A stored KV page or index record is malformed or fails its content-hash check."""

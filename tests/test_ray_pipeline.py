@@ -15,9 +15,10 @@ from tests.stages import scene_video as video
 from actors.coordinator import StreamCoordinator
 from deploy.app import stream_status
 from pipeline import InvalidInputError, StreamSession, UnknownStreamError, load_model
-from pipeline.errors import StreamLostError
+from pipeline.errors import AnswerResumeError, StreamLostError
 
 QUESTIONS = ["what color was the star?", "which shape was red?"]
+LONG_ANSWER = 1024  # tokens
 CASES = {
     "rekv": {"top_k": 4, "n_local": 24},
     "streamkv": {"keep_ratio": 0.4, "top_k": 4, "min_frames": 3, "n_local": 24},
@@ -312,6 +313,46 @@ def test_a_streamed_answer_is_the_answer(coordinator):
     assert "".join(pieces) == whole["text"] and tail["token_ids"] == whole["token_ids"]
     with pytest.raises(InvalidInputError):  # a bad question fails at the first item
         ray.get(next(iter(coordinator.ask_stream.options(num_returns="streaming").remote("streamed", "", 6))))
+
+
+def long_streamed_answer(coordinator, stream_id):
+    """A stream on whose frames the test model never says its end token: ~2 s of answer, so a
+    kill after its first item lands midway. Returns the whole answer and the streamed items."""
+    ray.get(coordinator.create_stream.remote(stream_id, "rekv", CASES["rekv"]))
+    ray.get(coordinator.ingest.remote(stream_id, video(20, seed=13)))
+    whole = ray.get(coordinator.ask.remote(stream_id, "describe the video", LONG_ANSWER))
+    assert len(whole["token_ids"]) == LONG_ANSWER
+    return whole, coordinator.ask_stream.options(num_returns="streaming").remote(
+        stream_id, "describe the video", LONG_ANSWER)
+
+
+def kill_answerers(coordinator):
+    for answerer in ray.get(coordinator.workers.remote())["answerers"]:  # whichever is answering
+        ray.kill(answerer, no_restart=False)
+
+
+def test_a_streamed_answer_resumes_where_it_stopped_when_its_answer_actor_is_killed(coordinator):
+    whole, items = long_streamed_answer(coordinator, "resumed")
+    before = ray.get(coordinator.status.remote("resumed"))["restarts"]["answerer"]
+    head = ray.get(next(items))
+    kill_answerers(coordinator)
+    rest = [ray.get(ref) for ref in items]
+    assert head["evidence"] == whole["evidence"]
+    assert "".join(rest[:-1]) == whole["text"] and rest[-1]["token_ids"] == whole["token_ids"]
+    assert ray.get(coordinator.status.remote("resumed"))["restarts"]["answerer"] > before
+    ray.get(coordinator.delete_stream.remote("resumed"))
+
+
+def test_a_streamed_answer_does_not_resume_on_a_memory_that_changed_since_it_began(coordinator):
+    whole, items = long_streamed_answer(coordinator, "moved-on")
+    ray.get(next(items))
+    ray.get(coordinator.ingest.remote("moved-on", video(20, seed=14)))  # commits updates meanwhile
+    kill_answerers(coordinator)
+    with pytest.raises(AnswerResumeError):
+        for ref in items:
+            ray.get(ref)
+    assert ray.get(coordinator.ask.remote("moved-on", QUESTIONS[0], 3))["applied"] > whole["applied"]
+    ray.get(coordinator.delete_stream.remote("moved-on"))
 
 
 def test_the_answer_pool_grows_under_load_and_shrinks_when_idle(ray_runtime, checkpoint_dirs, engine_model):
