@@ -52,6 +52,12 @@ RESTORE_TIMEOUT_S = 120.0
 # 6-10% faster with 4 than with 2, see BENCHMARKS.md); a live source keeps 2, so that it lags
 # little before dropping.
 DEFAULT_IN_FLIGHT = {"block": 4, "drop": 2}
+# Vision calls: with many streams, one call for everything queued would hold every stream's
+# segments back until all of it is encoded, leaving the language model's thread idle meanwhile.
+# So a call takes one model batch of PrefillWorker.encode_frames, or more where a batch takes
+# less than VISION_CALL_S (a cheap tower: per-call costs would then dominate). BENCHMARKS.md
+VISION_CALL_FRAMES = 32
+VISION_CALL_S = 0.1
 log = logging.getLogger(__name__)
 
 
@@ -83,6 +89,20 @@ async def _settled(refs) -> list[tuple[ray.ObjectRef, Any]]:
     Ray recovers the object from if the maker's node is lost while the copy is held."""
     refs = list(refs) if isinstance(refs, list) else [refs]
     return list(zip(refs, await asyncio.gather(*refs)))
+
+
+def _groups(items: list, sizes: list[int], limit: int):
+    """Consecutive groups of `items` whose sizes add up to at most `limit` (an item larger than
+    that alone)."""
+    group, total = [], 0
+    for item, size in zip(items, sizes):
+        if group and total + size > limit:
+            yield group
+            group, total = [], 0
+        group.append(item)
+        total += size
+    if group:
+        yield group
 
 
 def _features_wire(tokens: np.ndarray, first_frame: int, times):
@@ -196,6 +216,7 @@ class StreamCoordinator:
         self.scaling_events = {"answerers_added": 0, "answerers_removed": 0, "answerers_unplaced": 0}
         self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
         self._vision = _Coalescer(self._encode_batch)  # (frames, future) of every stream
+        self._vision_s_per_frame = VISION_CALL_S / VISION_CALL_FRAMES  # the last call's
 
     def _spawn(self, kind: str, *args):
         worker = _model_actors()[kind]
@@ -603,13 +624,20 @@ class StreamCoordinator:
         return await future
 
     async def _encode_batch(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
-        try:  # stateless: once a restarted actor answers, simply run it again
-            results = await self._until_alive(lambda: self.prefill.encode_frames.remote([f for f, _ in batch]))
-        except Exception as error:  # noqa: BLE001 - handed to every waiting stream
-            results = [error] * len(batch)
-        for (_, future), tokens in zip(batch, results):
-            if not future.done():  # its caller may have been cancelled
-                future.set_exception(tokens) if isinstance(tokens, Exception) else future.set_result(tokens)
+        """Encode queued chunks in calls of VISION_CALL_FRAMES frames or VISION_CALL_S seconds,
+        whichever is more: the first chunks' tokens come back, and their segments go to the
+        language model, while the rest are encoded."""
+        limit = max(VISION_CALL_FRAMES, round(VISION_CALL_S / self._vision_s_per_frame))
+        for group in _groups(batch, [len(frames) for frames, _ in batch], limit):
+            started, frames = time.perf_counter(), sum(len(f) for f, _ in group)
+            try:  # stateless: once a restarted actor answers, simply run it again
+                results = await self._until_alive(lambda: self.prefill.encode_frames.remote([f for f, _ in group]))
+                self._vision_s_per_frame = (time.perf_counter() - started) / frames
+            except Exception as error:  # noqa: BLE001 - handed to every waiting stream
+                results = [error] * len(group)
+            for (_, future), tokens in zip(group, results):
+                if not future.done():  # its caller may have been cancelled
+                    future.set_exception(tokens) if isinstance(tokens, Exception) else future.set_result(tokens)
 
     # ---- calls with recovery --------------------------------------------------------------
     async def _on_prefill(self, stream: _Stream, call):

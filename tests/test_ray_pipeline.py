@@ -8,6 +8,8 @@ import weakref
 import numpy as np
 import pytest
 import ray
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.plugins.ray_runtime import SINGLE_SLOT
 from tests.stages import scene_video as video
@@ -455,3 +457,15 @@ def test_the_coordinator_module_is_torch_free():
 
     code = "import sys, actors.coordinator; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+@given(st.lists(st.integers(1, 80), max_size=30), st.integers(1, 64))
+def test_vision_calls_take_consecutive_chunks_up_to_the_frame_limit(sizes, limit):
+    from actors.coordinator import _groups
+
+    groups = list(_groups(list(range(len(sizes))), sizes, limit))
+    assert [i for group in groups for i in group] == list(range(len(sizes)))  # all, in order
+    for group in groups:
+        assert len(group) == 1 or sum(sizes[i] for i in group) <= limit  # a bigger chunk goes alone
+    for group, after in zip(groups, groups[1:]):  # each call as full as the limit allows
+        assert sum(sizes[i] for i in group) + sizes[after[0]] > limit
