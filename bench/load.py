@@ -138,7 +138,7 @@ def ray_rss(root_pid: int | None) -> dict:
     every `ray::` process on the host."""
     procs = processes()
     if root_pid is not None:
-        mine = descendants(root_pid)
+        mine = descendants(root_pid, procs)
         procs = [p for p in procs if p[0] in mine]
     by_name: dict[str, int] = defaultdict(int)
     by_name_pss: dict[str, int] = defaultdict(int)
@@ -923,8 +923,9 @@ def main(argv: list[str] | None = None) -> int:
             service.close()
     if service is not None:  # nothing of the runtime may outlive it
         time.sleep(2)
-        mine = descendants(os.getpid())
-        left = [(pid, cmd[:80]) for pid, _, cmd, _ in processes() if pid in mine]
+        procs = processes()
+        mine = descendants(os.getpid(), procs)
+        left = [(pid, cmd[:80]) for pid, _, cmd, _ in procs if pid in mine]
         results["leftover_processes"] = left
         if left:
             console.log(f"[red]processes left after ray.shutdown: {left}")

@@ -40,9 +40,10 @@ def processes() -> list[tuple[int, int, str, int]]:
     return out
 
 
-def descendants(root: int) -> set[int]:
+def descendants(root: int, procs: list | None = None) -> set[int]:
+    """Pids below `root`, from `procs` (a processes() listing; read now if not given)."""
     children = defaultdict(list)
-    for pid, ppid, _, _ in processes():
+    for pid, ppid, _, _ in procs if procs is not None else processes():
         children[ppid].append(pid)
     found, todo = set(), [root]
     while todo:
@@ -75,10 +76,11 @@ def cpu_seconds(root: int) -> Counter:
     """CPU seconds (user + system) used so far by `root` and its descendants (a driver that
     started a local Ray runtime: its raylet, GCS and workers), summed by process title
     ("ray::PrefillWorker", "raylet", ...). Linux only (/proc); elsewhere empty."""
-    titles = {pid: title(cmd) for pid, _, cmd, _ in processes()}
+    procs = processes()
+    titles = {pid: title(cmd) for pid, _, cmd, _ in procs}
     ticks = os.sysconf("SC_CLK_TCK")
     used: Counter = Counter()
-    for pid in descendants(root) | {root}:
+    for pid in descendants(root, procs) | {root}:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read().decode(errors="replace")
