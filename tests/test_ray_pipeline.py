@@ -208,9 +208,10 @@ def _watched_stream_is_alive(coordinator) -> bool:
 def test_frames_in_flight_when_a_stream_is_deleted_never_reach_a_stream_created_under_its_id(coordinator):
     ray.get(coordinator.create_stream.remote("reused", "rekv", CASES["rekv"]))
     _watch_stream(coordinator, "reused")
+    ray.get(coordinator.__ray_call__.remote(lambda self: setattr(self, "vision_before", self._vision.running)))
     late = coordinator.ingest.remote("reused", video(128, seed=3))
-    while not ray.get(coordinator.__ray_call__.remote(lambda self: self._vision.running is not None)):
-        time.sleep(0.01)  # until its frames are in the vision tower
+    while ray.get(coordinator.__ray_call__.remote(lambda self: self._vision.running is self.vision_before)):
+        time.sleep(0.01)  # until its frames go to the vision tower (a new vision call starts)
     ray.get(coordinator.delete_stream.remote("reused"))
     ray.get(coordinator.create_stream.remote("reused", "rekv", CASES["rekv"]))
     with pytest.raises(UnknownStreamError, match="was deleted"):
