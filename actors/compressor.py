@@ -15,8 +15,8 @@ from actors.spec import StreamSpec, lookup
 from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
 from cache_store.wire import Wire, pack_segment, unpack_features, unpack_update
 from pipeline.compression import make_compressor
-from pipeline.kv_store import mean_key
 from pipeline.errors import UnknownStreamError
+from pipeline.kv_store import mean_key
 from pipeline.model import load_model
 from pipeline.segmenter import Segmenter
 
