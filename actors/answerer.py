@@ -65,6 +65,10 @@ class AnswerWorker:
     def memory(self, stream_id: str) -> dict[str, int]:
         return lookup(self.streams, stream_id).memory.memory()
 
+    def held(self) -> dict[str, int]:
+        """Every stream held here, with the updates its replica holds."""
+        return {sid: replica.applied for sid, replica in self.streams.items()}
+
     def close(self, stream_id: str) -> bool:
         return self.streams.pop(stream_id, None) is not None
 

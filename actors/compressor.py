@@ -2,18 +2,21 @@
 merges), the compression decisions that need only the segment (guidance), and the segment's
 entry in the summary index (Redis, or embedded in this actor).
 
-Its only state is each stream's open segment; the coordinator keeps the frames pushed since the
-last closed segment and replays them into a restarted actor.
+Its only state is each stream's open segment (and how far the stream has got); the coordinator
+keeps the frames pushed since the last closed segment and replays them into a restarted actor,
+and a restarted coordinator reads them back from here (`held`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from actors.spec import StreamSpec, lookup
 from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
-from cache_store.wire import Wire, pack_segment, unpack_features, unpack_update
+from cache_store.wire import Wire, pack_features, pack_segment, unpack_features, unpack_update
 from pipeline.compression import make_compressor
 from pipeline.errors import UnknownStreamError
 from pipeline.kv_store import mean_key
@@ -21,35 +24,58 @@ from pipeline.model import load_model
 from pipeline.segmenter import Segmenter
 
 
+@dataclass
+class _Stream:
+    spec: StreamSpec
+    segmenter: Segmenter
+    compressor: object  # pipeline.compression strategy
+    frames: int = 0  # frames pushed so far
+    last_time: float | None = None  # of the last frame pushed
+
+
 class CompressorWorker:
     def __init__(self, model_dir: str, device: str = "cpu", index_url: str | None = None):
         self.model = load_model(model_dir, device=device)  # guidance runs the language model
         self.index: SegmentIndex = RedisIndex(index_url) if index_url else EmbeddedIndex()
-        self.streams: dict[str, tuple[StreamSpec, Segmenter, object]] = {}
+        self.streams: dict[str, _Stream] = {}
 
-    def open(self, spec: StreamSpec) -> None:
+    def open(self, spec: StreamSpec, frames: int = 0, last_time: float | None = None, segments: int = 0) -> None:
+        """Start a stream, or host it again after a restart: `frames` pushed and `segments` closed
+        so far (the next segment's number), `last_time` of the last frame."""
         config = spec.config()
-        self.streams[spec.stream_id] = (spec, Segmenter(config), make_compressor(self.model, config))
+        stream = _Stream(spec, Segmenter(config), make_compressor(self.model, config), frames, last_time)
+        stream.segmenter.closed = segments
+        self.streams[spec.stream_id] = stream
 
     def push(self, stream_id: str, features: Wire) -> list[Wire]:
         """Frames in; the segments they close out (zero or more)."""
-        _, segmenter, _ = lookup(self.streams, stream_id)
+        stream = lookup(self.streams, stream_id)
         closed = []
         for item in unpack_features(features, "cpu", torch.float32):
-            closed += segmenter.push(item)
+            closed += stream.segmenter.push(item)
+            stream.frames, stream.last_time = item.frames[1], item.times[1]
         return [pack_segment(s) for s in closed]
 
     def flush(self, stream_id: str) -> Wire | None:
-        _, segmenter, _ = lookup(self.streams, stream_id)
-        segment = segmenter.flush()
+        segment = lookup(self.streams, stream_id).segmenter.flush()
         return None if segment is None else pack_segment(segment)
 
     def decide(self, stream_id: str, update: Wire) -> list[list[int]] | None:
         """Compression decisions about one encoded segment (guidance): per layer, blocks to keep."""
-        _, _, compressor = lookup(self.streams, stream_id)
         decoded = unpack_update(update, self.model.device, self.model.dtype)
-        compressor.decide(decoded)
+        lookup(self.streams, stream_id).compressor.decide(decoded)
         return decoded.keep
+
+    def held(self) -> dict[str, dict]:
+        """Every stream held here, for a restarted coordinator: open's arguments, and the open
+        segment's frames as pack_features' meta and tokens (plain values: the coordinator does not
+        import the wire formats)."""
+        held = {}
+        for sid, s in self.streams.items():
+            features = pack_features(s.segmenter.open.items if s.segmenter.open else [])
+            held[sid] = {"frames": s.frames, "last_time": s.last_time, "segments": s.segmenter.closed,
+                         "open": (features.meta["features"], features.arrays.get("features"))}
+        return held
 
     def record(self, stream_id: str, *updates: Wire) -> None:
         """The committed segments' entries in the summary index."""

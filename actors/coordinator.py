@@ -12,6 +12,15 @@ snapshot of a surviving replica and the interrupted call is retried; the compres
 segment is rebuilt by replaying the frames pushed since the last closed segment. Nothing already
 ingested is lost. It is also the FrameSink that decoder actors deliver frames to.
 
+A coordinator that runs under a name (a deployment's, deploy/app.py) names its model actors
+after itself and detaches them, so they outlive its process: when it dies and Ray restarts it, the
+new one adopts them and the streams they hold (_adopt). Everything committed is kept: updates the
+old one had not delivered yet are held by the prefill actor until delivered, replicas behind are
+restored, and each stream's frame count, time and open segment come back from the compressor.
+Lost are the chunks whose ingest had not returned (their callers got an error) and the streams'
+sources (decoder actors die with the coordinator that owns them; attach one again). `shutdown`
+removes the model actors for good.
+
 Answer actors form a pool that scales with the questions: a question goes to the least busy
 actor; while every actor has `answer_target_ongoing` questions in flight another one is started
 (up to `max_answerers`) and given a replica of every stream before it takes questions; one the
@@ -58,6 +67,9 @@ DEFAULT_IN_FLIGHT = {"block": 4, "drop": 2}
 # less than VISION_CALL_S (a cheap tower: per-call costs would then dominate). BENCHMARKS.md
 VISION_CALL_FRAMES = 32
 VISION_CALL_S = 0.1
+# Deployments' named coordinators live here, and their model actors, named "<coordinator>.<kind>"
+# (an actor cannot read the namespace it was created in)
+NAMESPACE = "streamkv"
 log = logging.getLogger(__name__)
 
 
@@ -105,10 +117,28 @@ def _groups(items: list, sizes: list[int], limit: int):
         yield group
 
 
-def _features_wire(tokens: np.ndarray, first_frame: int, times):
+def _features_wire(tokens: np.ndarray, frames: list[tuple[int, int]], times: list[tuple[float, float]]):
     from actors.prefill import features_wire
 
-    return features_wire(tokens, first_frame, times)
+    return features_wire(tokens, frames, times)
+
+
+def _pending(ranges: list, tokens: np.ndarray | None) -> list:
+    """Frames with their (frame, time) ranges (pack_features' meta) as _Stream.pending entries."""
+    return [((f[0], f[1]), tokens[i], (t[0], t[1])) for i, (f, t) in enumerate(ranges)]
+
+
+def _get(call, timeout_s: float = 120.0):
+    """ray.get(call()) for code that may block (__init__), once the actor answers: as
+    StreamCoordinator._until_alive."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(call())
+        except ACTOR_LOST:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @dataclass(eq=False)
@@ -164,9 +194,12 @@ class _Stream:
     chunk_turn: asyncio.Condition = field(default_factory=asyncio.Condition)  # decoder chunks in seq order
     next_chunk: int = 0
     frames_seen: int = 0
+    segments: int = 0  # closed by the segmenter (the next one's number)
     last_time: float | None = None
     applied: int = 0  # updates committed to every replica
-    pending: list[tuple[int, np.ndarray, float]] = field(default_factory=list)  # frames in the open segment
+    published: int = 0  # of them, how many are known to have reached every replica and the index
+    # the open segment's frames: (frame range, visual tokens [n, hidden], time range) each
+    pending: list[tuple[tuple[int, int], np.ndarray, tuple[float, float]]] = field(default_factory=list)
     recoveries: int = 0
     last_error: str | None = None
     deleted: bool = False  # set when deletion starts: no work for it may reach the actors after that
@@ -180,6 +213,7 @@ class _Stream:
     lost: str | None = None  # why the stream's memory has a gap (a failed commit, no replica left)
     mode: str | None = None  # "push" or "pull" once a source is attached
     decoder: Any = None  # the DecoderActor reading the source
+    adopted: bool = False  # taken over by a restarted coordinator (its source, if any, is detached)
 
 
 class StreamCoordinator:
@@ -204,30 +238,88 @@ class StreamCoordinator:
         self.answer_target_ongoing, self.answer_idle_s = answer_target_ongoing, answer_idle_s
         self.answer_start_timeout_s = answer_start_timeout_s
         self.restore_timeout_s = restore_timeout_s
-        self.prefill = self._spawn("prefill", model_dir, device)
-        self.compressor = self._spawn("compressor", model_dir, device, index_url)
-        self._answerer_names = (f"answerer{i}" for i in itertools.count())
-        self.answerers = [self._new_answerer(ready=True) for _ in range(self.min_answerers)]
+        self.name = ray.get_runtime_context().get_actor_name() or None  # see the module doc
+        self.prefill = self._spawn("prefill", "prefill", model_dir, device)
+        self.compressor = self._spawn("compressor", "compressor", model_dir, device, index_url)
+        kept = self._named_answerers()  # a previous process's, if any
+        self._answerer_names = (f"answerer{i}" for i in itertools.count(max(kept, default=-1) + 1))
+        self.answerers = [self._new_answerer(ready=True, name=f"answerer{i}") for i in kept]
+        self.answerers += [self._new_answerer(ready=True) for _ in range(self.min_answerers - len(self.answerers))]
         self._scaling: asyncio.Task | None = None
         self._idle_watch: asyncio.Task | None = None
         self.streams: dict[str, _Stream] = {}
         self._creating: set[str] = set()  # ids of streams being created
-        self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0}
+        self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0, "coordinator": 0}
         self.scaling_events = {"answerers_added": 0, "answerers_removed": 0, "answerers_unplaced": 0}
         self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
         self._vision = _Coalescer(self._encode_batch)  # (frames, future) of every stream
         self._vision_s_per_frame = VISION_CALL_S / VISION_CALL_FRAMES  # the last call's
+        if self.name:
+            self._adopt()
 
-    def _spawn(self, kind: str, *args):
+    def _spawn(self, kind: str, name: str, *args):
+        """A model actor; under a named coordinator, named after it and detached (or the one of
+        that name that outlived a previous coordinator process)."""
         worker = _model_actors()[kind]
         groups = getattr(worker, "CONCURRENCY_GROUPS", None)  # fixed at class level: not an .options() key
         actor_class = ray.remote(concurrency_groups=groups)(worker) if groups else ray.remote(worker)
         options = {"num_cpus": self.actor_cpus, "max_restarts": -1, **self.placement.get(kind, {})}
+        if self.name:
+            options.update(name=f"{self.name}.{name}", namespace=NAMESPACE, lifetime="detached",
+                           get_if_exists=True)
         return actor_class.options(**options).remote(*args)
 
-    def _new_answerer(self, ready: bool) -> _AnswerReplica:
-        return _AnswerReplica(self._spawn("answerer", self.model_dir, self.device),
-                              next(self._answerer_names), ready=ready)
+    def _new_answerer(self, ready: bool, name: str | None = None) -> _AnswerReplica:
+        name = name or next(self._answerer_names)
+        return _AnswerReplica(self._spawn("answerer", name, self.model_dir, self.device), name, ready=ready)
+
+    def _named_answerers(self) -> list[int]:
+        """Numbers of the answer actors named after this coordinator that exist (a previous
+        process's)."""
+        if not self.name:
+            return []
+        prefix = f"{self.name}.answerer"
+        return sorted(int(a["name"][len(prefix):]) for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)
+                      and a["name"][len(prefix):].isdigit())
+
+    def _adopt(self) -> None:
+        """Take over the streams the model actors of a previous process of this coordinator hold
+        (nothing on a first start). Blocking calls: no other call runs before __init__ returns.
+        A stream not held by both the prefill and the compressor actor (its creation or deletion
+        was cut short, or one of them restarted while no coordinator ran) cannot be made whole,
+        and is closed everywhere."""
+        hosted = _get(self.prefill.held.remote)
+        segmenting = _get(self.compressor.held.remote)
+        holding = {r.name: _get(r.handle.held.remote) for r in self.answerers}
+        for sid in set(hosted) | set(segmenting) | {sid for held in holding.values() for sid in held}:
+            if sid not in hosted or sid not in segmenting:
+                log.warning("stream %r: held by the %s actor only; closing it", sid,
+                            "prefill" if sid in hosted else "compressor" if sid in segmenting else "answer")
+                _get(lambda: self.compressor.close.remote(sid))
+                _get(lambda: self.prefill.close.remote(sid))
+                for replica in self.answerers:
+                    _get(lambda: replica.handle.close.remote(sid))
+                continue
+            spec, applied, unpublished = hosted[sid]
+            held = segmenting[sid]
+            stream = _Stream(spec, spec.config().frame_rate, frames_seen=held["frames"], last_time=held["last_time"],
+                             segments=held["segments"], applied=applied,
+                             published=applied, adopted=True, recoveries=1,
+                             last_error="taken over by a restarted coordinator: a source it had is detached")
+            stream.pending = _pending(*held["open"])
+            first = applied - len(unpublished) + 1  # the old process may not have delivered these
+            for replica in self.answerers:
+                if holding[replica.name].get(sid, -1) < first - 1:  # behind even those (or without it)
+                    snapshot, count = _get(lambda: self.prefill.snapshot.remote(sid))
+                    _get(lambda: replica.handle.restore.remote(spec, snapshot, count))
+                else:
+                    _get(lambda: replica.handle.apply.remote(sid, first, *unpublished))
+                replica.streams.add(sid)
+            if unpublished:
+                _get(lambda: self.compressor.record.remote(sid, *unpublished))
+            self._register(stream)
+        self.restarts["coordinator"] = 1 if self.streams else 0
 
     # ---- streams --------------------------------------------------------------------------
     async def create_stream(self, stream_id: str, method: str = "rekv", options: dict | None = None,
@@ -244,14 +336,18 @@ class StreamCoordinator:
             await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])
             for replica in replicas:
                 replica.streams.add(stream_id)
-            self.streams[stream_id] = stream = _Stream(spec, config.frame_rate)
+            stream = self._register(_Stream(spec, config.frame_rate))
         finally:
             self._creating.discard(stream_id)
-        stream.chunks = _Coalescer(functools.partial(self._segment_batch, stream))
-        stream.commits = _Coalescer(functools.partial(self._commit_batch, stream))
         if self._idle_watch is None and self.max_answerers > self.min_answerers:
             self._idle_watch = _detached(self._remove_idle_answerers())
         return await self.status(stream_id)
+
+    def _register(self, stream: _Stream) -> _Stream:
+        stream.chunks = _Coalescer(functools.partial(self._segment_batch, stream))
+        stream.commits = _Coalescer(functools.partial(self._commit_batch, stream))
+        self.streams[stream.spec.stream_id] = stream
+        return stream
 
     def list_streams(self) -> list[str]:
         return sorted(self.streams)
@@ -271,15 +367,19 @@ class StreamCoordinator:
         sink = ray.get_runtime_context().current_actor
         if max_in_flight is None:
             max_in_flight = DEFAULT_IN_FLIGHT.get(policy, 2)  # an unknown policy is the decoder's error
+        # its times start at 0: they continue the stream's (frames ingested before it, or by an
+        # earlier source detached by a coordinator restart)
+        offset = 0.0 if stream.last_time is None else stream.last_time + 1 / stream.frame_rate
         stream.decoder = DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
-            stream_id, source, decode or DecodeConfig(), sink, chunk_frames, max_in_flight, policy)
+            stream_id, source, decode or DecodeConfig(), sink, chunk_frames, max_in_flight, policy, time_offset=offset)
         await stream.decoder.start.remote()
         return await self.status(stream_id)
 
     def _push_decoder(self, stream_id: str):
         stream = self._live_stream(stream_id)
         if stream.mode != "push":
-            raise InvalidInputError(f"stream {stream_id!r} does not take pushed bytes")
+            detached = " (the coordinator restarted: attach a source again)" if stream.adopted and not stream.mode else ""
+            raise InvalidInputError(f"stream {stream_id!r} does not take pushed bytes{detached}")
         return stream.decoder
 
     async def push(self, stream_id: str, chunk: bytes, seq: int | None = None) -> int:
@@ -304,6 +404,7 @@ class StreamCoordinator:
             "segments": stream.applied, "last_time": stream.last_time,
             "recoveries": stream.recoveries, "restarts": dict(self.restarts), "batching": dict(stream.batching),
             "last_error": stream.lost or stream.last_error or (source and source["last_error"]),
+            "adopted": stream.adopted,
         }
 
     def pool(self) -> dict:
@@ -342,6 +443,17 @@ class StreamCoordinator:
             stream.next_chunk = math.inf
             stream.chunk_turn.notify_all()
         return {"stream_id": stream_id, "index_keys_deleted": index_keys}
+
+    async def shutdown(self) -> int:
+        """Remove the model actors for good (a named coordinator's outlive it otherwise), with
+        every stream; returns how many streams there were. Then kill this actor."""
+        for stream in list(self.streams.values()):
+            if stream.decoder is not None:
+                ray.kill(stream.decoder, no_restart=True)
+        for handle in [self.prefill, self.compressor, *[r.handle for r in self.answerers]]:
+            ray.kill(handle, no_restart=True)
+        count, self.streams, self.answerers = len(self.streams), {}, []
+        return count
 
     def workers(self) -> dict:
         """Actor handles, for operations (and fault-injection tests)."""
@@ -402,7 +514,8 @@ class StreamCoordinator:
             if not accepted:
                 return
             tokens = np.concatenate(tokens)
-            wire = _features_wire(tokens, first, times)
+            ranges = [((first + i, first + i + 1), (t, t)) for i, t in enumerate(times)]
+            wire = _features_wire(tokens, *zip(*ranges))
             stream.batching["chunks"] += len(accepted)
             stream.batching["pushes"] += 1
             try:
@@ -413,7 +526,7 @@ class StreamCoordinator:
                     chunk.ingested.set_exception(error)
                 return
             # recorded once pushed: a restarted compressor is replayed the frames before these
-            stream.pending += [(first + i, tokens[i], times[i]) for i in range(len(tokens))]
+            stream.pending += [(frames, tokens[i], span) for i, (frames, span) in enumerate(ranges)]
             stream.frames_seen, stream.last_time = first + len(tokens), last_time
             committed = self._queue_commit(stream, segments)
         for chunk, frames_seen in accepted:
@@ -424,7 +537,8 @@ class StreamCoordinator:
         the future is done once they are committed."""
         if segments:  # the segmenter holds no frames before the last closed segment's end any more
             closed_until = segments[-1].meta["features"][-1][0][1]
-            stream.pending = [p for p in stream.pending if p[0] >= closed_until]
+            stream.segments = segments[-1].meta["segment"] + 1
+            stream.pending = [p for p in stream.pending if p[0][0] >= closed_until]
         stream.committing = asyncio.get_running_loop().create_future()
         stream.commits.put((segments, stream.committing))
         return stream.committing
@@ -577,14 +691,15 @@ class StreamCoordinator:
         if stream.spec.config().compression != "guidance":  # decided in the prefill actor: one call
             if segments:
                 self._publish(stream, await self._on_prefill(stream, lambda: _settled(
-                    self.prefill.encode_and_commit.options(num_returns=len(segments)).remote(sid, segments))))
+                    self.prefill.encode_and_commit.options(num_returns=len(segments)).remote(
+                        sid, segments, stream.published))))
             return
 
         async def guided(segment):  # the one decision made elsewhere
             update = self.prefill.encode_segment.remote(sid, segment)
             await update  # its errors are the prefill actor's, not the compressor's
             keep = await self._on_compressor(stream, lambda: self.compressor.decide.remote(sid, update))
-            return await _settled(self.prefill.commit.remote(sid, keep))
+            return await _settled(self.prefill.commit.remote(sid, keep, stream.published))
 
         for segment in segments:  # one at a time: a restored prefill replica resumes after the last
             self._publish(stream, await self._on_prefill(stream, lambda: guided(segment)))
@@ -593,10 +708,12 @@ class StreamCoordinator:
         """Count committed updates and send them to every replica and the index in the background:
         Ray runs one caller's calls to an actor in submission order, and a question first waits
         for its stream's updates. The updates go on as object refs, not through this actor: each
-        replica reads them from the object store."""
+        replica reads them from the object store. Once they and every earlier update arrived, the
+        prefill actor is told with its next commit (it holds them until then: _adopt)."""
         sid, first = stream.spec.stream_id, stream.applied + 1
         refs = [ref for ref, _ in updates]
         stream.applied += len(updates)
+        earlier = [t for t in stream.publishing if not t.done()]
 
         async def deliver(held=updates):  # holds this node's copies until every reader has them (_settled)
             await asyncio.gather(
@@ -604,8 +721,12 @@ class StreamCoordinator:
                 self._until_alive(lambda: self.compressor.record.remote(sid, *refs)),
                 *[self._on_answerer(stream, r, lambda a: a.apply.remote(sid, first, *refs))
                   for r in self.answerers if sid in r.streams])
+            if earlier:
+                await asyncio.wait(earlier)
+            if not any(t.cancelled() or t.exception() for t in earlier):
+                stream.published = max(stream.published, first + len(refs) - 1)
 
-        stream.publishing = [t for t in stream.publishing if not t.done()] + [asyncio.ensure_future(deliver())]
+        stream.publishing = earlier + [asyncio.ensure_future(deliver())]
 
     async def _published(self, stream: _Stream) -> None:
         """Wait until every closed segment of the stream is committed (its errors belong to the
@@ -664,12 +785,10 @@ class StreamCoordinator:
 
     async def _on_compressor(self, stream: _Stream, call):
         async def restore():
-            await self.compressor.open.remote(stream.spec)
+            await self.compressor.open.remote(stream.spec, stream.frames_seen, stream.last_time, stream.segments)
             if stream.pending:  # replay the open segment's frames into the restarted segmenter
-                first = stream.pending[0][0]
-                tokens = np.stack([p[1] for p in stream.pending])
-                replay = _features_wire(tokens, first, [p[2] for p in stream.pending])
-                await self.compressor.push.remote(stream.spec.stream_id, replay)
+                frames, tokens, times = zip(*stream.pending)
+                await self.compressor.push.remote(stream.spec.stream_id, _features_wire(np.stack(tokens), frames, times))
 
         return await self._with_recovery(stream, "compressor", call, restore)
 

@@ -76,7 +76,7 @@ class FrameSink(Protocol):
       arrives zero-copy from the object store and is READ-ONLY; the buffer belongs to the decoder
       actor, so copy whatever must be kept after the call returns or after the decoder is gone.
     - `times`: np.ndarray [T] float64, seconds since the first frame of the source
-      (`DecodedFrame.time`), strictly increasing within and across the calls of one stream.
+      (`DecodedFrame.time`) plus the decoder's `time_offset`, strictly increasing within and across the calls of one stream.
       A jump larger than the sampling interval is a gap in the source or frames dropped by the
       "drop" policy.
     - `seq`: the chunk's number among the stream's submitted chunks (0, 1, 2, ...; a chunk the
@@ -152,6 +152,7 @@ class StreamDecoder:
         policy: "block" or "drop", what to do when the window is full.
         push_buffer_bytes: push mode: bytes buffered before `push` blocks.
         source_format: force a demuxer (e.g. "mpegts") instead of probing.
+        time_offset: seconds added to every frame's time (a stream that takes a new source).
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class StreamDecoder:
         *,
         push_buffer_bytes: int = 8 * 2**20,
         source_format: str | None = None,
+        time_offset: float = 0.0,
     ) -> None:
         if not isinstance(stream_id, str) or not stream_id:
             raise InvalidInputError(f"stream_id must be a non-empty string, got {stream_id!r}")
@@ -187,6 +189,7 @@ class StreamDecoder:
         self._max_in_flight = int(max_in_flight)
         self._policy = policy
         self._format = source_format
+        self._time_offset = float(time_offset)
         self._push = PushBuffer(push_buffer_bytes) if source is None else None
 
         self._lock = threading.Lock()  # counters and state, for consistent status snapshots
@@ -468,7 +471,7 @@ class StreamDecoder:
                 ray.wait(self._pending, num_returns=1, timeout=_POLL_S)
                 self._reap()
         frames = np.stack(images)
-        stamps = np.asarray(times, dtype=np.float64)
+        stamps = np.asarray(times, dtype=np.float64) + self._time_offset
         ref = self._sink.ingest.remote(self.stream_id, frames, stamps, seq=self._chunks_sent)
         with self._lock:
             self._pending = self._pending + [ref]

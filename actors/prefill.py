@@ -34,6 +34,13 @@ class _Stream:
         self.memory = memory
         self.pending = None  # the last encoded update, until its decisions come back (commit)
         self.applied = 0  # updates committed
+        # committed updates not yet known to have reached every other replica and the index,
+        # numbered applied - len + 1 .. applied: a restarted coordinator delivers them again
+        self.unpublished: list[Wire] = []
+
+    def acknowledge(self, published: int) -> None:
+        """Forget the updates up to number `published`: every replica and the index have them."""
+        del self.unpublished[: max(0, len(self.unpublished) - (self.applied - published))]
 
 
 class PrefillWorker:
@@ -71,15 +78,15 @@ class PrefillWorker:
         self._encode(stream_id, segment)
         return pack_update(self.streams[stream_id].pending, stream_id=stream_id, model_id=self.model.name)
 
-    def encode_and_commit(self, stream_id: str, segments: list[Wire]) -> Wire | list[Wire]:
+    def encode_and_commit(self, stream_id: str, segments: list[Wire], published: int) -> Wire | list[Wire]:
         """Encode and commit closed segments whose decisions need no other actor (every
         compression but guidance), in order: one call for all the segments that queued up. Call
         with num_returns=len(segments): each update is an object of its own (Ray takes a single
-        return value as it is)."""
+        return value as it is). published: see commit."""
         committed = []
         for segment in segments:
             self._encode(stream_id, segment)
-            committed.append(self.commit(stream_id, None))
+            committed.append(self.commit(stream_id, None, published))
         return committed if len(committed) > 1 else committed[0]
 
     def _encode(self, stream_id: str, segment: Wire) -> None:
@@ -87,10 +94,11 @@ class PrefillWorker:
         decoded = unpack_segment(segment, self.model.device, self.model.dtype)
         stream.pending = stream.encoder.encode(stream.memory, decoded)
 
-    def commit(self, stream_id: str, keep: list[list[int]] | None) -> Wire:
+    def commit(self, stream_id: str, keep: list[list[int]] | None, published: int) -> Wire:
         """Apply the pending update to this replica, with the compressor's `keep` decisions or
         (None) decided here; return it, with the decisions that need the whole memory (VSB)
-        recorded, for the other replicas."""
+        recorded, for the other replicas. published: how many updates the coordinator has seen
+        reach every replica and the index (the rest are held here until then)."""
         stream = lookup(self.streams, stream_id)
         update, stream.pending = stream.pending, None
         if update is None:
@@ -102,12 +110,23 @@ class PrefillWorker:
         stream.memory.apply(update)
         stream.compressor.compact(stream.memory, update)
         stream.applied += 1
-        return pack_update(update, stream_id=stream_id, model_id=self.model.name)
+        stream.unpublished.append(pack_update(update, stream_id=stream_id, model_id=self.model.name))
+        stream.acknowledge(published)
+        return stream.unpublished[-1]
 
     def snapshot(self, stream_id: str) -> tuple[Wire, int]:
         """The replica and how many updates it holds."""
         stream = lookup(self.streams, stream_id)
         return pack_snapshot(stream.memory, stream_id=stream_id, model_id=self.model.name), stream.applied
+
+    def held(self) -> dict[str, tuple[StreamSpec, int, list[ray.ObjectRef]]]:
+        """Every stream held here: its spec, updates committed, and the unpublished ones (for a
+        restarted coordinator, by reference: it passes them on without importing their format).
+        An encoded segment awaiting its decisions is dropped: the coordinator that asked for them
+        is gone."""
+        for stream in self.streams.values():
+            stream.pending = None
+        return {sid: (s.spec, s.applied, [ray.put(u) for u in s.unpublished]) for sid, s in self.streams.items()}
 
     def close(self, stream_id: str) -> bool:
         return self.streams.pop(stream_id, None) is not None
@@ -116,7 +135,8 @@ class PrefillWorker:
         return len(self.streams)
 
 
-def features_wire(tokens: np.ndarray, first_frame: int, times) -> Wire:
-    """Visual tokens [T, n, hidden] of consecutive frames, in the wire format of pack_features."""
-    meta = [[[first_frame + i, first_frame + i + 1], [float(t), float(t)]] for i, t in enumerate(times)]
+def features_wire(tokens: np.ndarray, frames: list[tuple[int, int]], times: list[tuple[float, float]]) -> Wire:
+    """Visual tokens [T, n, hidden] of T frames (or merged runs of frames) with their frame and
+    time ranges, in the wire format of pack_features."""
+    meta = [[[int(f[0]), int(f[1])], [float(t[0]), float(t[1])]] for f, t in zip(frames, times)]
     return Wire({"features": meta}, arrays={"features": tokens})

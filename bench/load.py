@@ -219,10 +219,10 @@ class LocalService:
         import ray
         from ray import serve
 
-        from deploy.app import COORDINATOR_NAMESPACE
+        from deploy.ingest import stop_coordinator
 
         for step in (lambda: serve.delete(APP_NAME),
-                     lambda: ray.kill(ray.get_actor(self.coordinator, namespace=COORDINATOR_NAMESPACE)),
+                     lambda: stop_coordinator(self.coordinator),
                      serve.shutdown):
             try:
                 step()

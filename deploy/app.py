@@ -7,8 +7,10 @@ Where things live. The deployment is a thin, stateless HTTP layer. All stream st
 `StreamCoordinator` actor (actors/coordinator.py), a named, detached actor
 (`coordinator_name`, namespace "streamkv") that the first replica creates with fractional CPUs
 (`get_if_exists`), so every replica of the deployment (and a later redeploy) talks to the same
-one; the coordinator owns the prefill, compressor, answer and decoder actors. Kill it with
-`ray.kill(ray.get_actor(name, namespace="streamkv"))` to drop every stream.
+one. Ray restarts it if its process dies, and it takes its streams over again from its prefill,
+compressor and answer actors, which outlive it (requests meanwhile get 503; a stream's source is
+detached, so a push-mode stream answers 409 to chunks until it is created again).
+`deploy.ingest.stop_coordinator(name)` (`streamkv stop`) ends it with every stream.
 
 Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status):
     GET  /healthz                       liveness (also pings the coordinator); no auth
@@ -72,7 +74,6 @@ from pipeline.errors import (
     StreamLostError, UnknownStreamError, VideoDecodeError,
 )
 
-COORDINATOR_NAMESPACE = "streamkv"
 PULL_SCHEMES = ("http", "https", "rtsp")
 TERMINAL = ("finished", "failed", "stopped")
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
@@ -431,16 +432,13 @@ def _plain(value: Any):
 
 
 def get_or_create_coordinator(s: Settings):
-    from actors.coordinator import StreamCoordinator
-    from deploy.ingest import CLUSTER_PLACEMENT
+    from deploy.ingest import CLUSTER_PLACEMENT, named_coordinator
 
-    return ray.remote(StreamCoordinator).options(
-        name=s.coordinator_name, namespace=COORDINATOR_NAMESPACE, get_if_exists=True, lifetime="detached",
-        num_cpus=s.coordinator_cpus,
-    ).remote(s.model_dir, s.device, s.answerers, s.index_url, s.actor_cpus, max_answerers=s.max_answerers,
-             answer_target_ongoing=s.answer_target_ongoing, answer_idle_s=s.answer_idle_s,
-             answer_start_timeout_s=s.answer_start_timeout_s,
-             restore_timeout_s=s.restore_timeout_s, placement=CLUSTER_PLACEMENT if s.placement == "cluster" else None)
+    return named_coordinator(
+        s.coordinator_name, s.model_dir, s.device, s.answerers, s.index_url, s.actor_cpus,
+        max_answerers=s.max_answerers, answer_target_ongoing=s.answer_target_ongoing, answer_idle_s=s.answer_idle_s,
+        answer_start_timeout_s=s.answer_start_timeout_s, restore_timeout_s=s.restore_timeout_s,
+        placement=CLUSTER_PLACEMENT if s.placement == "cluster" else None, num_cpus=s.coordinator_cpus)
 
 
 def stream_status(stream_id: str, status: dict, retained_bytes: int | None) -> dict:

@@ -91,13 +91,22 @@ def status(stream: Optional[str] = None, address: str = "auto") -> None:
     console.print_json(json.dumps({s: ray.get(handle.status.remote(s)) for s in streams}))
 
 
+@app.command()
+def stop(address: str = "auto") -> None:
+    """End the running coordinator with its model actors and every stream."""
+    from deploy.ingest import stop_coordinator
+
+    _connect(address)
+    console.print(f"stopped; {stop_coordinator()} streams dropped")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context, which: str = typer.Argument(..., help="engine | qa | pipeline | gpu")) -> None:
+def bench(ctx: typer.Context, which: str = typer.Argument(..., help="engine | qa | pipeline | restart | gpu")) -> None:
     """Run a benchmark; extra options go to it (see `python -m bench.<which> --help`)."""
     import importlib
 
-    if which not in ("engine", "qa", "pipeline", "gpu"):
-        raise typer.BadParameter("choose engine, qa, pipeline or gpu")
+    if which not in ("engine", "qa", "pipeline", "restart", "gpu"):
+        raise typer.BadParameter("choose engine, qa, pipeline, restart or gpu")
     importlib.import_module(f"bench.{which}").main(ctx.args)
 
 

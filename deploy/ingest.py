@@ -11,7 +11,8 @@ A sources file (YAML) lists the cameras:
 
 Run it with `streamkv ingest sources.yaml` (or as a Ray job: `ray job submit -- streamkv ingest
 sources.yaml --address auto`). The coordinator is a named, detached actor, so `streamkv ask`
-and the HTTP service reach the same streams.
+and the HTTP service reach the same streams; Ray restarts it if its process dies, and it takes
+its streams over again (actors/coordinator.py). `streamkv stop` ends it with every stream.
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ import ray
 import yaml
 from rich.progress import Progress
 
-from actors.coordinator import StreamCoordinator
+from actors.coordinator import NAMESPACE, StreamCoordinator
 from pipeline.decode import DecodeConfig
 from pipeline.errors import ConfigError
 
 COORDINATOR_NAME = "streamkv-coordinator"
-NAMESPACE = "streamkv"
 # Pins actor kinds to ray_cluster.yaml's node types (their custom resources); the coordinator
 # itself stays on the head node.
 CLUSTER_PLACEMENT = {
@@ -79,9 +79,27 @@ def coordinator(model_dir: str | None = None, **options):
     except ValueError:
         if model_dir is None:
             raise ConfigError("no coordinator is running: give a model directory to start one") from None
-        return ray.remote(StreamCoordinator).options(
-            name=COORDINATOR_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0.1, get_if_exists=True
-        ).remote(str(model_dir), **options)
+        return named_coordinator(COORDINATOR_NAME, str(model_dir), **options)
+
+
+def named_coordinator(name: str, *args, num_cpus: float = 0.1, **options):
+    """The coordinator called `name`, started if none runs: detached, and restarted by Ray when
+    its process dies (it then takes its streams over again). args, options: StreamCoordinator's."""
+    return ray.remote(StreamCoordinator).options(
+        name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=num_cpus, get_if_exists=True, max_restarts=-1,
+    ).remote(*args, **options)
+
+
+def stop_coordinator(name: str = COORDINATOR_NAME) -> int:
+    """End the coordinator called `name` with its model actors and every stream; returns how many
+    streams it had (0 if none runs)."""
+    try:
+        handle = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return 0
+    streams = ray.get(handle.shutdown.remote())
+    ray.kill(handle)
+    return streams
 
 
 def run_ingest(handle, sources: list[Source], wait: bool = True, poll_s: float = 0.5) -> dict[str, dict]:

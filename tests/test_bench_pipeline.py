@@ -26,3 +26,14 @@ def test_a_small_run_records_every_stream_count_against_the_engine(tmp_path):
     assert results["engine"][0]["ingest_cpu_s"]["engine"] > 0
     assert "ingest CPU seconds per 1,000 frames" in run.stdout
     assert (tmp_path / "pipeline_tiny.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_restart_benchmark_records_takeover_against_a_cold_start(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.restart", "--streams", "2", "--frames", "16", "--rounds", "1", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [row] = json.loads((tmp_path / "restart.json").read_text())["runs"]["2"]
+    assert row["same_answers"] == 2  # every stream answers as before the kill
+    assert 0 < row["cold_start_s"] and 0 < row["takeover_s"] < row["first_answer_s"]
+    assert (tmp_path / "restart.png").read_bytes().startswith(b"\x89PNG")

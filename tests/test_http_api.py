@@ -269,3 +269,27 @@ def test_a_lost_stream_answers_409_with_its_type():
 
     error = StreamLostError("stream 'cam' is lost: ...; delete it and create it again")
     assert (typed_status(error), _error_name(error)) == (409, "StreamLostError")
+
+
+def test_the_service_keeps_its_streams_when_its_coordinator_process_dies(server, cam, coordinator_name):
+    """Ray restarts the coordinator, which takes the streams over (503 meanwhile): the same status
+    and answer after; a stream's source is detached, which a chunk upload's 409 says."""
+    import ray
+
+    from actors.coordinator import NAMESPACE
+
+    with client(server) as http:
+        before = http.get(f"/v1/streams/{cam}").json()
+        answer = http.post("/v1/chat/completions", json=ask_body(cam, max_tokens=6)).json()
+        ray.kill(ray.get_actor(coordinator_name, namespace=NAMESPACE), no_restart=False)
+        deadline = time.monotonic() + 180
+        while (r := http.get(f"/v1/streams/{cam}")).status_code != 200 or r.json()["recoveries"] == before["recoveries"]:
+            assert r.status_code in (200, 503) and time.monotonic() < deadline, r.text
+            time.sleep(0.5)
+        after = r.json()
+        assert (after["frames_ingested"], after["segments"]) == (before["frames_ingested"], before["segments"])
+        again = http.post("/v1/chat/completions", json=ask_body(cam, max_tokens=6)).json()
+        assert again["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
+        assert again["evidence"] == answer["evidence"]
+        r = http.post(f"/v1/streams/{cam}/chunks", content=mpegts(video(4, seed=7)), headers={"Content-Type": "video/mp2t"})
+        assert r.status_code == 409 and "coordinator restarted" in r.json()["error"]["message"], r.text

@@ -1,5 +1,7 @@
 """The HTTP API over real HTTP: one Serve app on the shared Ray runtime for the whole session.
 
+`coordinator_name` (session): the name of the app's coordinator (a detached actor in
+actors.coordinator.NAMESPACE).
 `server` (session): the base URL of a locally started, healthy Serve app (deploy.app:build_app) with the
 tiny GQA checkpoint, three bearer tokens (TOKEN_A, TOKEN_B, TOKEN_FUZZ), small body limits and its own
 coordinator; deleted, with its coordinator, at the end of the session.
@@ -31,18 +33,22 @@ def client(base: str, token: str | None = TOKEN_A) -> httpx.Client:
 
 
 @pytest.fixture(scope="session")
-def server(ray_runtime, checkpoint_dirs):
-    import ray
+def coordinator_name() -> str:
+    return f"http-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def server(ray_runtime, checkpoint_dirs, coordinator_name):
     from ray import serve
 
-    from deploy.app import COORDINATOR_NAMESPACE, build_app
+    from deploy.app import build_app
+    from deploy.ingest import stop_coordinator
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    coordinator = f"http-test-{uuid.uuid4().hex[:8]}"
     app = build_app({
         "model_dir": checkpoint_dirs["gqa"], "model_name": MODEL_NAME, "api_token": [TOKEN_A, TOKEN_B, TOKEN_FUZZ],
-        "max_upload_bytes": MAX_UPLOAD, "max_json_bytes": MAX_JSON, "coordinator_name": coordinator,
+        "max_upload_bytes": MAX_UPLOAD, "max_json_bytes": MAX_JSON, "coordinator_name": coordinator_name,
         "actor_cpus": 0.05, "coordinator_cpus": 0.05, "api_cpus": 0.05,
     })
     serve.run(app, name="streamkv-http-test", route_prefix="/")
@@ -57,8 +63,5 @@ def server(ray_runtime, checkpoint_dirs):
         yield url
     finally:
         serve.delete("streamkv-http-test")
-        try:
-            ray.kill(ray.get_actor(coordinator, namespace=COORDINATOR_NAMESPACE))
-        except ValueError:
-            pass
+        stop_coordinator(coordinator_name)
         serve.shutdown()

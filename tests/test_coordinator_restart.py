@@ -1,0 +1,98 @@
+"""A named coordinator whose process dies is restarted by Ray and takes its streams over from its
+model actors, which outlive it: memory, frame count, open segment and summary index are kept, so
+answers still equal the single-process engine's; `stop_coordinator` removes everything."""
+
+import time
+import uuid
+
+import pytest
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from tests.stages import scene_video as video
+
+from actors.coordinator import NAMESPACE
+from deploy.ingest import named_coordinator, stop_coordinator
+from pipeline import StreamSession, load_model
+from pipeline.config import make_config
+from pipeline.video_io import write_video
+
+CASES = {"rekv": {"top_k": 4, "n_local": 24}, "streamkv": {"keep_ratio": 0.4, "top_k": 4, "min_frames": 3, "n_local": 24}}
+QUESTIONS = ["what color was the star?", "which shape was red?"]
+
+
+def answered(answer: dict) -> tuple:
+    return answer["token_ids"], [e["frames"] for e in answer["evidence"]]
+
+
+def until_restarted(handle, stream_id: str, timeout_s: float = 120.0) -> dict:
+    """The stream's status from the new process (ray.kill returns before the old one is gone)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            status = ray.get(handle.status.remote(stream_id))
+            if status["adopted"]:
+                return status
+        except (ActorUnavailableError, RayActorError):
+            pass
+        assert time.monotonic() < deadline, "the coordinator did not come back"
+        time.sleep(0.5)
+
+
+def model_actors(name: str) -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == NAMESPACE and a["name"].startswith(f"{name}."))
+
+
+def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_dirs, redis_server, tmp_path):
+    name = f"restart-{uuid.uuid4().hex[:8]}"
+    handle = named_coordinator(name, checkpoint_dirs["gqa"], answerers=2, index_url=redis_server.url)
+    frames = video(38, seed=21)
+    try:
+        for method, options in CASES.items():
+            ray.get(handle.create_stream.remote(method, method, options))
+            ray.get(handle.ingest.remote(method, frames[:9]))
+            ray.get(handle.ask.remote(method, QUESTIONS[0], 5))
+            # no question after these: their last segment stays open in the compressor, and the
+            # updates they committed may still be on their way to the replicas and the index
+            ray.get(handle.ingest.remote(method, frames[9:22]))
+        ray.kill(handle, no_restart=False)  # the process dies; Ray starts a new one
+
+        until_restarted(handle, "rekv")
+        assert sorted(ray.get(handle.list_streams.remote())) == sorted(CASES)
+        assert model_actors(name) == [f"{name}.{kind}" for kind in ("answerer0", "answerer1", "compressor", "prefill")]
+        # the new process replays the open segments from its own copy if the compressor restarts
+        ray.kill(ray.get(handle.workers.remote())["compressor"], no_restart=False)
+        model = load_model(checkpoint_dirs["gqa"])
+        for method, options in CASES.items():
+            status = ray.get(handle.status.remote(method))
+            assert status["frames_ingested"] == 22 and status["adopted"] and status["restarts"]["coordinator"] == 1
+            ray.get(handle.ingest.remote(method, frames[22:30]))
+            session = StreamSession(model, method=method, **options)
+            session.add_frames(frames[:9])
+            session.ask(QUESTIONS[0], max_new_tokens=5)
+            session.add_frames(frames[9:30])
+            expected = session.ask(QUESTIONS[1], max_new_tokens=5)
+            for _ in range(2):  # both answer actors (least busy, then least recently used)
+                answer = ray.get(handle.ask.remote(method, QUESTIONS[1], 5))
+                assert answered(answer) == (expected.token_ids, [list(e.frames) for e in expected.evidence])
+            status = ray.get(handle.status.remote(method))
+            assert status["frames_ingested"] == 30 and status["restarts"]["compressor"] >= 1
+            assert len(ray.get(handle.segments.remote(method))) == status["segments"]  # every segment indexed
+
+        # a source attached after the restart continues the stream's frame times
+        before = ray.get(handle.status.remote("rekv"))
+        write_video(tmp_path / "more.mp4", frames[30:], fps=2.0)
+        ray.get(handle.attach_source.remote("rekv", str(tmp_path / "more.mp4")))
+        deadline = time.monotonic() + 120
+        while (status := ray.get(handle.status.remote("rekv")))["source_state"] not in ("finished", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert status["source_state"] == "finished" and status["frames_ingested"] == 38
+        gap = 1 / make_config("rekv", **CASES["rekv"]).frame_rate  # between the last frame before and the first after
+        assert status["last_time"] == pytest.approx(before["last_time"] + gap + 7 / 2)  # 8 frames at 2 fps
+        answer = ray.get(handle.ask.remote("rekv", QUESTIONS[0], 5))
+        assert max(e["frames"][1] for e in answer["evidence"]) <= 38
+    finally:
+        assert stop_coordinator(name) == len(CASES)
+    assert model_actors(name) == []
