@@ -47,7 +47,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.decoder import DecoderActor
+from actors.decoder import TERMINAL_STATES, DecoderActor
 from actors.spec import ReplicaGapError, StreamSpec
 from pipeline.decode import DecodeConfig
 from pipeline.errors import AnswerResumeError, InvalidInputError, StreamLostError, UnknownStreamError
@@ -213,6 +213,8 @@ class _Stream:
     lost: str | None = None  # why the stream's memory has a gap (a failed commit, no replica left)
     mode: str | None = None  # "push" or "pull" once a source is attached
     decoder: Any = None  # the DecoderActor reading the source
+    attached_at: int = 0  # frames ingested when it was attached
+    retired: dict[str, int] = field(default_factory=lambda: {"decoded": 0, "dropped": 0})  # by sources before it
     adopted: bool = False  # taken over by a restarted coordinator (its source, if any, is detached)
 
 
@@ -359,20 +361,32 @@ class StreamCoordinator:
         source runs from its first byte). Backpressure: "block" loses nothing (files, uploads);
         "drop" drops the newest frames while `max_in_flight` chunks are unfinished (live
         sources), and the stream's status counts them. max_in_flight defaults by policy
-        (DEFAULT_IN_FLIGHT)."""
+        (DEFAULT_IN_FLIGHT). A stream whose source has ended (or was detached by a coordinator
+        restart) takes a new one: its frames and times continue the stream's."""
         stream = self._live_stream(stream_id)
-        if stream.mode is not None:
-            raise InvalidInputError(f"stream {stream_id!r} already has a source")
-        stream.mode = "push" if source is None else "pull"
         sink = ray.get_runtime_context().current_actor
         if max_in_flight is None:
             max_in_flight = DEFAULT_IN_FLIGHT.get(policy, 2)  # an unknown policy is the decoder's error
-        # its times start at 0: they continue the stream's (frames ingested before it, or by an
-        # earlier source detached by a coordinator restart)
-        offset = 0.0 if stream.last_time is None else stream.last_time + 1 / stream.frame_rate
-        stream.decoder = DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
-            stream_id, source, decode or DecodeConfig(), sink, chunk_frames, max_in_flight, policy, time_offset=offset)
-        await stream.decoder.start.remote()
+        async with stream.lock:  # one attach at a time
+            previous = stream.decoder and await stream.decoder.status.remote()
+            if previous and previous["state"] not in TERMINAL_STATES:
+                raise InvalidInputError(f"stream {stream_id!r} already has a source ({previous['state']}): "
+                                        "close it or wait until it ends")
+            stream.next_chunk = 0  # the new decoder numbers its chunks from 0 (the old one sends no more)
+            # its times start at 0: they go on after the stream's last frame
+            offset = 0.0 if stream.last_time is None else stream.last_time + 1 / stream.frame_rate
+            decoder = DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
+                stream_id, source, decode or DecodeConfig(), sink, chunk_frames, max_in_flight, policy,
+                time_offset=offset)
+            try:
+                await decoder.start.remote()
+            except BaseException:
+                ray.kill(decoder, no_restart=True)
+                raise
+            if previous:
+                ray.kill(stream.decoder, no_restart=True)
+                stream.retired = {k: stream.retired[k] + previous[f"frames_{k}"] for k in stream.retired}
+            stream.decoder, stream.mode, stream.attached_at = decoder, "pull" if source else "push", stream.frames_seen
         return await self.status(stream_id)
 
     def _push_decoder(self, stream_id: str):
@@ -396,11 +410,15 @@ class StreamCoordinator:
     async def status(self, stream_id: str) -> dict:
         stream = self._stream(stream_id)
         source = await stream.decoder.status.remote() if stream.decoder is not None else None
+        # decoded and dropped: by every source the stream had; pending: by its current one
+        pending = source and max(0, source["frames_decoded"] - source["frames_dropped"]
+                                 - (stream.frames_seen - stream.attached_at))
         return {
             "stream_id": stream_id, "method": stream.spec.method, "state": "lost" if stream.lost else "live",
             "mode": stream.mode, "frames_ingested": stream.frames_seen,
-            "frames_decoded": source and source["frames_decoded"], "frames_dropped": source and source["frames_dropped"],
-            "source_state": source and source["state"],
+            "frames_decoded": source and stream.retired["decoded"] + source["frames_decoded"],
+            "frames_dropped": source and stream.retired["dropped"] + source["frames_dropped"],
+            "frames_pending": pending, "source_state": source and source["state"],
             "segments": stream.applied, "last_time": stream.last_time,
             "recoveries": stream.recoveries, "restarts": dict(self.restarts), "batching": dict(stream.batching),
             "last_error": stream.lost or stream.last_error or (source and source["last_error"]),

@@ -9,7 +9,7 @@ Where things live. The deployment is a thin, stateless HTTP layer. All stream st
 (`get_if_exists`), so every replica of the deployment (and a later redeploy) talks to the same
 one. Ray restarts it if its process dies, and it takes its streams over again from its prefill,
 compressor and answer actors, which outlive it (requests meanwhile get 503; a stream's source is
-detached, so a push-mode stream answers 409 to chunks until it is created again).
+detached: POST /v1/streams/{id}/source gives it a new one).
 `deploy.ingest.stop_coordinator(name)` (`streamkv stop`) ends it with every stream.
 
 Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status):
@@ -25,6 +25,8 @@ Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status)
     POST /v1/streams/{id}/chunks        raw encoded video bytes (MPEG-TS, Matroska, fragmented MP4;
                                         application/octet-stream or video/*), `?seq=` optional
     POST /v1/streams/{id}/close         end a pushed source (`?wait_s=` waits for its frames)
+    POST /v1/streams/{id}/source        a new source (pull, or push mode) for a stream whose source
+                                        ended or was detached; frames and times continue
     POST /v1/chat/completions           OpenAI-compatible; the video is a content part
                                         {"type": "video_url", "video_url": {"url": "stream://<id>"}}
                                         (or an http(s) URL: a one-shot stream, deleted afterwards)
@@ -37,7 +39,9 @@ is an `{"error": ...}` event.
 
 Push mode: the stream's decoder starts at creation; after `idle_timeout_s` (set at creation,
 default 60 s, null: never) without data, counted from the first chunk, the source counts as
-ended. Close the source when done; a stream whose source ended takes no more chunks (409).
+ended. Close the source when done; a stream whose source ended takes no more chunks (409) until
+it is given a new source (POST /v1/streams/{id}/source, push mode by default), which keeps its
+memory; chunks' `seq` then count from 0 again.
 
 Scaling: replicas of this deployment hold no state (Serve may autoscale them, deploy/serve.yaml);
 the coordinator sizes its answer-actor pool between `answerers` and `max_answerers`.
@@ -66,7 +70,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deploy import auth
 from deploy.schemas import (
     STREAM_ID_PATTERN, ChatCompletion, ChatCompletionRequest, CreateStream, Deleted, ErrorResponse, Health,
-    ModelList, PushResult, SegmentList, StreamList, StreamStatus, TextPart, VideoPart,
+    ModelList, PushResult, SegmentList, SourceSpec, StreamList, StreamStatus, TextPart, VideoPart,
 )
 from pipeline.decode import DecodeConfig
 from pipeline.errors import (
@@ -204,8 +208,9 @@ def _error_name(exc: BaseException) -> str:
 RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503, 504)}
 # The error statuses each operation answers with, as its OpenAPI entry lists them (an operation
 # left out lists all of RESPONSES). 401: no or a wrong token; 404: no such stream (or another
-# token's), unknown model; 409: no frames yet, the source does not take chunks (anymore), or the
-# stream was lost (delete it and create it again);
+# token's), unknown model; 409: no frames yet, the source does not take chunks (anymore), the
+# stream has a source still running (a new one), or the stream was lost (delete it and create it
+# again);
 # 413: a body over the limit; 415: a chunk that is not video; 422: an invalid request; 503: the
 # coordinator is unavailable, or a pushed chunk waited too long; 504: a one-shot video URL that
 # did not finish decoding in time.
@@ -220,6 +225,7 @@ ROUTE_ERRORS = {
     ("get", "/v1/streams/{stream_id}/segments"): (401, 404, 503),
     ("post", "/v1/streams/{stream_id}/chunks"): (400, 401, 404, 409, 413, 415, 422, 503),
     ("post", "/v1/streams/{stream_id}/close"): (401, 404, 409, 422, 503),
+    ("post", "/v1/streams/{stream_id}/source"): (400, 401, 404, 409, 413, 422, 503),
     ("post", "/v1/chat/completions"): (400, 401, 404, 409, 413, 422, 503, 504),
 }
 
@@ -443,15 +449,13 @@ def get_or_create_coordinator(s: Settings):
 
 def stream_status(stream_id: str, status: dict, retained_bytes: int | None) -> dict:
     """The coordinator's status of a stream as the API's StreamStatus (stream_id: the client's)."""
-    decoded, dropped = status.get("frames_decoded"), status.get("frames_dropped")
-    pending = None if decoded is None else max(0, decoded - status["frames_ingested"] - (dropped or 0))
     last_error = status.get("last_error")
     if isinstance(last_error, dict):  # the decoder's {type, message, where}
         last_error = f"{last_error.get('type')}: {last_error.get('message')} (in {last_error.get('where')})"
     return StreamStatus(
         stream_id=stream_id, method=status["method"], state=status["state"], mode=status.get("mode"),
-        frames_ingested=status["frames_ingested"], frames_decoded=decoded, frames_dropped=dropped,
-        frames_pending=pending, source_state=status.get("source_state"), segments=status["segments"],
+        frames_ingested=status["frames_ingested"], frames_decoded=status.get("frames_decoded"),
+        frames_dropped=status.get("frames_dropped"), frames_pending=status.get("frames_pending"), source_state=status.get("source_state"), segments=status["segments"],
         last_time=status.get("last_time"), retained_bytes=retained_bytes, recoveries=status.get("recoveries", 0),
         batching=status.get("batching"), last_error=last_error,
     ).model_dump()
@@ -499,6 +503,14 @@ class StreamKVAPI:
             return str(path)
         raise APIError(400, "invalid_source", f"source scheme {scheme!r} not allowed "
                                               f"(allowed: {', '.join(PULL_SCHEMES)})")
+
+    def _attach(self, internal: str, spec: SourceSpec):
+        """Check the source now; returns the call that attaches it to the stream."""
+        source = self._source(spec.source) if spec.source is not None else None
+        live = source is None or source.lower().startswith("rtsp")
+        decode = DecodeConfig(fps=spec.fps, read_timeout_s=spec.idle_timeout_s if live else DecodeConfig.read_timeout_s)
+        policy = spec.policy or ("drop" if live and source else "block")
+        return lambda: self.coord.attach_source.remote(internal, source, decode, policy)
 
     async def _ask(self, internal: str, question: str, max_tokens: int) -> dict:
         start = time.perf_counter()
@@ -602,15 +614,25 @@ class StreamKVAPI:
     async def create_stream(self, body: CreateStream, owner: str = Depends(_owner)):
         stream_id = body.stream_id or f"s-{uuid.uuid4().hex[:12]}"
         internal = auth.internal_id(owner, stream_id)
-        source = self._source(body.source) if body.source is not None else None
-        live = source is None or source.lower().startswith("rtsp")
-        decode = DecodeConfig(fps=body.fps, read_timeout_s=body.idle_timeout_s if live else DecodeConfig.read_timeout_s)
+        attach = self._attach(internal, body)  # the source is checked before the stream is created
         await self.coord.create_stream.remote(internal, body.method, body.options, body.system_prompt)
         try:
-            await self.coord.attach_source.remote(internal, source, decode, body.policy or ("drop" if live and source else "block"))
+            await attach()
         except Exception:  # no half-made stream left behind
             await self.coord.delete_stream.remote(internal)
             raise
+        return await self._status(owner, stream_id)
+
+    @app.post("/v1/streams/{stream_id}/source", response_model=StreamStatus, tags=["streams"])
+    async def attach_source(self, stream_id: str, body: SourceSpec, owner: str = Depends(_owner)):
+        """A new source for a stream whose source has ended or was detached (a coordinator
+        restart): its frames and times go on after the stream's; 409 while a source runs."""
+        internal = auth.internal_id(owner, _check_id(stream_id))
+        attach = self._attach(internal, body)
+        try:
+            await attach()
+        except InvalidInputError as exc:
+            raise APIError(409, "InvalidInputError", _message(exc)) from None
         return await self._status(owner, stream_id)
 
     @app.get("/v1/streams", response_model=StreamList, tags=["streams"])

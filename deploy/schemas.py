@@ -27,13 +27,11 @@ class ErrorResponse(BaseModel):
 
 
 # ---- streams -----------------------------------------------------------------------------------
-class CreateStream(BaseModel):
+class SourceSpec(BaseModel):
+    """Where a stream's frames come from (at creation, or a new source: POST /v1/streams/{id}/source)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    stream_id: str | None = Field(None, pattern=STREAM_ID_PATTERN, description="generated when left out")
-    method: str = Field("rekv", max_length=32, description="full | recent | rekv | streamkv | livevlm")
-    options: dict[str, Any] = Field(default_factory=dict, description="engine knobs (pipeline/config.py)")
-    system_prompt: str | None = Field("You are a helpful assistant.", max_length=4000)
     source: str | None = Field(None, max_length=2048,
                                description="URL to pull (http, https, rtsp; local files only when enabled); "
                                            "left out: push mode (POST /v1/streams/{id}/chunks)")
@@ -44,6 +42,13 @@ class CreateStream(BaseModel):
     idle_timeout_s: float | None = Field(
         60.0, gt=0, le=86400, description="push and rtsp sources: the source counts as ended after this long without "
                                           "data (from the first chunk on); null: never")
+
+
+class CreateStream(SourceSpec):
+    stream_id: str | None = Field(None, pattern=STREAM_ID_PATTERN, description="generated when left out")
+    method: str = Field("rekv", max_length=32, description="full | recent | rekv | streamkv | livevlm")
+    options: dict[str, Any] = Field(default_factory=dict, description="engine knobs (pipeline/config.py)")
+    system_prompt: str | None = Field("You are a helpful assistant.", max_length=4000)
 
 
 class StreamStatus(BaseModel):

@@ -259,6 +259,14 @@ def test_a_pushed_source_that_goes_quiet_ends_after_its_idle_timeout(server):
         # what was decoded before is kept and answerable (the demuxer may still hold the last frames)
         assert 0 < status["frames_ingested"] <= 48, status
         assert http.post("/v1/chat/completions", json=ask_body("quiet")).status_code == 200
+        # it takes no more chunks, until it is given a new source: the stream goes on after its frames
+        assert http.post("/v1/streams/quiet/chunks", content=data, headers={"Content-Type": "video/mp2t"}).status_code == 409
+        r = http.post("/v1/streams/quiet/source", json={"idle_timeout_s": 1.0})
+        assert r.status_code == 200 and r.json()["source_state"] in ("starting", "running"), r.text
+        assert http.post("/v1/streams/quiet/chunks", content=data, headers={"Content-Type": "video/mp2t"}).status_code == 202
+        more = wait_ingested(http, "quiet")
+        assert more["frames_ingested"] > status["frames_ingested"] and more["last_time"] > status["last_time"], more
+        assert more["frames_decoded"] > status["frames_decoded"]  # counted over both sources
         assert http.delete("/v1/streams/quiet").status_code == 200
 
 
@@ -291,5 +299,15 @@ def test_the_service_keeps_its_streams_when_its_coordinator_process_dies(server,
         again = http.post("/v1/chat/completions", json=ask_body(cam, max_tokens=6)).json()
         assert again["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
         assert again["evidence"] == answer["evidence"]
-        r = http.post(f"/v1/streams/{cam}/chunks", content=mpegts(video(4, seed=7)), headers={"Content-Type": "video/mp2t"})
+        clip = mpegts(video(8, seed=7))
+        r = http.post(f"/v1/streams/{cam}/chunks", content=clip, headers={"Content-Type": "video/mp2t"})
         assert r.status_code == 409 and "coordinator restarted" in r.json()["error"]["message"], r.text
+        # a new source: the stream goes on, its memory kept
+        r = http.post(f"/v1/streams/{cam}/source", json={})
+        assert r.status_code == 200 and r.json()["mode"] == "push", r.text
+        assert http.post(f"/v1/streams/{cam}/source", json={}).status_code == 409  # one runs already
+        assert http.post(f"/v1/streams/{cam}/chunks", content=clip, params={"seq": 0},
+                         headers={"Content-Type": "video/mp2t"}).status_code == 202
+        assert http.post(f"/v1/streams/{cam}/close", params={"wait_s": 60}).status_code == 200
+        status = wait_ingested(http, cam, CLIP_FRAMES + 8)
+        assert status["frames_ingested"] == CLIP_FRAMES + 8 and status["last_time"] > after["last_time"], status
