@@ -31,6 +31,7 @@ class _Stream:
     compressor: object  # pipeline.compression strategy
     frames: int = 0  # frames pushed so far
     last_time: float | None = None  # of the last frame pushed
+    source: tuple | None = None  # a live source's attach_source arguments, kept for a restarted coordinator
 
 
 class CompressorWorker:
@@ -39,13 +40,18 @@ class CompressorWorker:
         self.index: SegmentIndex = RedisIndex(index_url) if index_url else EmbeddedIndex()
         self.streams: dict[str, _Stream] = {}
 
-    def open(self, spec: StreamSpec, frames: int = 0, last_time: float | None = None, segments: int = 0) -> None:
-        """Start a stream, or host it again after a restart: `frames` pushed and `segments` closed
-        so far (the next segment's number), `last_time` of the last frame."""
+    def open(self, spec: StreamSpec, state: dict | None = None) -> None:
+        """Start a stream, or host it again after a restart with `state` as `held` gives it:
+        frames pushed and segments closed so far, the last frame's time, its live source."""
         config = spec.config()
-        stream = _Stream(spec, Segmenter(config), make_compressor(self.model, config), frames, last_time)
-        stream.segmenter.closed = segments
+        state = state or {}
+        stream = _Stream(spec, Segmenter(config), make_compressor(self.model, config), state.get("frames", 0),
+                         state.get("last_time"), state.get("source"))
+        stream.segmenter.closed = state.get("segments", 0)
         self.streams[spec.stream_id] = stream
+
+    def note_source(self, stream_id: str, source: tuple | None) -> None:
+        lookup(self.streams, stream_id).source = source
 
     def push(self, stream_id: str, features: Wire) -> list[Wire]:
         """Frames in; the segments they close out (zero or more)."""
@@ -67,14 +73,14 @@ class CompressorWorker:
         return decoded.keep
 
     def held(self) -> dict[str, dict]:
-        """Every stream held here, for a restarted coordinator: open's arguments, and the open
+        """Every stream held here, for a restarted coordinator: open's state, and the open
         segment's frames as pack_features' meta and tokens (plain values: the coordinator does not
         import the wire formats)."""
         held = {}
         for sid, s in self.streams.items():
             features = pack_features(s.segmenter.open.items if s.segmenter.open else [])
             held[sid] = {"frames": s.frames, "last_time": s.last_time, "segments": s.segmenter.closed,
-                         "open": (features.meta["features"], features.arrays.get("features"))}
+                         "source": s.source, "open": (features.meta["features"], features.arrays.get("features"))}
         return held
 
     def record(self, stream_id: str, *updates: Wire) -> None:

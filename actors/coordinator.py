@@ -17,9 +17,9 @@ after itself and detaches them, so they outlive its process: when it dies and Ra
 new one adopts them and the streams they hold (_adopt). Everything committed is kept: updates the
 old one had not delivered yet are held by the prefill actor until delivered, replicas behind are
 restored, and each stream's frame count, time and open segment come back from the compressor.
-Lost are the chunks whose ingest had not returned (their callers got an error) and the streams'
-sources (decoder actors die with the coordinator that owns them; attach one again). `shutdown`
-removes the model actors for good.
+Lost are the chunks whose ingest had not returned (their callers got an error). Decoder actors
+die with the coordinator that owns them: live sources (policy "drop") are attached again, others
+wait for attach_source. `shutdown` removes the model actors for good.
 
 Answer actors form a pool that scales with the questions: a question goes to the least busy
 actor; while every actor has `answer_target_ongoing` questions in flight another one is started
@@ -214,6 +214,7 @@ class _Stream:
     mode: str | None = None  # "push" or "pull" once a source is attached
     decoder: Any = None  # the DecoderActor reading the source
     attached_at: int = 0  # frames ingested when it was attached
+    live_source: tuple | None = None  # its attach_source arguments, if it is live (policy "drop")
     retired: dict[str, int] = field(default_factory=lambda: {"decoded": 0, "dropped": 0})  # by sources before it
     adopted: bool = False  # taken over by a restarted coordinator (its source, if any, is detached)
 
@@ -308,8 +309,10 @@ class StreamCoordinator:
             stream = _Stream(spec, spec.config().frame_rate, frames_seen=held["frames"], last_time=held["last_time"],
                              segments=held["segments"], applied=applied,
                              published=applied, adopted=True, recoveries=1,
-                             last_error="taken over by a restarted coordinator: a source it had is detached")
+                             last_error="taken over by a restarted coordinator: a file or pushed source it had is "
+                                        "detached")
             stream.pending = _pending(*held["open"])
+            stream.live_source = held["source"]
             first = applied - len(unpublished) + 1  # the old process may not have delivered these
             for replica in self.answerers:
                 if holding[replica.name].get(sid, -1) < first - 1:  # behind even those (or without it)
@@ -321,7 +324,21 @@ class StreamCoordinator:
             if unpublished:
                 _get(lambda: self.compressor.record.remote(sid, *unpublished))
             self._register(stream)
+            if stream.live_source:
+                self._reattach(stream)
         self.restarts["coordinator"] = 1 if self.streams else 0
+
+    def _reattach(self, stream: _Stream) -> None:
+        """Attach an adopted stream's live source again (blocking, from _adopt)."""
+        decoder = self._new_decoder(stream, *stream.live_source)
+        try:
+            _get(decoder.start.remote)
+        except Exception as error:  # noqa: BLE001 - the stream stays, without a source
+            ray.kill(decoder, no_restart=True)
+            stream.last_error = f"its live source could not be attached again ({type(error).__name__}: {error})"
+            return
+        self._attached(stream, decoder, stream.live_source)
+        stream.last_error = "taken over by a restarted coordinator: its live source was attached again"
 
     # ---- streams --------------------------------------------------------------------------
     async def create_stream(self, stream_id: str, method: str = "rekv", options: dict | None = None,
@@ -364,20 +381,15 @@ class StreamCoordinator:
         (DEFAULT_IN_FLIGHT). A stream whose source has ended (or was detached by a coordinator
         restart) takes a new one: its frames and times continue the stream's."""
         stream = self._live_stream(stream_id)
-        sink = ray.get_runtime_context().current_actor
         if max_in_flight is None:
             max_in_flight = DEFAULT_IN_FLIGHT.get(policy, 2)  # an unknown policy is the decoder's error
+        arguments = (source, decode or DecodeConfig(), policy, chunk_frames, max_in_flight)
         async with stream.lock:  # one attach at a time
             previous = stream.decoder and await stream.decoder.status.remote()
             if previous and previous["state"] not in TERMINAL_STATES:
                 raise InvalidInputError(f"stream {stream_id!r} already has a source ({previous['state']}): "
                                         "close it or wait until it ends")
-            stream.next_chunk = 0  # the new decoder numbers its chunks from 0 (the old one sends no more)
-            # its times start at 0: they go on after the stream's last frame
-            offset = 0.0 if stream.last_time is None else stream.last_time + 1 / stream.frame_rate
-            decoder = DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
-                stream_id, source, decode or DecodeConfig(), sink, chunk_frames, max_in_flight, policy,
-                time_offset=offset)
+            decoder = self._new_decoder(stream, *arguments)
             try:
                 await decoder.start.remote()
             except BaseException:
@@ -386,8 +398,27 @@ class StreamCoordinator:
             if previous:
                 ray.kill(stream.decoder, no_restart=True)
                 stream.retired = {k: stream.retired[k] + previous[f"frames_{k}"] for k in stream.retired}
-            stream.decoder, stream.mode, stream.attached_at = decoder, "pull" if source else "push", stream.frames_seen
+            self._attached(stream, decoder, arguments)
+            # a restarted coordinator attaches a live source again (reading a file again would
+            # repeat its frames; pushed bytes come from the client)
+            await self._on_compressor(stream, lambda: self.compressor.note_source.remote(stream_id, stream.live_source))
         return await self.status(stream_id)
+
+    def _new_decoder(self, stream: _Stream, source, decode: DecodeConfig, policy: str, chunk_frames: int,
+                     max_in_flight: int):
+        """A decoder actor for the stream, to start; its chunk numbers and times go on after the
+        stream's (a previous source sends no more)."""
+        stream.next_chunk = 0
+        offset = 0.0 if stream.last_time is None else stream.last_time + 1 / stream.frame_rate
+        sink = ray.get_runtime_context().current_actor
+        return DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
+            stream.spec.stream_id, source, decode, sink, chunk_frames, max_in_flight, policy, time_offset=offset)
+
+    @staticmethod
+    def _attached(stream: _Stream, decoder, arguments: tuple) -> None:
+        source, policy = arguments[0], arguments[2]
+        stream.decoder, stream.mode, stream.attached_at = decoder, "pull" if source else "push", stream.frames_seen
+        stream.live_source = arguments if source and policy == "drop" else None
 
     def _push_decoder(self, stream_id: str):
         stream = self._live_stream(stream_id)
@@ -803,7 +834,9 @@ class StreamCoordinator:
 
     async def _on_compressor(self, stream: _Stream, call):
         async def restore():
-            await self.compressor.open.remote(stream.spec, stream.frames_seen, stream.last_time, stream.segments)
+            await self.compressor.open.remote(stream.spec, {
+                "frames": stream.frames_seen, "last_time": stream.last_time, "segments": stream.segments,
+                "source": stream.live_source})
             if stream.pending:  # replay the open segment's frames into the restarted segmenter
                 frames, tokens, times = zip(*stream.pending)
                 await self.compressor.push.remote(stream.spec.stream_id, _features_wire(np.stack(tokens), frames, times))

@@ -39,6 +39,14 @@ def until_restarted(handle, stream_id: str, timeout_s: float = 120.0) -> dict:
         time.sleep(0.5)
 
 
+def until_source_ends(handle, stream_id: str, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (status := ray.get(handle.status.remote(stream_id)))["source_state"] not in ("finished", "failed"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    return status
+
+
 def model_actors(name: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["namespace"] == NAMESPACE and a["name"].startswith(f"{name}."))
@@ -56,10 +64,15 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
             # no question after these: their last segment stays open in the compressor, and the
             # updates they committed may still be on their way to the replicas and the index
             ray.get(handle.ingest.remote(method, frames[9:22]))
+        # a live source (policy "drop"; a file stands in for a camera, read again after the restart)
+        write_video(tmp_path / "live.mp4", frames[:8], fps=2.0)
+        ray.get(handle.create_stream.remote("live", "rekv", CASES["rekv"]))
+        ray.get(handle.attach_source.remote("live", str(tmp_path / "live.mp4"), None, "drop", 4, 8))
+        assert until_source_ends(handle, "live")["frames_ingested"] == 8
         ray.kill(handle, no_restart=False)  # the process dies; Ray starts a new one
 
         until_restarted(handle, "rekv")
-        assert sorted(ray.get(handle.list_streams.remote())) == sorted(CASES)
+        assert sorted(ray.get(handle.list_streams.remote())) == sorted([*CASES, "live"])
         assert model_actors(name) == [f"{name}.{kind}" for kind in ("answerer0", "answerer1", "compressor", "prefill")]
         # the new process replays the open segments from its own copy if the compressor restarts
         ray.kill(ray.get(handle.workers.remote())["compressor"], no_restart=False)
@@ -80,19 +93,20 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
             assert status["frames_ingested"] == 30 and status["restarts"]["compressor"] >= 1
             assert len(ray.get(handle.segments.remote(method))) == status["segments"]  # every segment indexed
 
-        # a source attached after the restart continues the stream's frame times
+        # the live source was attached again: its frames go on after the stream's
+        live = until_source_ends(handle, "live")
+        assert live["source_state"] == "finished" and live["mode"] == "pull" and live["frames_ingested"] == 16, live
+        # a file source is not: one attached after the restart continues the stream's frame times
         before = ray.get(handle.status.remote("rekv"))
+        assert before["mode"] is None and "detached" in before["last_error"]
         write_video(tmp_path / "more.mp4", frames[30:], fps=2.0)
         ray.get(handle.attach_source.remote("rekv", str(tmp_path / "more.mp4")))
-        deadline = time.monotonic() + 120
-        while (status := ray.get(handle.status.remote("rekv")))["source_state"] not in ("finished", "failed"):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        status = until_source_ends(handle, "rekv")
         assert status["source_state"] == "finished" and status["frames_ingested"] == 38
         gap = 1 / make_config("rekv", **CASES["rekv"]).frame_rate  # between the last frame before and the first after
         assert status["last_time"] == pytest.approx(before["last_time"] + gap + 7 / 2)  # 8 frames at 2 fps
         answer = ray.get(handle.ask.remote("rekv", QUESTIONS[0], 5))
         assert max(e["frames"][1] for e in answer["evidence"]) <= 38
     finally:
-        assert stop_coordinator(name) == len(CASES)
+        assert stop_coordinator(name) == len(CASES) + 1
     assert model_actors(name) == []
