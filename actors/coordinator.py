@@ -358,8 +358,6 @@ class StreamCoordinator:
             stream = self._register(_Stream(spec, config.frame_rate))
         finally:
             self._creating.discard(stream_id)
-        if self._idle_watch is None and self.max_answerers > self.min_answerers:
-            self._idle_watch = _detached(self._remove_idle_answerers())
         return await self.status(stream_id)
 
     def _register(self, stream: _Stream) -> _Stream:
@@ -676,6 +674,8 @@ class StreamCoordinator:
         block; grows the pool when every actor is at its target."""
         replica = min((r for r in self.answerers if r.ready), key=lambda r: (r.in_flight, r.last_used))
         replica.in_flight += 1
+        if self._idle_watch is None and self.max_answerers > self.min_answerers:  # (a pool adopted too)
+            self._idle_watch = _detached(self._remove_idle_answerers())
         if (self._scaling is None and len(self.answerers) < self.max_answerers
                 and all(r.in_flight >= self.answer_target_ongoing for r in self.answerers if r.ready)):
             self._scaling = _detached(self._add_answerer())

@@ -103,8 +103,14 @@ def stop_coordinator(name: str = COORDINATOR_NAME) -> int:
 
 
 def run_ingest(handle, sources: list[Source], wait: bool = True, poll_s: float = 0.5) -> dict[str, dict]:
-    """Create every stream, attach its source, and (with `wait`) show progress until all end."""
+    """Create every stream, attach its source, and (with `wait`) show progress until all end.
+    Streams the coordinator has already (a job run again, after a crash or to add cameras) are
+    only watched: their sources were attached before (live ones again after a coordinator
+    restart; a file attached again would repeat its frames)."""
+    existing = set(ray.get(handle.list_streams.remote()))
     for source in sources:
+        if source.id in existing:
+            continue
         ray.get(handle.create_stream.remote(source.id, source.method, source.options, source.system_prompt))
         ray.get(handle.attach_source.remote(source.id, source.url, DecodeConfig(fps=source.fps, size=source.size), source.policy))
     statuses = {s.id: ray.get(handle.status.remote(s.id)) for s in sources}

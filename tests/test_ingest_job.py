@@ -46,6 +46,9 @@ def test_four_http_cameras_are_ingested_by_one_job_then_questioned(ray_runtime, 
     answers = ray.get([handle.ask.remote(cid, "what color was the star?", 3) for cid in cameras])
     for (cid, (_, frames)), answer in zip(cameras.items(), answers):
         assert answer["evidence"] and all(e["frames"][1] <= frames for e in answer["evidence"])
+    # the job run again (after a crash, say) watches the streams it finds, and reads no file twice
+    again = run_ingest(handle, sources)
+    assert {cid: s["frames_ingested"] for cid, s in again.items()} == {cid: n for cid, (_, n) in cameras.items()}
     ray.kill(handle)
 
 
