@@ -214,7 +214,9 @@ class _Stream:
     mode: str | None = None  # "push" or "pull" once a source is attached
     decoder: Any = None  # the DecoderActor reading the source
     attached_at: int = 0  # frames ingested when it was attached
-    live_source: tuple | None = None  # its attach_source arguments, if it is live (policy "drop")
+    # its attach_source arguments if a restarted coordinator attaches it again: a live pull
+    # (policy "drop") or an upload not closed
+    resumable_source: tuple | None = None
     retired: dict[str, int] = field(default_factory=lambda: {"decoded": 0, "dropped": 0})  # by sources before it
     adopted: bool = False  # taken over by a restarted coordinator (its source, if any, is detached)
 
@@ -309,10 +311,10 @@ class StreamCoordinator:
             stream = _Stream(spec, spec.config().frame_rate, frames_seen=held["frames"], last_time=held["last_time"],
                              segments=held["segments"], applied=applied,
                              published=applied, adopted=True, recoveries=1,
-                             last_error="taken over by a restarted coordinator: a file or pushed source it had is "
-                                        "detached")
+                             last_error="taken over by a restarted coordinator: a file source or closed upload "
+                                        "it had is detached")
             stream.pending = _pending(*held["open"])
-            stream.live_source = held["source"]
+            stream.resumable_source = held["source"]
             first = applied - len(unpublished) + 1  # the old process may not have delivered these
             for replica in self.answerers:
                 if holding[replica.name].get(sid, -1) < first - 1:  # behind even those (or without it)
@@ -324,21 +326,23 @@ class StreamCoordinator:
             if unpublished:
                 _get(lambda: self.compressor.record.remote(sid, *unpublished))
             self._register(stream)
-            if stream.live_source:
+            if stream.resumable_source:
                 self._reattach(stream)
         self.restarts["coordinator"] = 1 if self.streams else 0
 
     def _reattach(self, stream: _Stream) -> None:
-        """Attach an adopted stream's live source again (blocking, from _adopt)."""
-        decoder = self._new_decoder(stream, *stream.live_source)
+        """Attach an adopted stream's live source or unfinished upload again (blocking, from
+        _adopt). The new upload's decoder takes the client's chunks from the first it is sent
+        (their `seq` goes on; a chunk sent meanwhile was refused, and the client sends it again)."""
+        decoder = self._new_decoder(stream, *stream.resumable_source, first_seq=None)
         try:
             _get(decoder.start.remote)
         except Exception as error:  # noqa: BLE001 - the stream stays, without a source
             ray.kill(decoder, no_restart=True)
             stream.last_error = f"its live source could not be attached again ({type(error).__name__}: {error})"
             return
-        self._attached(stream, decoder, stream.live_source)
-        stream.last_error = "taken over by a restarted coordinator: its live source was attached again"
+        self._attached(stream, decoder, stream.resumable_source)
+        stream.last_error = "taken over by a restarted coordinator: its source was attached again"
 
     # ---- streams --------------------------------------------------------------------------
     async def create_stream(self, stream_id: str, method: str = "rekv", options: dict | None = None,
@@ -397,26 +401,32 @@ class StreamCoordinator:
                 ray.kill(stream.decoder, no_restart=True)
                 stream.retired = {k: stream.retired[k] + previous[f"frames_{k}"] for k in stream.retired}
             self._attached(stream, decoder, arguments)
-            # a restarted coordinator attaches a live source again (reading a file again would
-            # repeat its frames; pushed bytes come from the client)
-            await self._on_compressor(stream, lambda: self.compressor.note_source.remote(stream_id, stream.live_source))
+            await self._note_source(stream)
         return await self.status(stream_id)
 
     def _new_decoder(self, stream: _Stream, source, decode: DecodeConfig, policy: str, chunk_frames: int,
-                     max_in_flight: int):
+                     max_in_flight: int, first_seq: int | None = 0):
         """A decoder actor for the stream, to start; its chunk numbers and times go on after the
         stream's (a previous source sends no more)."""
         stream.next_chunk = 0
         offset = 0.0 if stream.last_time is None else stream.last_time + 1 / stream.frame_rate
         sink = ray.get_runtime_context().current_actor
         return DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
-            stream.spec.stream_id, source, decode, sink, chunk_frames, max_in_flight, policy, time_offset=offset)
+            stream.spec.stream_id, source, decode, sink, chunk_frames, max_in_flight, policy, time_offset=offset,
+            first_seq=first_seq)
 
     @staticmethod
     def _attached(stream: _Stream, decoder, arguments: tuple) -> None:
         source, policy = arguments[0], arguments[2]
         stream.decoder, stream.mode, stream.attached_at = decoder, "pull" if source else "push", stream.frames_seen
-        stream.live_source = arguments if source and policy == "drop" else None
+        # a file read again would repeat its frames
+        stream.resumable_source = arguments if source is None or policy == "drop" else None
+
+    async def _note_source(self, stream: _Stream) -> None:
+        """Keep the stream's resumable source with its state in the compressor, for a restarted
+        coordinator."""
+        sid = stream.spec.stream_id
+        await self._on_compressor(stream, lambda: self.compressor.note_source.remote(sid, stream.resumable_source))
 
     def _push_decoder(self, stream_id: str):
         stream = self._live_stream(stream_id)
@@ -434,6 +444,9 @@ class StreamCoordinator:
         """End a pushed source; with `wait_s`, wait for its frames to be ingested."""
         decoder = self._push_decoder(stream_id)
         await decoder.close.remote()
+        stream = self._stream(stream_id)
+        stream.resumable_source = None  # the upload is over
+        await self._note_source(stream)
         return await decoder.wait.remote(wait_s) if wait_s else await decoder.status.remote()
 
     async def status(self, stream_id: str) -> dict:
@@ -836,7 +849,7 @@ class StreamCoordinator:
         async def restore():
             await self.compressor.open.remote(stream.spec, {
                 "frames": stream.frames_seen, "last_time": stream.last_time, "segments": stream.segments,
-                "source": stream.live_source})
+                "source": stream.resumable_source})
             if stream.pending:  # replay the open segment's frames into the restarted segmenter
                 frames, tokens, times = zip(*stream.pending)
                 await self.compressor.push.remote(stream.spec.stream_id, _features_wire(np.stack(tokens), frames, times))

@@ -153,6 +153,8 @@ class StreamDecoder:
         push_buffer_bytes: push mode: bytes buffered before `push` blocks.
         source_format: force a demuxer (e.g. "mpegts") instead of probing.
         time_offset: seconds added to every frame's time (a stream that takes a new source).
+        first_seq: push mode: the `seq` of the first chunk to write; None: whichever numbered
+            chunk comes first (a decoder taking over a client's upload midway).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class StreamDecoder:
         push_buffer_bytes: int = 8 * 2**20,
         source_format: str | None = None,
         time_offset: float = 0.0,
+        first_seq: int | None = 0,
     ) -> None:
         if not isinstance(stream_id, str) or not stream_id:
             raise InvalidInputError(f"stream_id must be a non-empty string, got {stream_id!r}")
@@ -215,7 +218,8 @@ class StreamDecoder:
         # push ordering (see push())
         self._push_cond = threading.Condition()
         self._stash: dict[int, bytes] = {}
-        self._next_seq = 0
+        self._next_seq = first_seq or 0
+        self._seq_from_first = first_seq is None
         self._auto_seq = 0
         self._draining = False
         self._close_at: int | None = None
@@ -336,6 +340,8 @@ class StreamDecoder:
                 self._auto_seq += 1
             elif int(seq) != seq or seq < 0:
                 raise InvalidInputError(f"seq must be an int >= 0, got {seq!r}")
+            elif self._seq_from_first:
+                self._next_seq, self._seq_from_first = int(seq), False
             if seq < self._next_seq:
                 return self._push.buffered_bytes  # a repeat of a chunk already written
             self._stash.setdefault(int(seq), data)  # a repeat of a parked chunk keeps the first copy

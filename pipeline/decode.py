@@ -82,7 +82,10 @@ class DecodeConfig:
     network sources.  max_retries: failed attempts in a row before giving up.  backoff_s: first
     wait between attempts, doubled each time up to max_backoff_s.  open_timeout_s: connecting and
     probing a network source.  read_timeout_s: waiting for more data from a network or pushed
-    source (pushed: from the first byte on).  None disables a timeout.
+    source (pushed: from the first byte on).  None disables a timeout.  probe_s: how much of a
+    network or pushed stream FFmpeg reads to learn its format before the first frame: its own
+    default (5 s, or 20 frames to estimate a frame rate) holds a live stream's first frames back
+    until that much video has arrived (pushed: been uploaded).
     """
 
     fps: float | None = None
@@ -94,6 +97,7 @@ class DecodeConfig:
     max_backoff_s: float = 8.0
     open_timeout_s: float | None = 10.0
     read_timeout_s: float | None = 10.0
+    probe_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -104,6 +108,8 @@ class DecodeConfig:
             raise ConfigError(f"max_frames must be >= 1 or None, got {self.max_frames}")
         if self.max_retries < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
             raise ConfigError("need max_retries >= 0 and 0 <= backoff_s <= max_backoff_s")
+        if not self.probe_s > 0:
+            raise ConfigError(f"probe_s must be > 0, got {self.probe_s}")
         for name in ("open_timeout_s", "read_timeout_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -430,6 +436,8 @@ class FrameSource:
         cfg = self.config
         options = {"protocol_whitelist": _PROTOCOLS[self._kind]}
         timeout = None
+        if self._kind in _NETWORK or self._push is not None:
+            options["analyzeduration"] = str(int(cfg.probe_s * 1e6))  # microseconds
         if self._kind in _NETWORK:
             timeout = (cfg.open_timeout_s, cfg.read_timeout_s)
             if self._kind.startswith("rtsp"):

@@ -4,6 +4,7 @@ server, including the failures: truncation, garbage, missing sources, dropped co
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import socket
 import threading
@@ -305,6 +306,27 @@ def test_push_mode_decodes_while_chunks_arrive(container_format, options):
     assert not errors and arrived_early
     assert times(frames) == pytest.approx([i / FPS for i in range(T)], abs=2e-3)
     assert [index_of(f.image) for f in frames] == [i % 32 for i in range(T)]
+
+
+def test_a_pushed_stream_shorter_than_ffmpegs_default_probe_already_gives_frames():
+    """FFmpeg's default probe reads 5 s of a stream (or 20 frames) before its first frame: a live
+    upload would wait for that much video. Here 4 s at 4 fps are pushed and the upload stays open."""
+    buffer = io.BytesIO()
+    write_video(buffer, clip_frames(16), 4.0, container_format="mpegts", gop_size=4)
+    data = buffer.getvalue()
+    buf = PushBuffer()
+    buf.push(data)
+    first = []
+
+    def read_first():
+        with contextlib.suppress(Exception), open_source(buf, DecodeConfig(read_timeout_s=60)) as src:
+            first.append(next(iter(src)))
+
+    reader = threading.Thread(target=read_first, daemon=True)
+    reader.start()
+    reader.join(30)  # the default probe would block until the read timeout, 60 s, or more bytes
+    assert first and first[0].index == 0
+    buf.close()
 
 
 def test_push_buffer_backpressure_and_close():

@@ -14,11 +14,11 @@ CLIP_FRAMES = 24
 QUESTION = "what color was the star?"
 
 
-def mpegts(frames: np.ndarray, fps: float = 4.0) -> bytes:
+def mpegts(frames: np.ndarray, fps: float = 4.0, **options) -> bytes:
     from pipeline.video_io import write_video
 
     buf = io.BytesIO()
-    write_video(buf, frames, fps, container_format="mpegts")
+    write_video(buf, frames, fps, container_format="mpegts", **options)
     return buf.getvalue()
 
 
@@ -281,12 +281,23 @@ def test_a_lost_stream_answers_409_with_its_type():
 
 def test_the_service_keeps_its_streams_when_its_coordinator_process_dies(server, cam, coordinator_name):
     """Ray restarts the coordinator, which takes the streams over (503 meanwhile): the same status
-    and answer after; a stream's source is detached, which a chunk upload's 409 says."""
+    and answer after; an upload in progress goes on; a closed one is detached, which a chunk's 409
+    says, until the stream gets a new source."""
     import ray
 
     from actors.coordinator import NAMESPACE
 
     with client(server) as http:
+        # an upload in progress: one MPEG-TS stream (a keyframe every 4 frames), cut in two
+        data = mpegts(video(32, seed=8), fps=4.0, gop_size=4)
+        halves = [data[: len(data) // 2 // 188 * 188], data[len(data) // 2 // 188 * 188 :]]  # whole TS packets
+        assert http.post("/v1/streams", json={"stream_id": "upload"}).status_code == 201
+        assert http.post("/v1/streams/upload/chunks", content=halves[0], params={"seq": 0},
+                         headers={"Content-Type": "video/mp2t"}).status_code == 202
+        deadline = time.monotonic() + 60
+        while (uploaded := http.get("/v1/streams/upload").json())["frames_ingested"] < 8:
+            assert time.monotonic() < deadline, uploaded
+            time.sleep(0.2)
         before = http.get(f"/v1/streams/{cam}").json()
         answer = http.post("/v1/chat/completions", json=ask_body(cam, max_tokens=6)).json()
         ray.kill(ray.get_actor(coordinator_name, namespace=NAMESPACE), no_restart=False)
@@ -299,6 +310,13 @@ def test_the_service_keeps_its_streams_when_its_coordinator_process_dies(server,
         again = http.post("/v1/chat/completions", json=ask_body(cam, max_tokens=6)).json()
         assert again["choices"][0]["message"]["content"] == answer["choices"][0]["message"]["content"]
         assert again["evidence"] == answer["evidence"]
+        # the upload goes on where it was (its frames after the next keyframe)
+        assert http.post("/v1/streams/upload/chunks", content=halves[1], params={"seq": 1},
+                         headers={"Content-Type": "video/mp2t"}).status_code == 202
+        assert http.post("/v1/streams/upload/close", params={"wait_s": 60}).status_code == 200
+        resumed = wait_ingested(http, "upload")
+        assert resumed["mode"] == "push" and resumed["frames_ingested"] > uploaded["frames_ingested"] + 8, resumed
+        assert resumed["last_time"] > uploaded["last_time"]
         clip = mpegts(video(8, seed=7))
         r = http.post(f"/v1/streams/{cam}/chunks", content=clip, headers={"Content-Type": "video/mp2t"})
         assert r.status_code == 409 and "coordinator restarted" in r.json()["error"]["message"], r.text
