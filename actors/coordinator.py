@@ -18,8 +18,8 @@ new one adopts them and the streams they hold (_adopt). Everything committed is 
 old one had not delivered yet are held by the prefill actor until delivered, replicas behind are
 restored, and each stream's frame count, time and open segment come back from the compressor.
 Lost are the chunks whose ingest had not returned (their callers got an error). Decoder actors
-die with the coordinator that owns them: live sources (policy "drop") are attached again, others
-wait for attach_source. `shutdown` removes the model actors for good.
+die with the coordinator that owns them: live sources (policy "drop") and open uploads are
+attached again, files wait for attach_source. `shutdown` removes the model actors for good.
 
 Answer actors form a pool that scales with the questions: a question goes to the least busy
 actor; while every actor has `answer_target_ongoing` questions in flight another one is started

@@ -8,8 +8,9 @@ Where things live. The deployment is a thin, stateless HTTP layer. All stream st
 (`coordinator_name`, namespace "streamkv") that the first replica creates with fractional CPUs
 (`get_if_exists`), so every replica of the deployment (and a later redeploy) talks to the same
 one. Ray restarts it if its process dies, and it takes its streams over again from its prefill,
-compressor and answer actors, which outlive it (requests meanwhile get 503; a live pulled source
-is attached again, a pushed one is detached: POST /v1/streams/{id}/source gives it a new one).
+compressor and answer actors, which outlive it (requests meanwhile get 503; live pulled sources
+and open uploads are attached again, so uploaders go on with their next chunk; a stream left
+without a source gets a new one with POST /v1/streams/{id}/source).
 `deploy.ingest.stop_coordinator(name)` (`streamkv stop`) ends it with every stream.
 
 Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status):
