@@ -97,7 +97,7 @@ class DecodeConfig:
     max_backoff_s: float = 8.0
     open_timeout_s: float | None = 10.0
     read_timeout_s: float | None = 10.0
-    probe_s: float = 1.0
+    probe_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
