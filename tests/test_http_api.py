@@ -270,15 +270,6 @@ def test_a_pushed_source_that_goes_quiet_ends_after_its_idle_timeout(server):
         assert http.delete("/v1/streams/quiet").status_code == 200
 
 
-def test_a_lost_stream_answers_409_with_its_type():
-    """A lost stream (its memory has a gap) is the client's to delete and create again: 409."""
-    from deploy.app import _error_name, typed_status
-    from pipeline.errors import StreamLostError
-
-    error = StreamLostError("stream 'cam' is lost: ...; delete it and create it again")
-    assert (typed_status(error), _error_name(error)) == (409, "StreamLostError")
-
-
 def test_the_service_keeps_its_streams_when_its_coordinator_process_dies(server, cam, coordinator_name):
     """Ray restarts the coordinator, which takes the streams over (503 meanwhile): the same status
     and answer after; an upload in progress goes on; a closed one is detached, which a chunk's 409
@@ -329,3 +320,29 @@ def test_the_service_keeps_its_streams_when_its_coordinator_process_dies(server,
         assert http.post(f"/v1/streams/{cam}/close", params={"wait_s": 60}).status_code == 200
         status = wait_ingested(http, cam, CLIP_FRAMES + 8)
         assert status["frames_ingested"] == CLIP_FRAMES + 8 and status["last_time"] > after["last_time"], status
+
+
+def test_a_lost_stream_says_so_and_answers_409(server, coordinator_name):
+    """Every replica of the streams' memory killed at once (the prefill and answer actors): a
+    stream that then commits a segment is lost, for the client to delete and create again. Last
+    in the module: it loses the other streams too."""
+    import ray
+
+    from actors.coordinator import NAMESPACE
+
+    with client(server) as http:
+        assert http.post("/v1/streams", json={"stream_id": "doomed"}).status_code == 201
+        http.post("/v1/streams/doomed/chunks", content=mpegts(video(12, seed=9)), params={"seq": 0},
+                  headers={"Content-Type": "video/mp2t"})
+        wait = http.post("/v1/streams/doomed/close", params={"wait_s": 60})
+        assert wait.status_code == 200 and wait.json()["frames_ingested"] == 12, wait.text
+        workers = ray.get(ray.get_actor(coordinator_name, namespace=NAMESPACE).workers.remote())
+        for actor in [workers["prefill"], *workers["answerers"]]:
+            ray.kill(actor, no_restart=False)
+        r = http.post("/v1/chat/completions", json=ask_body("doomed"))  # closes the open segment: a commit
+        assert r.status_code == 409 and r.json()["error"]["type"] == "StreamLostError", r.text
+        status = http.get("/v1/streams/doomed").json()
+        assert status["state"] == "lost" and "lost at once" in status["last_error"], status
+        assert http.post("/v1/chat/completions", json=ask_body("doomed")).status_code == 409
+        assert http.delete("/v1/streams/doomed").status_code == 200
+        assert http.post("/v1/streams", json={"stream_id": "doomed"}).status_code == 201  # created again

@@ -50,6 +50,7 @@ def server(ray_runtime, checkpoint_dirs, coordinator_name):
         "model_dir": checkpoint_dirs["gqa"], "model_name": MODEL_NAME, "api_token": [TOKEN_A, TOKEN_B, TOKEN_FUZZ],
         "max_upload_bytes": MAX_UPLOAD, "max_json_bytes": MAX_JSON, "coordinator_name": coordinator_name,
         "actor_cpus": 0.05, "coordinator_cpus": 0.05, "api_cpus": 0.05,
+        "restore_timeout_s": 10,  # a stream whose every replica is lost is declared lost after this
     })
     serve.run(app, name="streamkv-http-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
