@@ -31,7 +31,9 @@ class _Stream:
     compressor: object  # pipeline.compression strategy
     frames: int = 0  # frames pushed so far
     last_time: float | None = None  # of the last frame pushed
-    source: tuple | None = None  # a live source's attach_source arguments, kept for a restarted coordinator
+    # attach_source's arguments of a source a restarted coordinator attaches again (a live pull,
+    # an open upload): kept here for it
+    source: tuple | None = None
 
 
 class CompressorWorker:

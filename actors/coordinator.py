@@ -326,23 +326,32 @@ class StreamCoordinator:
             if unpublished:
                 _get(lambda: self.compressor.record.remote(sid, *unpublished))
             self._register(stream)
-            if stream.resumable_source:
-                self._reattach(stream)
+            if stream.resumable_source:  # attached now (pushes may come), started by resume_sources
+                decoder = self._new_decoder(stream, *stream.resumable_source, first_seq=None)
+                self._attached(stream, decoder, stream.resumable_source)
         self.restarts["coordinator"] = 1 if self.streams else 0
+        if any(s.decoder for s in self.streams.values()):  # runs once this __init__ returns
+            ray.get_runtime_context().current_actor.resume_sources.remote()
 
-    def _reattach(self, stream: _Stream) -> None:
-        """Attach an adopted stream's live source or unfinished upload again (blocking, from
-        _adopt). The new upload's decoder takes the client's chunks from the first it is sent
-        (their `seq` goes on; a chunk sent meanwhile was refused, and the client sends it again)."""
-        decoder = self._new_decoder(stream, *stream.resumable_source, first_seq=None)
-        try:
-            _get(decoder.start.remote)
-        except Exception as error:  # noqa: BLE001 - the stream stays, without a source
-            ray.kill(decoder, no_restart=True)
-            stream.last_error = f"its live source could not be attached again ({type(error).__name__}: {error})"
-            return
-        self._attached(stream, decoder, stream.resumable_source)
-        stream.last_error = "taken over by a restarted coordinator: its source was attached again"
+    async def resume_sources(self) -> list[str]:
+        """Start the decoders _adopt attached again to adopted streams (live sources, open
+        uploads). A restarted coordinator calls it on itself, to run once its __init__ is done:
+        before that, a decoder's first chunk would find it still starting. An upload's decoder
+        takes the client's chunks from the first it is sent (their `seq` goes on; a chunk sent
+        while the coordinator was down was refused, and the client sends it again). Returns the
+        streams whose source runs again."""
+        resumed = []
+        for stream in [s for s in self.streams.values() if s.adopted and s.decoder is not None]:
+            try:
+                await stream.decoder.start.remote()  # idempotent
+            except Exception as error:  # noqa: BLE001 - the stream stays, without a source
+                ray.kill(stream.decoder, no_restart=True)
+                stream.decoder = stream.mode = stream.resumable_source = None
+                stream.last_error = f"its source could not be attached again ({type(error).__name__}: {error})"
+                continue
+            stream.last_error = "taken over by a restarted coordinator: its source was attached again"
+            resumed.append(stream.spec.stream_id)
+        return resumed
 
     # ---- streams --------------------------------------------------------------------------
     async def create_stream(self, stream_id: str, method: str = "rekv", options: dict | None = None,
@@ -463,7 +472,8 @@ class StreamCoordinator:
             "frames_pending": pending, "source_state": source and source["state"],
             "segments": stream.applied, "last_time": stream.last_time,
             "recoveries": stream.recoveries, "restarts": dict(self.restarts), "batching": dict(stream.batching),
-            "last_error": stream.lost or stream.last_error or (source and source["last_error"]),
+            # the source's error is newer than a note from the stream's adoption
+            "last_error": stream.lost or (source and source["last_error"]) or stream.last_error,
             "adopted": stream.adopted,
         }
 

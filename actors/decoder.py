@@ -76,7 +76,8 @@ class FrameSink(Protocol):
       arrives zero-copy from the object store and is READ-ONLY; the buffer belongs to the decoder
       actor, so copy whatever must be kept after the call returns or after the decoder is gone.
     - `times`: np.ndarray [T] float64, seconds since the first frame of the source
-      (`DecodedFrame.time`) plus the decoder's `time_offset`, strictly increasing within and across the calls of one stream.
+      (`DecodedFrame.time`) plus the decoder's `time_offset`, strictly increasing within and
+      across the calls of one stream.
       A jump larger than the sampling interval is a gap in the source or frames dropped by the
       "drop" policy.
     - `seq`: the chunk's number among the stream's submitted chunks (0, 1, 2, ...; a chunk the

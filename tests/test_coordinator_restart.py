@@ -95,7 +95,7 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
 
         # the live source was attached again: its frames go on after the stream's
         live = until_source_ends(handle, "live")
-        assert live["source_state"] == "finished" and live["mode"] == "pull" and live["frames_ingested"] == 16, live
+        assert live["source_state"] == "finished" and live["mode"] == "pull" and live["frames_ingested"] == 16, str(live)
         # a file source is not: one attached after the restart continues the stream's frame times
         before = ray.get(handle.status.remote("rekv"))
         assert before["mode"] is None and "detached" in before["last_error"]
