@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.engine import frames_for
+from bench.figure import single_plot
 from pipeline.decode import DecodeConfig, PushBuffer, open_source
 from pipeline.video_io import write_video
 
@@ -89,23 +90,15 @@ def _shown(seconds: float) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     rates = list(results)
     width = 0.8 / len(PROBES)
-    for i, name in enumerate(PROBES):
-        heights = [min(_median(results[f][name]), SECONDS) for f in rates]  # none while pushing: drawn at the end
-        ax.bar([r + i * width for r in range(len(rates))], heights, width, label=name)
-    ax.set(xticks=[r + width / 2 for r in range(len(rates))], xticklabels=[f"{float(f):g} fps" for f in rates],
-           ylabel=f"seconds to the first frame (at most {SECONDS}: none)", title="Live upload, one chunk per second")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with single_plot(path) as ax:
+        for i, name in enumerate(PROBES):
+            heights = [min(_median(results[f][name]), SECONDS) for f in rates]  # none while pushing: drawn at the end
+            ax.bar([r + i * width for r in range(len(rates))], heights, width, label=name)
+        ax.set(xticks=[r + width / 2 for r in range(len(rates))], xticklabels=[f"{float(f):g} fps" for f in rates],
+               ylabel=f"seconds to the first frame (at most {SECONDS}: none)", title="Live upload, one chunk per second")
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from rich.progress import track
 from rich.table import Table
 
 from bench.engine import CHUNK, QUESTIONS, frames_for
+from bench.figure import single_plot
 from bench.pipeline import SIZES
 from deploy.ingest import named_coordinator, stop_coordinator
 from pipeline import load_model
@@ -122,22 +123,15 @@ def print_table(results: dict, args) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = list(results["runs"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("cold_start_s", "cold start (no streams)"), ("takeover_s", "takeover after a kill"),
-                       ("first_answer_s", "every stream answered again")):
-        ax.plot(counts, [statistics.median(r[key] for r in results["runs"][n]) for n in counts], marker="o", label=label)
-    ax.set(xscale="log", xticks=counts, xticklabels=[str(n) for n in counts], xlabel="streams", ylabel="seconds",
-           title=f"Coordinator restart ({results['size']} model, {results['frames_per_stream']} frames per stream)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    counts = [int(n) for n in results["runs"]]  # (str keys once read back from the JSON)
+    with single_plot(path) as ax:
+        for key, label in (("cold_start_s", "cold start (no streams)"), ("takeover_s", "takeover after a kill"),
+                           ("first_answer_s", "every stream answered again")):
+            ax.plot(counts, [statistics.median(r[key] for r in runs) for runs in results["runs"].values()],
+                    marker="o", label=label)
+        ax.set(xscale="log", xticks=counts, xticklabels=[str(n) for n in counts], xlabel="streams", ylabel="seconds",
+               title=f"Coordinator restart ({results['size']} model, {results['frames_per_stream']} frames per stream)")
+        ax.legend()
 
 
 if __name__ == "__main__":
