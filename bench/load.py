@@ -32,8 +32,13 @@ the start (server up and warm, no streams), the peak (streams drained, before de
 end (streams deleted): retained KV summed over streams (API), object-store use (Ray resources,
 local runtime only) and the resident memory of the runtime's Ray worker processes (`ray::*`).
 
+Fault (local service only): `--kill-coordinator-at T` kills the coordinator's process at T s on
+the workload clock (Ray restarts it, and it takes its streams over): the figures then say how
+many requests failed after it and for how long, and how many frames each stream ingested after.
+
 Writes bench/results/<name>.json, <name>.md and <name>_latency.png (answer latency over time per
-stream, plus memory over time). Exit status 1 if any request failed, so it doubles as a smoke test;
+stream, plus memory over time). Exit status 1 if any request failed (before the fault, if one was
+asked for), so it doubles as a smoke test;
 2 if the server could not be used at all (no figures written).
 """
 
@@ -213,6 +218,14 @@ class LocalService:
         self.url = f"http://127.0.0.1:{port}"
         return self.url
 
+    def kill_coordinator(self) -> None:
+        """Kill the coordinator's process (Ray restarts it)."""
+        import ray
+
+        from actors.coordinator import NAMESPACE
+
+        ray.kill(ray.get_actor(self.coordinator, namespace=NAMESPACE), no_restart=False)
+
     def close(self) -> None:
         if not self.started:
             return
@@ -256,6 +269,7 @@ class State:
     answers: list[dict] = field(default_factory=list)  # a few (question, answer) pairs
     asked: int = 0
     in_flight: int = 0
+    killed_at: float | None = None  # the coordinator's process, on the workload clock
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -449,13 +463,14 @@ async def warm_up(client, model: str, method: str, options: dict, fps: float) ->
         await client.delete(f"/v1/streams/{sid}")
 
 
-async def workload(args, url: str, rss: str | None, console) -> dict:
-    """The run; if it fails half-way, the streams it created are deleted (a shared server keeps nothing)."""
+async def workload(args, url: str, rss: str | None, console, kill=None) -> dict:
+    """The run; if it fails half-way, the streams it created are deleted (a shared server keeps
+    nothing). kill: kills the coordinator's process (at --kill-coordinator-at)."""
     import httpx
 
     created: list[str] = []
     try:
-        return await _workload(args, url, rss, console, created)
+        return await _workload(args, url, rss, console, created, kill)
     except BaseException:
         if created:
             headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
@@ -468,7 +483,13 @@ async def workload(args, url: str, rss: str | None, console) -> dict:
         raise
 
 
-async def _workload(args, url: str, rss: str | None, console, created: list[str]) -> dict:
+async def fault(state: State, at_s: float, kill) -> None:
+    await asyncio.sleep(max(0.0, at_s - state.now()))
+    state.killed_at = state.now()
+    await asyncio.to_thread(kill)
+
+
+async def _workload(args, url: str, rss: str | None, console, created: list[str], kill=None) -> dict:
     import httpx
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -530,6 +551,8 @@ async def _workload(args, url: str, rss: str | None, console, created: list[str]
         tasks = [asyncio.create_task(pusher(state, client, i, sid, videos[i], args.chunk_s, deadline, start=first))
                  for i, sid in enumerate(ids)]
         poll_task = asyncio.create_task(poller(state, client, ids, args.poll_s, rss, stop_poll))
+        if kill is not None and args.kill_coordinator_at is not None:
+            tasks.append(asyncio.create_task(fault(state, args.kill_coordinator_at, kill)))
         questions: list[asyncio.Task] = []
         question_start = None
         rng = np.random.default_rng([args.seed, 7])
@@ -690,7 +713,11 @@ def summarize(args, out: dict, url: str, local: bool) -> dict:
         "lag_frames_at_deadline_max": max((s["lag_frames_at_deadline"] or 0) for s in out["per_stream"]),
         "drain_s_max": max((s["drain_s"] for s in out["per_stream"] if s["drain_s"] is not None), default=None),
         "streams_not_drained": sum(s["drain_s"] is None for s in out["per_stream"]),
+        "errors_before_fault": sum(r.error is not None and (state.killed_at is None or _ended(r) < state.killed_at)
+                                   for r in requests),
     }
+    if state.killed_at is not None:
+        summary["coordinator_kill"] = coordinator_kill(state, out["per_stream"])
     per_stream_lat = defaultdict(list)
     for r in ok:
         per_stream_lat[r.stream].append(r.latency_s)
@@ -708,6 +735,27 @@ def summarize(args, out: dict, url: str, local: bool) -> dict:
                       "status": r.status, "error": r.error, "stream": r.stream,
                       "ttft_s": None if r.ttft_s is None else round(r.ttft_s, 4)}
                      for r in requests if r.kind in ("ask", "ask_sse", "push", "first_push") or r.error is not None],
+    }
+
+
+def _ended(request: Request) -> float:
+    return request.t + (request.latency_s or 0)
+
+
+def coordinator_kill(state: State, per_stream: list[dict]) -> dict:
+    """What the coordinator's death cost the clients: the requests that failed after it (that
+    ended after it, by status) and until when, and each stream's frames ingested after it (from the poller's last
+    sample before the kill to the end)."""
+    failed = [r for r in state.requests if r.error is not None and _ended(r) >= state.killed_at]
+    before = [s for s in state.samples if s["t"] <= state.killed_at]
+    at_kill = before[-1]["streams"] if before else {}
+    return {
+        "at_s": state.killed_at, "failed_requests": len(failed),
+        "failed_by_status": dict(Counter(str(r.status) for r in failed)),
+        "failures_until_s": max((_ended(r) for r in failed), default=None),
+        "frames_ingested_after": [(s["final"]["frames_ingested"] or 0)
+                                  - ((at_kill.get(s["stream_id"]) or {}).get("frames_ingested") or 0)
+                                  for s in per_stream],
     }
 
 
@@ -756,6 +804,13 @@ def report(results: dict, console) -> str:
         rows.append(("ray:: processes back to the start count after delete",
                      "not within --settle-s" if back is None else f"{back:.1f} s"))
     rows.append(("streams on the server at the end", str(mem["end"].get("server_streams"))))
+    if "coordinator_kill" in s:
+        kill = s["coordinator_kill"]
+        until = "-" if kill["failures_until_s"] is None else f"{kill['failures_until_s'] - kill['at_s']:.1f} s after"
+        rows += [("coordinator killed at", f"{kill['at_s']:.1f} s"),
+                 ("requests failed after it (by status), last ending",
+                  f"{kill['failed_requests']} ({kill['failed_by_status']}), {until}"),
+                 ("frames ingested after it, per stream", str(kill["frames_ingested_after"]))]
     for label, value in rows:
         table.add_row(label, value)
     console.print(table)
@@ -892,6 +947,8 @@ def parse(argv: list[str] | None):
     local.add_argument("--threads", type=int, default=1, help="torch threads per actor (OMP_NUM_THREADS)")
     local.add_argument("--server-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="extra build_app args, e.g. max_answerers=4")
+    local.add_argument("--kill-coordinator-at", type=float, metavar="SECONDS",
+                       help="kill the coordinator's process at this time on the workload clock (Ray restarts it)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--name", default="load", help="result files: <name>.json, <name>.md, <name>_latency.png")
     args = parser.parse_args(argv)
@@ -912,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = args.url.rstrip("/") if args.url else service.start(console)
         try:
-            out = asyncio.run(workload(args, url, rss, console))
+            out = asyncio.run(workload(args, url, rss, console, service and service.kill_coordinator))
         except RuntimeError as exc:  # the server is not usable: no figures to write
             console.log(f"[red]{exc}")
             return 2
@@ -934,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{args.name}.md").write_text(report(results, Console()))
     plot(results, args.out / f"{args.name}_latency.png")
     console.log(f"wrote {args.out / args.name}.json, .md, _latency.png")
-    return 1 if results["summary"]["errors"] else 0
+    return 1 if results["summary"]["errors_before_fault"] else 0
 
 
 
