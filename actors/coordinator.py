@@ -453,7 +453,7 @@ class StreamCoordinator:
         """End a pushed source; with `wait_s`, wait for its frames to be ingested."""
         decoder = self._push_decoder(stream_id)
         await decoder.close.remote()
-        stream = self._stream(stream_id)
+        stream = self.streams[stream_id]  # (_push_decoder found it)
         stream.resumable_source = None  # the upload is over
         await self._note_source(stream)
         return await decoder.wait.remote(wait_s) if wait_s else await decoder.status.remote()

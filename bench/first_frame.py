@@ -10,7 +10,6 @@ Writes bench/results/first_frame.json and .png.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import threading
@@ -22,8 +21,8 @@ from rich.table import Table
 
 from bench.engine import frames_for
 from bench.figure import single_plot
+from bench.load import encode_chunks
 from pipeline.decode import DecodeConfig, PushBuffer, open_source
-from pipeline.video_io import write_video
 
 SECONDS = 8  # of video pushed
 PROBES = {"probe_s=0.5 (streamkv)": 0.5, "probe_s=5 (FFmpeg's default)": 5.0}
@@ -31,12 +30,7 @@ PROBES = {"probe_s=0.5 (streamkv)": 0.5, "probe_s=5 (FFmpeg's default)": 5.0}
 
 def first_frame_s(fps: float, probe_s: float) -> float | None:
     """Seconds from the first pushed chunk to the first decoded frame (None: none while pushing)."""
-    buffer = io.BytesIO()
-    write_video(buffer, frames_for(int(SECONDS * fps)), fps, container_format="mpegts", gop_size=max(1, int(fps)))
-    data = buffer.getvalue()
-    chunks = [data[i * len(data) // SECONDS // 188 * 188 : (i + 1) * len(data) // SECONDS // 188 * 188]
-              for i in range(SECONDS - 1)]
-    chunks.append(data[(SECONDS - 1) * len(data) // SECONDS // 188 * 188 :])
+    chunks, _ = encode_chunks(frames_for(int(SECONDS * fps)), fps, chunk_s=1.0)  # a keyframe each second
     push, got = PushBuffer(), threading.Event()
 
     def read():
