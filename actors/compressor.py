@@ -4,14 +4,16 @@ entry in the summary index (Redis, or embedded in this actor).
 
 Its only state is each stream's open segment (and how far the stream has got); the coordinator
 keeps the frames pushed since the last closed segment and replays them into a restarted actor,
-and a restarted coordinator reads them back from here (`held`).
+and a restarted coordinator reads them back from here (`held`), with the closed segments its
+previous process may not have committed (kept until the coordinator says they are).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import ray
 import torch
 
 from actors.spec import StreamSpec, lookup
@@ -31,9 +33,14 @@ class _Stream:
     compressor: object  # pipeline.compression strategy
     frames: int = 0  # frames pushed so far
     last_time: float | None = None  # of the last frame pushed
-    # attach_source's arguments of a source a restarted coordinator attaches again (a live pull,
-    # an open upload): kept here for it
-    source: tuple | None = None
+    source: dict | None = None  # the coordinator's note of the stream's source, kept here for a restarted one
+    # closed segments not known to be committed yet, numbered segmenter.closed - len .. - 1: a
+    # restarted coordinator commits those its previous process did not
+    closed: list[Wire] = field(default_factory=list)
+
+    def committed(self, count: int) -> None:
+        """The coordinator has committed segments 0 .. count - 1."""
+        del self.closed[: max(0, len(self.closed) - (self.segmenter.closed - count))]
 
 
 class CompressorWorker:
@@ -52,21 +59,32 @@ class CompressorWorker:
         stream.segmenter.closed = state.get("segments", 0)
         self.streams[spec.stream_id] = stream
 
-    def note_source(self, stream_id: str, source: tuple | None) -> None:
+    def note_source(self, stream_id: str, source: dict | None) -> None:
         lookup(self.streams, stream_id).source = source
 
-    def push(self, stream_id: str, features: Wire) -> list[Wire]:
-        """Frames in; the segments they close out (zero or more)."""
+    def push(self, stream_id: str, features: Wire, committed: int | None = None) -> list[Wire]:
+        """Frames in; the segments they close out (zero or more). committed: how many segments
+        the coordinator has committed (None: a replay of frames it has)."""
         stream = lookup(self.streams, stream_id)
         closed = []
         for item in unpack_features(features, "cpu", torch.float32):
             closed += stream.segmenter.push(item)
             stream.frames, stream.last_time = item.frames[1], item.times[1]
-        return [pack_segment(s) for s in closed]
+        return self._closed(stream, closed, committed)
 
-    def flush(self, stream_id: str) -> Wire | None:
-        segment = lookup(self.streams, stream_id).segmenter.flush()
-        return None if segment is None else pack_segment(segment)
+    def flush(self, stream_id: str, committed: int | None = None) -> Wire | None:
+        """Close the open segment (before a question); see push."""
+        stream = lookup(self.streams, stream_id)
+        segment = stream.segmenter.flush()
+        return next(iter(self._closed(stream, [] if segment is None else [segment], committed)), None)
+
+    @staticmethod
+    def _closed(stream: _Stream, segments: list, committed: int | None) -> list[Wire]:
+        packed = [pack_segment(s) for s in segments]
+        stream.closed += packed
+        if committed is not None:
+            stream.committed(committed)
+        return packed
 
     def decide(self, stream_id: str, update: Wire) -> list[list[int]] | None:
         """Compression decisions about one encoded segment (guidance): per layer, blocks to keep."""
@@ -75,14 +93,15 @@ class CompressorWorker:
         return decoded.keep
 
     def held(self) -> dict[str, dict]:
-        """Every stream held here, for a restarted coordinator: open's state, and the open
-        segment's frames as pack_features' meta and tokens (plain values: the coordinator does not
-        import the wire formats)."""
+        """Every stream held here, for a restarted coordinator: open's state, the open segment's
+        frames as pack_features' meta and tokens (plain values: the coordinator does not import
+        the wire formats), and the closed segments not known to be committed (by reference)."""
         held = {}
         for sid, s in self.streams.items():
             features = pack_features(s.segmenter.open.items if s.segmenter.open else [])
             held[sid] = {"frames": s.frames, "last_time": s.last_time, "segments": s.segmenter.closed,
-                         "source": s.source, "open": (features.meta["features"], features.arrays.get("features"))}
+                         "source": s.source, "open": (features.meta["features"], features.arrays.get("features")),
+                         "closed": [ray.put(segment) for segment in s.closed]}
         return held
 
     def record(self, stream_id: str, *updates: Wire) -> None:

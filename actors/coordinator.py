@@ -16,10 +16,14 @@ A coordinator that runs under a name (a deployment's, deploy/app.py) names its m
 after itself and detaches them, so they outlive its process: when it dies and Ray restarts it, the
 new one adopts them and the streams they hold (_adopt). Everything committed is kept: updates the
 old one had not delivered yet are held by the prefill actor until delivered, replicas behind are
-restored, and each stream's frame count, time and open segment come back from the compressor.
-Lost are the chunks whose ingest had not returned (their callers got an error). Decoder actors
-die with the coordinator that owns them: live sources (policy "drop") and open uploads are
-attached again, files wait for attach_source. `shutdown` removes the model actors for good.
+restored, segments the compressor had closed but the old one had not committed are committed,
+and each stream's frame count, time and open segment come back from the compressor. Its decoder
+actors are named and detached too: they keep the chunks whose calls died with the old process,
+and send them again once the new one has taken their stream over (resync); frames the old one
+had consumed are skipped by time, so no frame is lost or repeated. A stream whose decoder died
+too gets its live source (policy "drop") or open upload attached again; a file waits for
+attach_source. Lost are the chunks of other callers whose ingest had not returned (they got an
+error). `shutdown` removes the model actors and decoders for good.
 
 Answer actors form a pool that scales with the questions: a question goes to the least busy
 actor; while every actor has `answer_target_ongoing` questions in flight another one is started
@@ -39,13 +43,15 @@ import functools
 import itertools
 import logging
 import math
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 from actors.decoder import TERMINAL_STATES, DecoderActor
 from actors.spec import ReplicaGapError, StreamSpec
@@ -70,6 +76,9 @@ VISION_CALL_S = 0.1
 # Deployments' named coordinators live here, and their model actors, named "<coordinator>.<kind>"
 # (an actor cannot read the namespace it was created in)
 NAMESPACE = "streamkv"
+# How long such a coordinator's decoders wait for a restarted process to take their streams over
+# (a takeover takes seconds; a node to restart on may take minutes)
+DECODER_RECONNECT_S = 300.0
 log = logging.getLogger(__name__)
 
 
@@ -141,6 +150,18 @@ def _get(call, timeout_s: float = 120.0):
             time.sleep(0.5)
 
 
+def _existing_decoder(name: str | None):
+    """The decoder actor called `name` if it is alive (it outlived a previous process)."""
+    if name is None:
+        return None
+    try:
+        handle = ray.get_actor(name, namespace=NAMESPACE)
+        ray.get(handle.status.remote(), timeout=30)
+    except (ValueError, GetTimeoutError, *ACTOR_LOST):
+        return None
+    return handle
+
+
 @dataclass(eq=False)
 class _AnswerReplica:
     """An answer actor of the pool and the streams it holds a replica of."""
@@ -177,6 +198,13 @@ class _Chunk:
     tokens: np.ndarray  # [T, n, hidden] visual tokens of the chunk's frames
     times: Any  # as the caller gave them (checked when the chunk's turn comes)
     ingested: asyncio.Future  # the stream's frame count, once the chunk's segments are committed
+    may_repeat: bool = False  # sent again by a decoder after a restart: frames up to last_time are skipped
+
+
+def _done_future() -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
 
 
 def _settle(future: asyncio.Future, result, source: asyncio.Future) -> None:
@@ -213,12 +241,15 @@ class _Stream:
     lost: str | None = None  # why the stream's memory has a gap (a failed commit, no replica left)
     mode: str | None = None  # "push" or "pull" once a source is attached
     decoder: Any = None  # the DecoderActor reading the source
+    decoder_name: str | None = None  # under a named coordinator (a restarted one finds it by name)
     attached_at: int = 0  # frames ingested when it was attached
-    # its attach_source arguments if a restarted coordinator attaches it again: a live pull
-    # (policy "drop") or an upload not closed
+    # its attach_source arguments if a restarted coordinator attaches it again when the decoder
+    # is gone too: a live pull (policy "drop") or an upload not closed
     resumable_source: tuple | None = None
+    resent_below: int = 0  # decoder chunks numbered below this may repeat frames (resync)
     retired: dict[str, int] = field(default_factory=lambda: {"decoded": 0, "dropped": 0})  # by sources before it
-    adopted: bool = False  # taken over by a restarted coordinator (its source, if any, is detached)
+    adopted: bool = False  # taken over by a restarted coordinator
+    resumed: bool = False  # its adopted decoder resumed (resume_sources)
 
 
 class StreamCoordinator:
@@ -308,14 +339,16 @@ class StreamCoordinator:
                 continue
             spec, applied, unpublished = hosted[sid]
             held = segmenting[sid]
+            first = applied - len(unpublished) + 1  # the old process may not have delivered these
+            # segments the compressor closed that the old process did not commit
+            uncommitted = held["closed"][len(held["closed"]) - (held["segments"] - applied):] \
+                if held["segments"] > applied else []
+            unpublished = unpublished + self._commit_closed(spec, uncommitted, first - 1)
+            applied += len(uncommitted)
             stream = _Stream(spec, spec.config().frame_rate, frames_seen=held["frames"], last_time=held["last_time"],
                              segments=held["segments"], applied=applied,
-                             published=applied, adopted=True, recoveries=1,
-                             last_error="taken over by a restarted coordinator: a file source or closed upload "
-                                        "it had is detached")
+                             published=applied, adopted=True, recoveries=1)
             stream.pending = _pending(*held["open"])
-            stream.resumable_source = held["source"]
-            first = applied - len(unpublished) + 1  # the old process may not have delivered these
             for replica in self.answerers:
                 if holding[replica.name].get(sid, -1) < first - 1:  # behind even those (or without it)
                     snapshot, count = _get(lambda: self.prefill.snapshot.remote(sid))
@@ -326,30 +359,69 @@ class StreamCoordinator:
             if unpublished:
                 _get(lambda: self.compressor.record.remote(sid, *unpublished))
             self._register(stream)
-            if stream.resumable_source:  # attached now (pushes may come), started by resume_sources
-                decoder = self._new_decoder(stream, *stream.resumable_source, first_seq=None)
-                self._attached(stream, decoder, stream.resumable_source)
+            self._adopt_source(stream, held["source"] or {})
         self.restarts["coordinator"] = 1 if self.streams else 0
-        if any(s.decoder for s in self.streams.values()):  # runs once this __init__ returns
-            ray.get_runtime_context().current_actor.resume_sources.remote()
+        if any(s.decoder for s in self.streams.values()):
+            # once this __init__ has returned: a call made before that may fail, so it is retried
+            resume = ray.get_runtime_context().current_actor.resume_sources.remote
+            threading.Thread(target=_get, args=(resume,), name="resume-sources", daemon=True).start()
+
+    def _commit_closed(self, spec: StreamSpec, segments: list[ray.ObjectRef], published: int) -> list[ray.ObjectRef]:
+        """Commit closed segments in order, blocking (__init__), as _commit does; their updates."""
+        sid, guided = spec.stream_id, spec.config().compression == "guidance"
+        updates = []
+        for segment in segments:
+            encoded = self.prefill.encode_segment.remote(sid, segment)
+            keep = _get(lambda: self.compressor.decide.remote(sid, encoded)) if guided else None
+            updates.append(self.prefill.commit.remote(sid, keep, published))
+            _get(lambda: updates[-1])
+        return updates
+
+    def _adopt_source(self, stream: _Stream, note: dict) -> None:
+        """The adopted stream's source, from what _source_note kept: its decoder if it outlived
+        the old process, else a live pull or an open upload attached again (a new decoder), else
+        none. resume_sources resumes the decoder."""
+        stream.mode, stream.attached_at = note.get("mode"), note.get("attached_at", 0)
+        stream.retired = dict(note.get("retired", stream.retired))
+        stream.resumable_source = note.get("resumable")
+        decoder = _existing_decoder(note.get("decoder"))
+        if decoder is not None:
+            stream.decoder, stream.decoder_name = decoder, note["decoder"]
+        elif stream.resumable_source:  # attached now (pushes may come), started by resume_sources
+            self._attached(stream, *self._new_decoder(stream, *stream.resumable_source, first_seq=None),
+                           stream.resumable_source)
+            _get(lambda: self.compressor.note_source.remote(stream.spec.stream_id, self._source_note(stream)))
+            stream.last_error = "taken over by a restarted coordinator: its source was attached again"
+        else:
+            stream.mode = None
+            if note.get("decoder"):
+                stream.last_error = "taken over by a restarted coordinator: its file source or closed upload was lost"
+        if stream.decoder is not None:
+            stream.next_chunk = -1  # its chunks wait for resume_sources
 
     async def resume_sources(self) -> list[str]:
-        """Start the decoders _adopt attached again to adopted streams (live sources, open
-        uploads). A restarted coordinator calls it on itself, to run once its __init__ is done:
-        before that, a decoder's first chunk would find it still starting. An upload's decoder
-        takes the client's chunks from the first it is sent (their `seq` goes on; a chunk sent
-        while the coordinator was down was refused, and the client sends it again). Returns the
-        streams whose source runs again."""
+        """Resume adopted streams' decoders: one that outlived the old process sends the chunks
+        that process may not have consumed again (resync), a new one (a live source, an open
+        upload, attached again) starts. A restarted coordinator calls it on itself, to run once
+        its __init__ is done: calls a decoder makes before that fail. A new upload decoder takes
+        the client's chunks from the first it is sent (their `seq` goes on; a chunk sent while
+        the coordinator was down was refused, and the client sends it again). Returns the
+        streams whose source runs again (none when called again)."""
         resumed = []
-        for stream in [s for s in self.streams.values() if s.adopted and s.decoder is not None]:
+        for stream in [s for s in self.streams.values() if s.adopted and s.decoder is not None and not s.resumed]:
+            stream.resumed = True
             try:
+                first, end = await stream.decoder.resync.remote()  # (0, 0) from a new decoder
+                async with stream.chunk_turn:
+                    stream.next_chunk, stream.resent_below = first, end
+                    stream.chunk_turn.notify_all()
                 await stream.decoder.start.remote()  # idempotent
             except Exception as error:  # noqa: BLE001 - the stream stays, without a source
                 ray.kill(stream.decoder, no_restart=True)
-                stream.decoder = stream.mode = stream.resumable_source = None
+                stream.decoder = stream.decoder_name = stream.mode = stream.resumable_source = None
                 stream.last_error = f"its source could not be attached again ({type(error).__name__}: {error})"
+                await self._note_source(stream)
                 continue
-            stream.last_error = "taken over by a restarted coordinator: its source was attached again"
             resumed.append(stream.spec.stream_id)
         return resumed
 
@@ -400,7 +472,7 @@ class StreamCoordinator:
             if previous and previous["state"] not in TERMINAL_STATES:
                 raise InvalidInputError(f"stream {stream_id!r} already has a source ({previous['state']}): "
                                         "close it or wait until it ends")
-            decoder = self._new_decoder(stream, *arguments)
+            decoder, name = self._new_decoder(stream, *arguments)
             try:
                 await decoder.start.remote()
             except BaseException:
@@ -409,33 +481,45 @@ class StreamCoordinator:
             if previous:
                 ray.kill(stream.decoder, no_restart=True)
                 stream.retired = {k: stream.retired[k] + previous[f"frames_{k}"] for k in stream.retired}
-            self._attached(stream, decoder, arguments)
+            self._attached(stream, decoder, name, arguments)
             await self._note_source(stream)
         return await self.status(stream_id)
 
     def _new_decoder(self, stream: _Stream, source, decode: DecodeConfig, policy: str, chunk_frames: int,
-                     max_in_flight: int, first_seq: int | None = 0):
-        """A decoder actor for the stream, to start; its chunk numbers and times go on after the
-        stream's (a previous source sends no more)."""
-        stream.next_chunk = 0
+                     max_in_flight: int, first_seq: int | None = 0) -> tuple[Any, str | None]:
+        """A decoder actor for the stream, to start, and its name; its chunk numbers and times go
+        on after the stream's (a previous source sends no more). Under a named coordinator it is
+        named and detached, and waits for a restarted coordinator if this process dies."""
+        stream.next_chunk = stream.resent_below = 0
         offset = 0.0 if stream.last_time is None else stream.last_time + 1 / stream.frame_rate
-        sink = ray.get_runtime_context().current_actor
-        return DecoderActor.options(**{"num_cpus": 0.05, **self.placement.get("decoder", {})}).remote(
-            stream.spec.stream_id, source, decode, sink, chunk_frames, max_in_flight, policy, time_offset=offset,
-            first_seq=first_seq)
+        options, name = {"num_cpus": 0.05, **self.placement.get("decoder", {})}, None
+        if self.name:
+            name = f"{self.name}.decoder.{stream.spec.stream_id}.{uuid.uuid4().hex[:8]}"
+            options.update(name=name, namespace=NAMESPACE, lifetime="detached")
+        decoder = DecoderActor.options(**options).remote(
+            stream.spec.stream_id, source, decode, ray.get_runtime_context().current_actor, chunk_frames,
+            max_in_flight, policy, time_offset=offset, first_seq=first_seq,
+            reconnect_s=DECODER_RECONNECT_S if self.name else 0.0)
+        return decoder, name
 
     @staticmethod
-    def _attached(stream: _Stream, decoder, arguments: tuple) -> None:
+    def _attached(stream: _Stream, decoder, name: str | None, arguments: tuple) -> None:
         source, policy = arguments[0], arguments[2]
-        stream.decoder, stream.mode, stream.attached_at = decoder, "pull" if source else "push", stream.frames_seen
+        stream.decoder, stream.decoder_name = decoder, name
+        stream.mode, stream.attached_at = "pull" if source else "push", stream.frames_seen
         # a file read again would repeat its frames
         stream.resumable_source = arguments if source is None or policy == "drop" else None
 
+    @staticmethod
+    def _source_note(stream: _Stream) -> dict:
+        """What a restarted coordinator needs of the stream's source (_adopt_source)."""
+        return {"decoder": stream.decoder_name, "mode": stream.mode, "attached_at": stream.attached_at,
+                "retired": dict(stream.retired), "resumable": stream.resumable_source}
+
     async def _note_source(self, stream: _Stream) -> None:
-        """Keep the stream's resumable source with its state in the compressor, for a restarted
-        coordinator."""
+        """Keep _source_note with the stream's state in the compressor, for a restarted coordinator."""
         sid = stream.spec.stream_id
-        await self._on_compressor(stream, lambda: self.compressor.note_source.remote(sid, stream.resumable_source))
+        await self._on_compressor(stream, lambda: self.compressor.note_source.remote(sid, self._source_note(stream)))
 
     def _push_decoder(self, stream_id: str):
         stream = self._live_stream(stream_id)
@@ -551,7 +635,7 @@ class StreamCoordinator:
                     await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
             self._current(stream)  # deleted while its frames were encoded
             ingested = asyncio.get_running_loop().create_future()
-            stream.chunks.put(_Chunk(tokens, times, ingested))
+            stream.chunks.put(_Chunk(tokens, times, ingested, may_repeat=seq is not None and seq < stream.resent_below))
         finally:
             if seq is not None:
                 async with stream.chunk_turn:
@@ -571,36 +655,52 @@ class StreamCoordinator:
             tokens, times = [], []
             first, last_time = stream.frames_seen, stream.last_time
             for chunk in batch:
+                chunk_tokens, chunk_times = chunk.tokens, chunk.times
+                if chunk.may_repeat and last_time is not None:  # skip what the previous process consumed
+                    fresh = np.asarray(chunk_times, dtype=np.float64) > last_time
+                    chunk_tokens, chunk_times = chunk_tokens[fresh], np.asarray(chunk_times)[fresh]
+                    if not fresh.any():
+                        accepted.append((chunk, first + len(times)))
+                        continue
                 try:
-                    chunk_times = check_times(chunk.times, len(chunk.tokens), first + len(times), last_time,
+                    chunk_times = check_times(chunk_times, len(chunk_tokens), first + len(times), last_time,
                                               stream.frame_rate)
                 except InvalidInputError as error:  # this chunk alone is refused
                     chunk.ingested.set_exception(error)
                     continue
-                tokens.append(chunk.tokens)
+                tokens.append(chunk_tokens)
                 times += chunk_times
                 last_time = chunk_times[-1]
                 accepted.append((chunk, first + len(times)))
-            if not accepted:
-                return
-            tokens = np.concatenate(tokens)
-            ranges = [((first + i, first + i + 1), (t, t)) for i, t in enumerate(times)]
-            wire = _features_wire(tokens, *zip(*ranges))
-            stream.batching["chunks"] += len(accepted)
-            stream.batching["pushes"] += 1
-            try:
-                self._current(stream)  # deleted while these chunks waited
-                segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire))
-            except Exception as error:  # noqa: BLE001 - the batch's callers get it
-                for chunk, _ in accepted:
-                    chunk.ingested.set_exception(error)
-                return
-            # recorded once pushed: a restarted compressor is replayed the frames before these
-            stream.pending += [(frames, tokens[i], span) for i, (frames, span) in enumerate(ranges)]
-            stream.frames_seen, stream.last_time = first + len(tokens), last_time
-            committed = self._queue_commit(stream, segments)
+            if not tokens:  # nothing new (chunks refused, or repeats only): done once earlier commits are
+                committed = stream.committing or _done_future()
+            else:
+                committed = await self._push_frames(stream, accepted, np.concatenate(tokens), first, times, last_time)
+                if committed is None:
+                    return
         for chunk, frames_seen in accepted:
             committed.add_done_callback(functools.partial(_settle, chunk.ingested, frames_seen))
+
+    async def _push_frames(self, stream: _Stream, accepted: list[tuple[_Chunk, int]], tokens: np.ndarray, first: int,
+                           times: list[float], last_time: float) -> asyncio.Future | None:
+        """_segment_batch's frames to the segmenter (under the stream lock), their closed segments
+        queued for one commit; None (the callers told) if the compressor call failed."""
+        ranges = [((first + i, first + i + 1), (t, t)) for i, t in enumerate(times)]
+        wire = _features_wire(tokens, *zip(*ranges))
+        stream.batching["chunks"] += len(accepted)
+        stream.batching["pushes"] += 1
+        sid = stream.spec.stream_id
+        try:
+            self._current(stream)  # deleted while these chunks waited
+            segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire, stream.applied))
+        except Exception as error:  # noqa: BLE001 - the batch's callers get it
+            for chunk, _ in accepted:
+                chunk.ingested.set_exception(error)
+            return None
+        # recorded once pushed: a restarted compressor is replayed the frames before these
+        stream.pending += [(frames, tokens[i], span) for i, (frames, span) in enumerate(ranges)]
+        stream.frames_seen, stream.last_time = first + len(tokens), last_time
+        return self._queue_commit(stream, segments)
 
     def _queue_commit(self, stream: _Stream, segments: list) -> asyncio.Future:
         """Commit `segments` after every segment closed before them (call under the stream lock);
@@ -686,7 +786,7 @@ class StreamCoordinator:
     async def _close_open_segment(self, stream: _Stream) -> None:
         async with stream.lock:
             self._current(stream)
-            segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream.spec.stream_id))
+            segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream.spec.stream_id, stream.applied))
             committed = self._queue_commit(stream, [] if segment is None else [segment])
         await committed
 
@@ -859,7 +959,7 @@ class StreamCoordinator:
         async def restore():
             await self.compressor.open.remote(stream.spec, {
                 "frames": stream.frames_seen, "last_time": stream.last_time, "segments": stream.segments,
-                "source": stream.resumable_source})
+                "source": self._source_note(stream)})
             if stream.pending:  # replay the open segment's frames into the restarted segmenter
                 frames, tokens, times = zip(*stream.pending)
                 await self.compressor.push.remote(stream.spec.stream_id, _features_wire(np.stack(tokens), frames, times))

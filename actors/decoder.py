@@ -38,6 +38,14 @@ own actor, so one stream's failure never touches another's.
 
 Restarts. `DecoderActor` has `max_restarts=0`: a restarted decoder would start its source over
 and re-send frames. The owner (stream coordinator) decides whether to start a new one.
+
+A sink that restarts (a named coordinator, which Ray restarts when its process dies): with
+`reconnect_s` > 0, a sink call lost with the sink's process does not fail the stream. The decoder
+keeps the chunks such calls carried and sends nothing new (policy "drop" drops, "block" waits)
+until the restarted sink calls `resync()`, which sends them again, with their own `seq`, before
+anything newer; the sink skips the frames of theirs it had already consumed (by time). After
+`reconnect_s` without a resync the stream fails as above, and the actor ends itself: nothing is
+left to own it (it is detached, to outlive the sink's process).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pipeline.decode import DecodeConfig, FrameSource, PushBuffer, open_source
 from pipeline.errors import ConfigError, InvalidInputError, PushBufferTimeout
@@ -62,6 +71,13 @@ POLICIES = ("block", "drop")
 STATES = ("starting", "running", "finished", "failed", "stopped")
 TERMINAL_STATES = frozenset({"finished", "failed", "stopped"})
 _POLL_S = 0.1  # how often a blocked decode thread re-checks stop()
+# Numbered pushes parked behind a missing one before it is given up (skipped): enough for
+# concurrent uploaders' reordering, and a bound on parked bytes. A chunk its client gave up on
+# (it was refused, e.g. with a 503 while the coordinator restarted) then stalls nothing.
+REORDER_WINDOW = 4
+
+# a sink call lost with the sink's process (a restarting sink may take it over: see resync)
+SINK_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 __all__ = ["FrameSink", "StreamDecoder", "DecoderActor", "POLICIES", "STATES", "TERMINAL_STATES"]
 
@@ -99,9 +115,10 @@ class FrameSink(Protocol):
 
 
 class _SinkFailed(Exception):
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException, for_good: bool = False) -> None:
         super().__init__(str(cause))
         self.cause = cause
+        self.for_good = for_good  # the sink's process was lost and no restarted one took over
 
 
 class _Stopped(Exception):
@@ -156,6 +173,8 @@ class StreamDecoder:
         time_offset: seconds added to every frame's time (a stream that takes a new source).
         first_seq: push mode: the `seq` of the first chunk to write; None: whichever numbered
             chunk comes first (a decoder taking over a client's upload midway).
+        reconnect_s: how long to wait for a restarted sink's `resync` after a sink call was lost
+            with its process; 0: such a loss fails the stream at once.
     """
 
     def __init__(
@@ -172,6 +191,7 @@ class StreamDecoder:
         source_format: str | None = None,
         time_offset: float = 0.0,
         first_seq: int | None = 0,
+        reconnect_s: float = 0.0,
     ) -> None:
         if not isinstance(stream_id, str) or not stream_id:
             raise InvalidInputError(f"stream_id must be a non-empty string, got {stream_id!r}")
@@ -194,6 +214,7 @@ class StreamDecoder:
         self._policy = policy
         self._format = source_format
         self._time_offset = float(time_offset)
+        self._reconnect_s = float(reconnect_s)
         self._push = PushBuffer(push_buffer_bytes) if source is None else None
 
         self._lock = threading.Lock()  # counters and state, for consistent status snapshots
@@ -203,8 +224,13 @@ class StreamDecoder:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._frame_source: FrameSource | None = None
-        self._pending: list[ray.ObjectRef] = []
-        self._pending_frames: dict[ray.ObjectRef, int] = {}
+        # un-finished ingest calls: (seq, frames [T, H, W, 3], times [T]), in submission order
+        self._pending: dict[ray.ObjectRef, tuple[int, np.ndarray, np.ndarray]] = {}
+        # chunks of calls lost with the sink's process, by seq, sent again by resync(); and since
+        # when (monotonic) and why the sink is lost
+        self._unacked: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._sink_lost: tuple[float, BaseException] | None = None
+        self._resyncs = 0
         self._frames_decoded = 0
         self._frames_sent = 0
         self._frames_delivered = 0
@@ -222,6 +248,7 @@ class StreamDecoder:
         self._next_seq = first_seq or 0
         self._seq_from_first = first_seq is None
         self._auto_seq = 0
+        self._chunks_skipped = 0  # numbered pushes that never came (REORDER_WINDOW)
         self._draining = False
         self._close_at: int | None = None
 
@@ -267,7 +294,9 @@ class StreamDecoder:
         frames_sent: frames in submitted ingest calls; frames_delivered: frames in calls that
         completed successfully; frames_dropped: by the "drop" policy, or left unsent by a stop or
         failure. chunks_in_flight: un-finished ingest calls now (<= max_in_flight);
-        max_chunks_in_flight: the most seen. last_error: None or {"type", "message", "where":
+        max_chunks_in_flight: the most seen. waiting_for_sink: a sink call was lost with the
+        sink's process and no resync came yet; resyncs: how many came. chunks_skipped: numbered
+        pushes given up (push). last_error: None or {"type", "message", "where":
         "source" | "sink"}. source: kind ("file", "http", "rtsp", "push", "bytes", ...), name (URL
         credentials masked), source_frames (frames decoded before sampling), stream_info,
         push_buffered_bytes."""
@@ -288,6 +317,9 @@ class StreamDecoder:
                 "chunks_dropped": self._chunks_dropped,
                 "chunks_in_flight": len(self._pending),
                 "max_chunks_in_flight": self._max_seen_in_flight,
+                "waiting_for_sink": self._sink_lost is not None,
+                "resyncs": self._resyncs,
+                "chunks_skipped": self._chunks_skipped,
                 "last_error": None if self._last_error is None else dict(self._last_error),
                 "source": {
                     "kind": _source_kind(self._source),
@@ -310,6 +342,20 @@ class StreamDecoder:
         self._done.wait(timeout_s)
         return self.status()
 
+    def resync(self) -> tuple[int, int]:
+        """For a restarted sink taking the stream over (see the module doc): send again, in seq
+        order, every chunk whose call has not finished or was lost with the sink's process, then
+        go on. Returns (first, end): the first `seq` the sink will be sent, and the end of the
+        chunks sent again (their frames may have been consumed by the sink's previous process)."""
+        with self._lock:
+            chunks = {seq: (frames, times) for seq, frames, times in self._pending.values()}
+            chunks.update(self._unacked)
+            self._pending, self._unacked, self._sink_lost = {}, {}, None
+            for seq in sorted(chunks):
+                self._submit(seq, *chunks[seq])
+            self._resyncs += 1
+            return min(chunks, default=self._chunks_sent), self._chunks_sent
+
     # --- push mode -------------------------------------------------------------------------------
 
     @ray.method(concurrency_group="push")
@@ -320,6 +366,8 @@ class StreamDecoder:
         before sending the next (then `seq` may be left out), or number the chunks 0, 1, 2, ...
         with `seq`: chunks are then written to the decoder in `seq` order whatever order the
         calls run in, and a repeated `seq` is ignored (safe retries). Do not mix the two styles.
+        A missing `seq` is waited for until REORDER_WINDOW later chunks are parked, then skipped
+        (`chunks_skipped` in status; it is ignored if it comes later).
 
         Backpressure: the call that writes a chunk blocks while the decoder's buffer is full; a
         chunk that arrives before an earlier `seq` is parked and its call returns at once, so
@@ -346,6 +394,9 @@ class StreamDecoder:
             if seq < self._next_seq:
                 return self._push.buffered_bytes  # a repeat of a chunk already written
             self._stash.setdefault(int(seq), data)  # a repeat of a parked chunk keeps the first copy
+            if len(self._stash) > REORDER_WINDOW and self._next_seq not in self._stash:
+                self._chunks_skipped += min(self._stash) - self._next_seq
+                self._next_seq = min(self._stash)
             if self._draining:
                 return self._push.buffered_bytes  # the active writer will write it in order
             self._draining = True
@@ -454,6 +505,8 @@ class StreamDecoder:
             self._count_dropped(len(images))
             self._fail(exc.cause, "sink")
             self._end("failed")
+            if exc.for_good:  # detached, and its owner is gone: nothing would ever end this actor
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
         except Exception as exc:  # opening failed, or anything unexpected: never kill the actor
             self._count_dropped(len(images))
             if self._stop.is_set() and self._last_error is None:
@@ -468,55 +521,79 @@ class StreamDecoder:
     def _send(self, images: list[np.ndarray], times: list[float]) -> None:
         """Send one chunk through the window, applying the backpressure policy."""
         self._reap()
-        if len(self._pending) >= self._max_in_flight:
+        if self._window_full():
             if self._policy == "drop":
                 self._count_dropped(len(images), chunk=True)
                 return
-            while len(self._pending) >= self._max_in_flight:
+            while self._window_full():
                 if self._stop.is_set():
                     raise _Stopped  # the caller counts the chunk as dropped
-                ray.wait(self._pending, num_returns=1, timeout=_POLL_S)
-                self._reap()
-        frames = np.stack(images)
+                self._wait_a_while()
         stamps = np.asarray(times, dtype=np.float64) + self._time_offset
-        ref = self._sink.ingest.remote(self.stream_id, frames, stamps, seq=self._chunks_sent)
         with self._lock:
-            self._pending = self._pending + [ref]
-            self._pending_frames[ref] = len(images)
+            self._submit(self._chunks_sent, np.stack(images), stamps)
             self._frames_sent += len(images)
             self._chunks_sent += 1
-            self._max_seen_in_flight = max(self._max_seen_in_flight, len(self._pending))
+
+    def _submit(self, seq: int, frames: np.ndarray, times: np.ndarray) -> None:
+        """One ingest call (under self._lock: resync submits too)."""
+        ref = self._sink.ingest.remote(self.stream_id, frames, times, seq=seq)
+        self._pending[ref] = (seq, frames, times)
+        self._max_seen_in_flight = max(self._max_seen_in_flight, len(self._pending))
+
+    def _window_full(self) -> bool:
+        with self._lock:
+            return self._sink_lost is not None or len(self._pending) >= self._max_in_flight
+
+    def _wait_a_while(self) -> None:
+        """Until a sink call finishes (or _POLL_S), then collect finished calls."""
+        with self._lock:
+            pending = list(self._pending)
+        if pending:
+            ray.wait(pending, num_returns=1, timeout=_POLL_S)
+        else:  # waiting for a resync
+            time.sleep(_POLL_S)
+        self._reap()
 
     def _reap(self) -> None:
-        """Collect finished sink calls; raise _SinkFailed for the first that failed."""
-        if not self._pending:
-            return
-        ready, _ = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
-        if not ready:
-            return
+        """Collect finished sink calls; raise _SinkFailed for the first that failed (a call lost
+        with the sink's process keeps its chunk for resync, unless reconnect_s has passed)."""
+        with self._lock:
+            pending = list(self._pending)
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
         failure = None
-        delivered = 0
         for ref in ready:
             try:
                 ray.get(ref)
-                delivered += self._pending_frames[ref]
+                error = None
             except Exception as exc:  # RayTaskError (sink raised) or RayActorError (sink died)
-                failure = failure or exc
-        done = set(ready)
-        with self._lock:
-            self._pending = [r for r in self._pending if r not in done]
-            for ref in ready:
-                del self._pending_frames[ref]
-            self._frames_delivered += delivered
+                error = exc
+            with self._lock:
+                chunk = self._pending.pop(ref, None)
+                if chunk is None:  # resync sent it again meanwhile
+                    continue
+                seq, frames, times = chunk
+                if error is None:
+                    self._frames_delivered += len(frames)
+                elif self._reconnect_s and isinstance(error, SINK_LOST):
+                    self._unacked[seq] = (frames, times)
+                    self._sink_lost = self._sink_lost or (time.monotonic(), error)
+                else:
+                    failure = failure or error
         if failure is not None:
             raise _SinkFailed(failure)
+        lost = self._sink_lost
+        if lost is not None and time.monotonic() - lost[0] > self._reconnect_s:
+            raise _SinkFailed(lost[1], for_good=True)
 
     def _drain_in_flight(self) -> None:
-        while self._pending:
+        while True:
+            with self._lock:
+                if not (self._pending or self._unacked or self._sink_lost):
+                    return
             if self._stop.is_set():
                 raise _Stopped
-            ray.wait(self._pending, num_returns=len(self._pending), timeout=_POLL_S)
-            self._reap()
+            self._wait_a_while()
 
     def _count_dropped(self, n: int, chunk: bool = False) -> None:
         if n:

@@ -8,9 +8,10 @@ Where things live. The deployment is a thin, stateless HTTP layer. All stream st
 (`coordinator_name`, namespace "streamkv") that the first replica creates with fractional CPUs
 (`get_if_exists`), so every replica of the deployment (and a later redeploy) talks to the same
 one. Ray restarts it if its process dies, and it takes its streams over again from its prefill,
-compressor and answer actors, which outlive it (requests meanwhile get 503; live pulled sources
-and open uploads are attached again, so uploaders go on with their next chunk; a stream left
-without a source gets a new one with POST /v1/streams/{id}/source).
+compressor, answer and decoder actors, which outlive it (requests meanwhile get 503: an uploader
+sends that chunk again, and its upload goes on with every frame ingested once; should a decoder
+die too, a live pulled source or an open upload is attached again, and a stream left without a
+source gets a new one with POST /v1/streams/{id}/source).
 `deploy.ingest.stop_coordinator(name)` (`streamkv stop`) ends it with every stream.
 
 Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status):

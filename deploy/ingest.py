@@ -105,8 +105,8 @@ def stop_coordinator(name: str = COORDINATOR_NAME) -> int:
 def run_ingest(handle, sources: list[Source], wait: bool = True, poll_s: float = 0.5) -> dict[str, dict]:
     """Create every stream, attach its source, and (with `wait`) show progress until all end.
     Streams the coordinator has already (a job run again, after a crash or to add cameras) are
-    only watched: their sources were attached before (live ones again after a coordinator
-    restart; a file attached again would repeat its frames)."""
+    only watched: their sources were attached before, and their decoders outlive a coordinator
+    restart (a file attached again would repeat its frames)."""
     existing = set(ray.get(handle.list_streams.remote()))
     for source in sources:
         if source.id in existing:

@@ -1,10 +1,13 @@
 """A named coordinator whose process dies is restarted by Ray and takes its streams over from its
-model actors, which outlive it: memory, frame count, open segment and summary index are kept, so
-answers still equal the single-process engine's; `stop_coordinator` removes everything."""
+model actors and decoders, which outlive it: memory, frame count, open segment and summary index
+are kept, segments closed but not committed are committed, and chunks in flight are sent again
+and ingested once, so answers still equal the single-process engine's; `stop_coordinator`
+removes everything."""
 
 import time
 import uuid
 
+import numpy as np
 import pytest
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -12,9 +15,12 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from tests.stages import scene_video as video
 
 from actors.coordinator import NAMESPACE
+from actors.prefill import features_wire
 from deploy.ingest import named_coordinator, stop_coordinator
 from pipeline import StreamSession, load_model
 from pipeline.config import make_config
+from pipeline.decode import DecodeConfig, open_source
+from pipeline.frames import check_times
 from pipeline.video_io import write_video
 
 CASES = {"rekv": {"top_k": 4, "n_local": 24}, "streamkv": {"keep_ratio": 0.4, "top_k": 4, "min_frames": 3, "n_local": 24}}
@@ -47,9 +53,38 @@ def until_source_ends(handle, stream_id: str, timeout_s: float = 120.0) -> dict:
     return status
 
 
-def model_actors(name: str) -> list[str]:
+def named_actors(name: str) -> list[str]:
+    """The actors named after the coordinator `name` (model actors, decoders)."""
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["namespace"] == NAMESPACE and a["name"].startswith(f"{name}."))
+
+
+def until(condition, timeout_s: float = 60.0, what: str = ""):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
+def alive(actor) -> bool:
+    try:
+        ray.get(actor.status.remote())
+        return True
+    except (ActorUnavailableError, RayActorError):
+        return False
+
+
+def push_without_commit(handle, stream_id: str, frames) -> int:
+    """What a coordinator process does with a chunk before it dies: its frames reach the segmenter
+    (closing segments), but it dies before committing those segments."""
+    workers, status = ray.get(handle.workers.remote()), ray.get(handle.status.remote(stream_id))
+    tokens = ray.get(workers["prefill"].encode_frames.remote([frames]))[0]
+    first = status["frames_ingested"]
+    times = check_times(None, len(frames), first, status["last_time"],
+                        make_config(stream_id, **CASES[stream_id]).frame_rate)
+    ranges = [(first + i, first + i + 1) for i in range(len(frames))]
+    return len(ray.get(workers["compressor"].push.remote(stream_id, features_wire(tokens, ranges, [(t, t) for t in times]))))
 
 
 def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_dirs, redis_server, tmp_path):
@@ -64,23 +99,37 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
             # no question after these: their last segment stays open in the compressor, and the
             # updates they committed may still be on their way to the replicas and the index
             ray.get(handle.ingest.remote(method, frames[9:22]))
+            closed = push_without_commit(handle, method, frames[22:26])
+            assert closed or method != "rekv"  # rekv's 8-frame segment 16..23 closes
         # a live source (policy "drop"; a file stands in for a camera, read again after the restart)
         write_video(tmp_path / "live.mp4", frames[:8], fps=2.0)
         ray.get(handle.create_stream.remote("live", "rekv", CASES["rekv"]))
         ray.get(handle.attach_source.remote("live", str(tmp_path / "live.mp4"), None, "drop", 4, 8))
         assert until_source_ends(handle, "live")["frames_ingested"] == 8
+        # a file being read, with every chunk in flight at the kill: the vision tower is kept busy
+        write_video(tmp_path / "file.mp4", frames, fps=2.0)
+        ray.get(handle.create_stream.remote("file", "rekv", CASES["rekv"]))
+        workers = ray.get(handle.workers.remote())
+        busy = workers["prefill"].encode_frames.remote([np.concatenate([frames] * 400)])  # ~3 s
+        ray.get(handle.attach_source.remote("file", str(tmp_path / "file.mp4"), None, "block", 4, 4))
+        decoder = ray.get(handle.workers.remote())["decoders"]["file"]
+        until(lambda: ray.get(decoder.status.remote())["chunks_in_flight"] == 4, what="the decoder's window fills")
+        gone = workers["decoders"]["live"]  # gone too: its source is attached again
+        ray.kill(gone, no_restart=True)
+        until(lambda: not alive(gone), what="the live decoder dies")
         ray.kill(handle, no_restart=False)  # the process dies; Ray starts a new one
 
         until_restarted(handle, "rekv")
-        assert sorted(ray.get(handle.list_streams.remote())) == sorted([*CASES, "live"])
-        assert model_actors(name) == [f"{name}.{kind}" for kind in ("answerer0", "answerer1", "compressor", "prefill")]
+        assert sorted(ray.get(handle.list_streams.remote())) == sorted([*CASES, "live", "file"])
+        assert [a for a in named_actors(name) if ".decoder." not in a] == [
+            f"{name}.{kind}" for kind in ("answerer0", "answerer1", "compressor", "prefill")]
         # the new process replays the open segments from its own copy if the compressor restarts
         ray.kill(ray.get(handle.workers.remote())["compressor"], no_restart=False)
         model = load_model(checkpoint_dirs["gqa"])
         for method, options in CASES.items():
             status = ray.get(handle.status.remote(method))
-            assert status["frames_ingested"] == 22 and status["adopted"] and status["restarts"]["coordinator"] == 1
-            ray.get(handle.ingest.remote(method, frames[22:30]))
+            assert status["frames_ingested"] == 26 and status["adopted"] and status["restarts"]["coordinator"] == 1
+            ray.get(handle.ingest.remote(method, frames[26:30]))
             session = StreamSession(model, method=method, **options)
             session.add_frames(frames[:9])
             session.ask(QUESTIONS[0], max_new_tokens=5)
@@ -93,12 +142,27 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
             assert status["frames_ingested"] == 30 and status["restarts"]["compressor"] >= 1
             assert len(ray.get(handle.segments.remote(method))) == status["segments"]  # every segment indexed
 
+        # the file's decoder outlived the old process: every frame arrived, once
+        ray.get(busy)
+        status = until_source_ends(handle, "file")
+        assert (status["source_state"], status["frames_ingested"], status["frames_pending"]) == ("finished", 38, 0)
+        assert ray.get(decoder.status.remote())["resyncs"] == 1
+        decoded = list(open_source(tmp_path / "file.mp4", DecodeConfig()))
+        session = StreamSession(model, method="rekv", **CASES["rekv"])
+        session.add_frames(np.stack([f.image for f in decoded]), timestamps=[f.time for f in decoded])
+        expected = session.ask(QUESTIONS[0], max_new_tokens=5)
+        answer = ray.get(handle.ask.remote("file", QUESTIONS[0], 5))
+        assert answered(answer) == (expected.token_ids, [list(e.frames) for e in expected.evidence])
+        # a chunk sent again whose frames the stream has is skipped, not refused
+        again = np.stack([f.image for f in decoded[:4]]), np.array([f.time for f in decoded[:4]])
+        assert ray.get(handle.ingest.remote("file", *again, seq=0)) == 38
+
         # the live source was attached again: its frames go on after the stream's
         live = until_source_ends(handle, "live")
         assert live["source_state"] == "finished" and live["mode"] == "pull" and live["frames_ingested"] == 16, str(live)
-        # a file source is not: one attached after the restart continues the stream's frame times
+        # a stream without a source takes one after the restart: it continues the stream's frame times
         before = ray.get(handle.status.remote("rekv"))
-        assert before["mode"] is None and "detached" in before["last_error"]
+        assert before["mode"] is None and before["last_error"] is None
         write_video(tmp_path / "more.mp4", frames[30:], fps=2.0)
         ray.get(handle.attach_source.remote("rekv", str(tmp_path / "more.mp4")))
         status = until_source_ends(handle, "rekv")
@@ -108,5 +172,5 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
         answer = ray.get(handle.ask.remote("rekv", QUESTIONS[0], 5))
         assert max(e["frames"][1] for e in answer["evidence"]) <= 38
     finally:
-        assert stop_coordinator(name) == len(CASES) + 1
-    assert model_actors(name) == []
+        assert stop_coordinator(name) == len(CASES) + 2
+    until(lambda: named_actors(name) == [], what="stop_coordinator's kills take effect")  # ray.kill is asynchronous

@@ -16,8 +16,9 @@ import time
 import numpy as np
 import pytest
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors.decoder import DecoderActor, StreamDecoder
+from actors.decoder import REORDER_WINDOW, DecoderActor, StreamDecoder
 from pipeline.decode import DecodeConfig, open_source
 from pipeline.errors import ConfigError, InvalidInputError, PushBufferTimeout, VideoDecodeError
 from pipeline.video_io import write_video
@@ -69,6 +70,7 @@ def _recorder_class():
                     raise ValueError(f"sink refuses call {call} of {stream_id}")
                 _time.sleep(delay_s)
                 chunk = {
+                    "seq": seq,
                     "times": [float(t) for t in times],
                     "times_dtype": str(times.dtype),
                     "shape": tuple(frames.shape),
@@ -321,6 +323,55 @@ def test_eight_streams_at_once_each_get_only_their_own_frames(runs):
     }
 
 
+def _until(condition, what: str):
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _answers(call) -> bool:
+    try:
+        ray.get(call())
+        return True
+    except (ActorUnavailableError, RayActorError):
+        return False
+
+
+def test_chunks_lost_with_the_sinks_process_are_sent_again_on_resync(ray_runtime, tmp_path):
+    """With reconnect_s, the chunks of calls that died with the sink's process are kept, and
+    resync (what the restarted sink calls) sends them again, with their seq, before anything
+    newer: every chunk reaches the old process or the new one. Without a resync within
+    reconnect_s the stream fails, and the decoder, detached in production, ends itself."""
+    write_video(tmp_path / "a.mp4", clip(60, 0), FPS)
+    sink = ray.remote(num_cpus=0.05, max_concurrency=8, max_restarts=1)(_recorder_class()).remote()
+    ray.get(sink.configure.remote("r", delay_s=0.3))
+    decoder = DecoderActor.remote("r", str(tmp_path / "a.mp4"), None, sink, chunk_frames=6, max_in_flight=2,
+                                  policy="block", reconnect_s=WAIT_S)
+    ray.get(decoder.start.remote())
+    _until(lambda: ray.get(sink.received.remote("r"))["chunks"], "a chunk is delivered")
+    _until(lambda: ray.get(decoder.status.remote())["chunks_in_flight"] == 2, "the window fills")
+    delivered = [c["seq"] for c in ray.get(sink.received.remote("r"))["chunks"]]
+    ray.kill(sink, no_restart=False)
+    _until(lambda: ray.get(decoder.status.remote())["waiting_for_sink"], "the decoder sees its calls lost")
+    _until(lambda: _answers(sink.busy.remote), "the sink restarts")
+    assert ray.get(decoder.status.remote())["state"] == "running"  # not failed
+    first, end = ray.get(decoder.resync.remote())
+    status = ray.get(decoder.wait.remote(WAIT_S))
+    assert (status["state"], status["resyncs"]) == ("finished", 1), status
+    again = [c["seq"] for c in ray.get(sink.received.remote("r"))["chunks"]]
+    assert end > first
+    assert sorted(set(delivered) | set(again)) == list(range(10)) and again == list(range(first, 10))
+
+    lonely = ray.remote(num_cpus=0.05)(_recorder_class()).remote()
+    ray.get(lonely.configure.remote("r", delay_s=5.0))
+    orphan = DecoderActor.remote("r", str(tmp_path / "a.mp4"), None, lonely, chunk_frames=6, reconnect_s=1.0)
+    ray.get(orphan.start.remote())
+    _until(lambda: ray.get(orphan.status.remote())["chunks_in_flight"], "a chunk is in flight")
+    ray.kill(lonely)  # for good
+    _until(lambda: not _answers(orphan.status.remote), "the orphaned decoder ends itself")
+
+
 def test_constructor_and_push_validation():
     class NoSink:
         pass
@@ -365,6 +416,17 @@ def test_numbered_pushes_are_written_in_order_and_timeouts_keep_the_chunk():
     assert buffer.read() == b"dd" and buffer.read() == b""
     with pytest.raises(InvalidInputError, match="after close"):
         decoder.push(b"ee", seq=4)
+
+    gappy = StreamDecoder("g", None, None, AnySink())
+    gappy.push(b"0", seq=0)
+    for seq in range(2, 2 + REORDER_WINDOW):  # 1 never comes: the chunks after it are parked
+        gappy.push(str(seq).encode(), seq=seq)
+    assert gappy._push.read() == b"0" and gappy.status()["chunks_skipped"] == 0
+    gappy.push(b"6", seq=2 + REORDER_WINDOW)  # one more: 1 is given up
+    assert gappy._push.read() == b"23456" and gappy.status()["chunks_skipped"] == 1
+    gappy.push(b"1", seq=1)  # too late: ignored
+    gappy.push(b"7", seq=7)
+    assert gappy._push.read() == b"7"
 
     slow = StreamDecoder("q", None, None, AnySink(), push_buffer_bytes=8)
     slow.push(b"1111")
