@@ -71,10 +71,6 @@ POLICIES = ("block", "drop")
 STATES = ("starting", "running", "finished", "failed", "stopped")
 TERMINAL_STATES = frozenset({"finished", "failed", "stopped"})
 _POLL_S = 0.1  # how often a blocked decode thread re-checks stop()
-# Numbered pushes parked behind a missing one before it is given up (skipped): enough for
-# concurrent uploaders' reordering, and a bound on parked bytes. A chunk its client gave up on
-# (it was refused, e.g. with a 503 while the coordinator restarted) then stalls nothing.
-REORDER_WINDOW = 4
 
 # a sink call lost with the sink's process (a restarting sink may take it over: see resync)
 SINK_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -175,6 +171,7 @@ class StreamDecoder:
             chunk comes first (a decoder taking over a client's upload midway).
         reconnect_s: how long to wait for a restarted sink's `resync` after a sink call was lost
             with its process; 0: such a loss fails the stream at once.
+        reorder_wait_s: push mode: how long parked chunks wait for a missing `seq` (see push).
     """
 
     def __init__(
@@ -192,6 +189,7 @@ class StreamDecoder:
         time_offset: float = 0.0,
         first_seq: int | None = 0,
         reconnect_s: float = 0.0,
+        reorder_wait_s: float = 5.0,
     ) -> None:
         if not isinstance(stream_id, str) or not stream_id:
             raise InvalidInputError(f"stream_id must be a non-empty string, got {stream_id!r}")
@@ -248,7 +246,9 @@ class StreamDecoder:
         self._next_seq = first_seq or 0
         self._seq_from_first = first_seq is None
         self._auto_seq = 0
-        self._chunks_skipped = 0  # numbered pushes that never came (REORDER_WINDOW)
+        self._reorder_wait_s = float(reorder_wait_s)
+        self._gap_since: float | None = None  # when parked chunks started waiting for a missing one
+        self._chunks_skipped = 0  # numbered pushes given up
         self._draining = False
         self._close_at: int | None = None
 
@@ -366,8 +366,10 @@ class StreamDecoder:
         before sending the next (then `seq` may be left out), or number the chunks 0, 1, 2, ...
         with `seq`: chunks are then written to the decoder in `seq` order whatever order the
         calls run in, and a repeated `seq` is ignored (safe retries). Do not mix the two styles.
-        A missing `seq` is waited for until REORDER_WINDOW later chunks are parked, then skipped
-        (`chunks_skipped` in status; it is ignored if it comes later).
+        A missing `seq` is given up (skipped) when a later chunk is parked `reorder_wait_s` after
+        the gap was first seen (`chunks_skipped` in status; it is ignored if it comes later): a
+        chunk its client did not send again (e.g. refused with a 503 while the coordinator
+        restarted) stalls the stream no longer than that.
 
         Backpressure: the call that writes a chunk blocks while the decoder's buffer is full; a
         chunk that arrives before an earlier `seq` is parked and its call returns at once, so
@@ -394,9 +396,7 @@ class StreamDecoder:
             if seq < self._next_seq:
                 return self._push.buffered_bytes  # a repeat of a chunk already written
             self._stash.setdefault(int(seq), data)  # a repeat of a parked chunk keeps the first copy
-            if len(self._stash) > REORDER_WINDOW and self._next_seq not in self._stash:
-                self._chunks_skipped += min(self._stash) - self._next_seq
-                self._next_seq = min(self._stash)
+            self._skip_a_lasting_gap()
             if self._draining:
                 return self._push.buffered_bytes  # the active writer will write it in order
             self._draining = True
@@ -418,6 +418,18 @@ class StreamDecoder:
                 return  # the active writer closes the buffer when it gets there
             if self._next_seq >= self._close_at:
                 self._push.close()
+
+    def _skip_a_lasting_gap(self) -> None:
+        """Give the missing next chunk up if parked chunks have waited for it reorder_wait_s (call
+        under self._push_cond)."""
+        if not self._stash or self._next_seq in self._stash:
+            self._gap_since = None
+            return
+        now = time.monotonic()
+        self._gap_since = self._gap_since if self._gap_since is not None else now
+        if now - self._gap_since >= self._reorder_wait_s:
+            self._chunks_skipped += min(self._stash) - self._next_seq
+            self._next_seq, self._gap_since = min(self._stash), None
 
     def _drain(self, timeout_s: float | None) -> None:
         """Write parked chunks in seq order, as the single active writer."""

@@ -1,6 +1,7 @@
 """First-frame latency of a live upload: an MPEG-TS stream pushed in real time, one chunk per
 second, into a push-mode decoder; the time from the first chunk to the first decoded frame, with
-the decoder's probe (DecodeConfig.probe_s, 0.5 s) against FFmpeg's default (5 s), side by side.
+the decoder's probe (DecodeConfig.probe_s, 0.5 s) against FFmpeg's default (5 s), side by side
+(both without FFmpeg's frame-rate estimate, which pushed streams skip since session 10).
 
     python -m bench.first_frame [--fps 1 4 15] [--rounds 3]
 

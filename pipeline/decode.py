@@ -85,7 +85,8 @@ class DecodeConfig:
     source (pushed: from the first byte on).  None disables a timeout.  probe_s: how much of a
     network or pushed stream FFmpeg reads to learn its format before the first frame: its own
     default (5 s, or 20 frames to estimate a frame rate) holds a live stream's first frames back
-    until that much video has arrived (pushed: been uploaded).
+    until that much video has arrived (pushed: been uploaded). Such streams estimate no frame
+    rate either: they take the codec's declared one.
     """
 
     fps: float | None = None
@@ -438,6 +439,9 @@ class FrameSource:
         timeout = None
         if self._kind in _NETWORK or self._push is not None:
             options["analyzeduration"] = str(int(cfg.probe_s * 1e6))  # microseconds
+            # no frames read to estimate the rate (a 1 fps stream would wait for several): the
+            # codec's declared rate is used instead (below)
+            options["fpsprobesize"] = "0"
         if self._kind in _NETWORK:
             timeout = (cfg.open_timeout_s, cfg.read_timeout_s)
             if self._kind.startswith("rtsp"):
@@ -460,7 +464,10 @@ class FrameSource:
             raise VideoDecodeError(f"{self.name}: {problem}")
         stream = container.streams.video[0]
         self._container, self._stream = container, stream
-        rate = stream.guessed_rate or stream.average_rate or stream.base_rate
+        if stream.average_rate:  # FFmpeg measured the rate
+            rate = stream.guessed_rate or stream.average_rate
+        else:  # not estimated (fpsprobesize=0): FFmpeg's guess is then twice the rate (H.264)
+            rate = stream.codec_context.framerate or stream.guessed_rate or stream.base_rate
         self._interval = 1 / float(rate) if rate else 1 / _FALLBACK_RATE
         self._bounded = container.duration is not None or container.size > 0
         if stream.duration is not None and stream.time_base is not None:

@@ -308,24 +308,25 @@ def test_push_mode_decodes_while_chunks_arrive(container_format, options):
     assert [index_of(f.image) for f in frames] == [i % 32 for i in range(T)]
 
 
-def test_a_pushed_stream_shorter_than_ffmpegs_default_probe_already_gives_frames():
-    """FFmpeg's default probe reads 5 s of a stream (or 20 frames) before its first frame: a live
-    upload would wait for that much video. Here 4 s at 4 fps are pushed and the upload stays open."""
+@pytest.mark.parametrize("fps, seconds, gop", [(4.0, 4, 4), (1.0, 3, 1)])  # a keyframe each second
+def test_a_pushed_stream_shorter_than_ffmpegs_default_probe_already_gives_frames(fps, seconds, gop):
+    """FFmpeg's default probe reads 5 s of a stream (or 20 frames, to estimate its rate) before its
+    first frame: a live upload would wait for that much video. Here a few seconds are pushed and
+    the upload stays open; the rate is the codec's (FFmpeg's guess would be twice it)."""
     buffer = io.BytesIO()
-    write_video(buffer, clip_frames(16), 4.0, container_format="mpegts", gop_size=4)
-    data = buffer.getvalue()
+    write_video(buffer, clip_frames(int(fps * seconds)), fps, container_format="mpegts", gop_size=gop)
     buf = PushBuffer()
-    buf.push(data)
+    buf.push(buffer.getvalue())
     first = []
 
     def read_first():
         with contextlib.suppress(Exception), open_source(buf, DecodeConfig(read_timeout_s=60)) as src:
-            first.append(next(iter(src)))
+            first.append((next(iter(src)), src.stream_info.fps))
 
     reader = threading.Thread(target=read_first, daemon=True)
     reader.start()
     reader.join(30)  # the default probe would block until the read timeout, 60 s, or more bytes
-    assert first and first[0].index == 0
+    assert first and first[0][0].index == 0 and first[0][1] == fps
     buf.close()
 
 
