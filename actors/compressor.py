@@ -34,13 +34,9 @@ class _Stream:
     frames: int = 0  # frames pushed so far
     last_time: float | None = None  # of the last frame pushed
     source: dict | None = None  # the coordinator's note of the stream's source, kept here for a restarted one
-    # closed segments not known to be committed yet, numbered segmenter.closed - len .. - 1: a
+    # closed segments not recorded as committed yet, numbered segmenter.closed - len .. - 1: a
     # restarted coordinator commits those its previous process did not
     closed: list[Wire] = field(default_factory=list)
-
-    def committed(self, count: int) -> None:
-        """The coordinator has committed segments 0 .. count - 1."""
-        del self.closed[: max(0, len(self.closed) - (self.segmenter.closed - count))]
 
 
 class CompressorWorker:
@@ -62,29 +58,25 @@ class CompressorWorker:
     def note_source(self, stream_id: str, source: dict | None) -> None:
         lookup(self.streams, stream_id).source = source
 
-    def push(self, stream_id: str, features: Wire, committed: int | None = None) -> list[Wire]:
-        """Frames in; the segments they close out (zero or more). committed: how many segments
-        the coordinator has committed (None: a replay of frames it has)."""
+    def push(self, stream_id: str, features: Wire) -> list[Wire]:
+        """Frames in; the segments they close out (zero or more)."""
         stream = lookup(self.streams, stream_id)
         closed = []
         for item in unpack_features(features, "cpu", torch.float32):
             closed += stream.segmenter.push(item)
             stream.frames, stream.last_time = item.frames[1], item.times[1]
-        return self._closed(stream, closed, committed)
+        packed = [pack_segment(s) for s in closed]
+        stream.closed += packed
+        return packed
 
-    def flush(self, stream_id: str, committed: int | None = None) -> Wire | None:
-        """Close the open segment (before a question); see push."""
+    def flush(self, stream_id: str) -> Wire | None:
+        """Close the open segment (before a question)."""
         stream = lookup(self.streams, stream_id)
         segment = stream.segmenter.flush()
-        return next(iter(self._closed(stream, [] if segment is None else [segment], committed)), None)
-
-    @staticmethod
-    def _closed(stream: _Stream, segments: list, committed: int | None) -> list[Wire]:
-        packed = [pack_segment(s) for s in segments]
-        stream.closed += packed
-        if committed is not None:
-            stream.committed(committed)
-        return packed
+        if segment is None:
+            return None
+        stream.closed.append(pack_segment(segment))
+        return stream.closed[-1]
 
     def decide(self, stream_id: str, update: Wire) -> list[list[int]] | None:
         """Compression decisions about one encoded segment (guidance): per layer, blocks to keep."""
@@ -104,11 +96,14 @@ class CompressorWorker:
                          "closed": [ray.put(segment) for segment in s.closed]}
         return held
 
-    def record(self, stream_id: str, *updates: Wire) -> None:
-        """The committed segments' entries in the summary index."""
+    def record(self, stream_id: str, committed: int, *updates: Wire) -> None:
+        """The committed segments' entries in the summary index; `committed`: how many segments
+        of the stream are committed now (their closed copies kept here are let go)."""
         for update in updates:
             if update.meta["units"]:
                 self.index.put(segment_record(stream_id, unpack_update(update, "cpu", torch.float32)))
+        if (stream := self.streams.get(stream_id)) is not None:  # (a restarted actor records too)
+            del stream.closed[: max(0, len(stream.closed) - (stream.segmenter.closed - committed))]
 
     def segments(self, stream_id: str) -> list[dict]:
         try:

@@ -357,7 +357,7 @@ class StreamCoordinator:
                     _get(lambda: replica.handle.apply.remote(sid, first, *unpublished))
                 replica.streams.add(sid)
             if unpublished:
-                _get(lambda: self.compressor.record.remote(sid, *unpublished))
+                _get(lambda: self.compressor.record.remote(sid, applied, *unpublished))
             self._register(stream)
             self._adopt_source(stream, held["source"] or {})
         self.restarts["coordinator"] = 1 if self.streams else 0
@@ -692,7 +692,7 @@ class StreamCoordinator:
         sid = stream.spec.stream_id
         try:
             self._current(stream)  # deleted while these chunks waited
-            segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire, stream.applied))
+            segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire))
         except Exception as error:  # noqa: BLE001 - the batch's callers get it
             for chunk, _ in accepted:
                 chunk.ingested.set_exception(error)
@@ -786,7 +786,7 @@ class StreamCoordinator:
     async def _close_open_segment(self, stream: _Stream) -> None:
         async with stream.lock:
             self._current(stream)
-            segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream.spec.stream_id, stream.applied))
+            segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream.spec.stream_id))
             committed = self._queue_commit(stream, [] if segment is None else [segment])
         await committed
 
@@ -890,7 +890,7 @@ class StreamCoordinator:
         async def deliver(held=updates):  # holds this node's copies until every reader has them (_settled)
             await asyncio.gather(
                 # the index write needs no stream state in the compressor: after a restart, just retry
-                self._until_alive(lambda: self.compressor.record.remote(sid, *refs)),
+                self._until_alive(lambda: self.compressor.record.remote(sid, first + len(refs) - 1, *refs)),
                 *[self._on_answerer(stream, r, lambda a: a.apply.remote(sid, first, *refs))
                   for r in self.answerers if sid in r.streams])
             if earlier:
