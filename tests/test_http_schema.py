@@ -33,7 +33,7 @@ from tests.test_http_api import ask_body, mpegts, wait_ingested
 
 # random requests per operation (after the coverage cases), and random questions about a stream with
 # frames: few, the test machines are slow; STREAMKV_FUZZ_EXAMPLES=200 for a deeper run
-MAX_EXAMPLES = int(os.environ.get("STREAMKV_FUZZ_EXAMPLES", 25))
+MAX_EXAMPLES = int(os.environ.get("STREAMKV_FUZZ_EXAMPLES", 15))
 QUESTIONS = max(12, MAX_EXAMPLES // 2)
 FRAMES = 12
 FUZZ_PREFIX = auth.owner_of(TOKEN_FUZZ) + auth.SEPARATOR
