@@ -408,8 +408,10 @@ class StreamCoordinator:
         the coordinator was down was refused, and the client sends it again). Returns the
         streams whose source runs again (none when called again)."""
         resumed = []
-        for stream in [s for s in self.streams.values() if s.adopted and s.decoder is not None and not s.resumed]:
+        waiting = [s for s in self.streams.values() if s.adopted and s.decoder is not None and not s.resumed]
+        for stream in waiting:  # all marked before the first await: a concurrent call finds none of them
             stream.resumed = True
+        for stream in waiting:
             try:
                 first, end = await stream.decoder.resync.remote()  # (0, 0) from a new decoder
                 async with stream.chunk_turn:
@@ -984,6 +986,8 @@ class StreamCoordinator:
             except (*ACTOR_LOST, UnknownStreamError, ReplicaGapError) as error:
                 if isinstance(error, UnknownStreamError):
                     self._current(stream)  # else restore it: the actor restarted without it
+                if stream.lost:  # nothing holds its whole memory: a restore would wait restore_timeout_s for none
+                    raise StreamLostError(f"stream {stream.spec.stream_id!r} is lost: {stream.lost}") from error
                 if attempt == RECOVERY_ATTEMPTS - 1:
                     stream.last_error = f"{type(error).__name__}: {error}"
                     raise

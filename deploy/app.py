@@ -380,14 +380,17 @@ class _StreamMetrics:
         retained = GaugeMetricFamily("streamkv_retained_kv_bytes", "Bytes of KV retained by the stream",
                                      labels=["stream"])
         segments = GaugeMetricFamily("streamkv_segments", "Segments committed", labels=["stream"])
+        lost = GaugeMetricFamily("streamkv_stream_lost", "1 if the stream's memory is lost (delete it and create it "
+                                 "again)", labels=["stream"])
         for name, row in self.rows:
             ingested.add_metric([name], row.get("frames_ingested") or 0)
             dropped.add_metric([name], row.get("frames_dropped") or 0)
             decoded.add_metric([name], row.get("frames_decoded") or 0)
             segments.add_metric([name], row.get("segments") or 0)
+            lost.add_metric([name], int(row.get("state") == "lost"))
             if row.get("retained_bytes") is not None:
                 retained.add_metric([name], row["retained_bytes"])
-        yield from (ingested, dropped, decoded, retained, segments)
+        yield from (ingested, dropped, decoded, retained, segments, lost)
 
 
 class Metrics:
@@ -479,14 +482,16 @@ class StreamKVAPI:
 
     # ---- helpers ----
     async def _status(self, owner: str, stream_id: str) -> dict:
-        internal = auth.internal_id(owner, stream_id)
-        status = await self.coord.status.remote(internal)
+        return stream_status(stream_id, *await self._coordinator_status(auth.internal_id(owner, stream_id)))
+
+    async def _coordinator_status(self, internal: str) -> tuple[dict, int | None]:
+        """The coordinator's status of a stream, and the bytes of KV it retains (None when its
+        memory cannot be read: a lost stream). The memory first: reading it may find the stream lost."""
         try:
-            memory = await self.coord.memory.remote(internal)
-            retained = int(memory.get("total", 0))
+            retained = int((await self.coord.memory.remote(internal)).get("total", 0))
         except StreamKVError:
             retained = None
-        return stream_status(stream_id, status, retained)
+        return await self.coord.status.remote(internal), retained
 
     def _source(self, source: str) -> str:
         parts = urlsplit(source)
@@ -596,11 +601,10 @@ class StreamKVAPI:
 
         async def row(internal):
             try:
-                status = await self.coord.status.remote(internal)
-                memory = await self.coord.memory.remote(internal)
-                return internal, {**status, "retained_bytes": memory.get("total")}
-            except StreamKVError:
+                status, retained = await self._coordinator_status(internal)
+            except StreamKVError:  # deleted meanwhile
                 return None
+            return internal, {**status, "retained_bytes": retained}
 
         rows = await asyncio.gather(*[row(i) for i in internals])
         self.metrics.streams.rows = [r for r in rows if r is not None]

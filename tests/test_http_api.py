@@ -343,6 +343,11 @@ def test_a_lost_stream_says_so_and_answers_409(server, coordinator_name):
         assert r.status_code == 409 and r.json()["error"]["type"] == "StreamLostError", r.text
         status = http.get("/v1/streams/doomed").json()
         assert status["state"] == "lost" and "lost at once" in status["last_error"], status
+        assert status["retained_bytes"] is None
+        # reading it again tries no restore (each would wait restore_timeout_s for a replica)
+        assert http.get("/v1/streams/doomed").json()["recoveries"] == status["recoveries"]
+        metrics = httpx.get(f"{server}/metrics", timeout=120).text.splitlines()  # the other streams: lost too
+        assert [m.rsplit(" ", 1)[1] for m in metrics if m.startswith("streamkv_stream_lost{") and ':doomed"' in m] == ["1.0"]
         assert http.post("/v1/chat/completions", json=ask_body("doomed")).status_code == 409
         assert http.delete("/v1/streams/doomed").status_code == 200
         assert http.post("/v1/streams", json={"stream_id": "doomed"}).status_code == 201  # created again
