@@ -1,12 +1,18 @@
 """A retrieval+decode actor: answers questions for any stream it holds a replica of. Replicas
-start from a snapshot and apply every update in order, so several actors can serve one stream."""
+start from a snapshot and apply every update in order, so several actors can serve one stream.
+
+Torch and transformers are imported where they are used (see actors/prefill.py).
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from actors.spec import ReplicaGapError, StreamSpec, lookup
-from cache_store.wire import Wire, pack_snapshot, unpack_snapshot, unpack_update
-from pipeline.answerer import Answerer
-from pipeline.model import load_model
+
+if TYPE_CHECKING:
+    from cache_store.envelope import Wire
+    from pipeline.answerer import Answerer
 
 
 class _Replica:
@@ -16,11 +22,16 @@ class _Replica:
 
 class AnswerWorker:
     def __init__(self, model_dir: str, device: str = "cpu"):
+        from pipeline.model import load_model
+
         self.model = load_model(model_dir, device=device)
         self.streams: dict[str, _Replica] = {}
 
     def restore(self, spec: StreamSpec, snapshot: Wire, applied: int) -> None:
         """Hold a replica of the stream as of `applied` updates."""
+        from cache_store.wire import unpack_snapshot
+        from pipeline.answerer import Answerer
+
         config = spec.config()
         memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
         self.streams[spec.stream_id] = _Replica(spec, memory, Answerer(self.model, config, spec.system_prompt), applied)
@@ -28,6 +39,8 @@ class AnswerWorker:
     def apply(self, stream_id: str, first: int, *updates: Wire) -> int:
         """Apply updates numbered from `first` (1-based) in order; idempotent for updates already
         applied. Returns how many the replica holds."""
+        from cache_store.wire import unpack_update
+
         replica = lookup(self.streams, stream_id)
         for sequence, update in enumerate(updates, start=first):
             if sequence <= replica.applied:
@@ -59,6 +72,8 @@ class AnswerWorker:
         yield {"token_ids": generation.token_ids}
 
     def snapshot(self, stream_id: str) -> tuple[Wire, int]:
+        from cache_store.wire import pack_snapshot
+
         replica = lookup(self.streams, stream_id)
         return pack_snapshot(replica.memory, stream_id=stream_id, model_id=self.model.name), replica.applied
 

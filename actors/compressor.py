@@ -6,24 +6,25 @@ Its only state is each stream's open segment (and how far the stream has got); t
 keeps the frames pushed since the last closed segment and replays them into a restarted actor,
 and a restarted coordinator reads them back from here (`held`), with the closed segments its
 previous process may not have committed (kept until the coordinator says they are).
+
+Torch and transformers are imported where they are used (see actors/prefill.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
-import torch
 
 from actors.spec import StreamSpec, lookup
 from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
-from cache_store.wire import Wire, pack_features, pack_segment, unpack_features, unpack_update
-from pipeline.compression import make_compressor
 from pipeline.errors import UnknownStreamError
-from pipeline.kv_store import mean_key
-from pipeline.model import load_model
-from pipeline.segmenter import Segmenter
+
+if TYPE_CHECKING:
+    from cache_store.envelope import Wire
+    from pipeline.segmenter import Segmenter
 
 
 @dataclass
@@ -41,6 +42,8 @@ class _Stream:
 
 class CompressorWorker:
     def __init__(self, model_dir: str, device: str = "cpu", index_url: str | None = None):
+        from pipeline.model import load_model
+
         self.model = load_model(model_dir, device=device)  # guidance runs the language model
         self.index: SegmentIndex = RedisIndex(index_url) if index_url else EmbeddedIndex()
         self.streams: dict[str, _Stream] = {}
@@ -48,6 +51,9 @@ class CompressorWorker:
     def open(self, spec: StreamSpec, state: dict | None = None) -> None:
         """Start a stream, or host it again after a restart with `state` as `held` gives it:
         frames pushed and segments closed so far, the last frame's time, its live source."""
+        from pipeline.compression import make_compressor
+        from pipeline.segmenter import Segmenter
+
         config = spec.config()
         state = state or {}
         stream = _Stream(spec, Segmenter(config), make_compressor(self.model, config), state.get("frames", 0),
@@ -60,6 +66,10 @@ class CompressorWorker:
 
     def push(self, stream_id: str, features: Wire) -> list[Wire]:
         """Frames in; the segments they close out (zero or more)."""
+        import torch
+
+        from cache_store.wire import pack_segment, unpack_features
+
         stream = lookup(self.streams, stream_id)
         closed = []
         for item in unpack_features(features, "cpu", torch.float32):
@@ -71,6 +81,8 @@ class CompressorWorker:
 
     def flush(self, stream_id: str) -> Wire | None:
         """Close the open segment (before a question)."""
+        from cache_store.wire import pack_segment
+
         stream = lookup(self.streams, stream_id)
         segment = stream.segmenter.flush()
         if segment is None:
@@ -80,6 +92,8 @@ class CompressorWorker:
 
     def decide(self, stream_id: str, update: Wire) -> list[list[int]] | None:
         """Compression decisions about one encoded segment (guidance): per layer, blocks to keep."""
+        from cache_store.wire import unpack_update
+
         decoded = unpack_update(update, self.model.device, self.model.dtype)
         lookup(self.streams, stream_id).compressor.decide(decoded)
         return decoded.keep
@@ -88,6 +102,8 @@ class CompressorWorker:
         """Every stream held here, for a restarted coordinator: open's state, the open segment's
         frames as pack_features' meta and tokens (plain values: the coordinator does not import
         the wire formats), and the closed segments not known to be committed (by reference)."""
+        from cache_store.wire import pack_features
+
         held = {}
         for sid, s in self.streams.items():
             features = pack_features(s.segmenter.open.items if s.segmenter.open else [])
@@ -99,6 +115,10 @@ class CompressorWorker:
     def record(self, stream_id: str, committed: int, *updates: Wire) -> None:
         """The committed segments' entries in the summary index; `committed`: how many segments
         of the stream are committed now (their closed copies kept here are let go)."""
+        import torch
+
+        from cache_store.wire import unpack_update
+
         for update in updates:
             if update.meta["units"]:
                 self.index.put(segment_record(stream_id, unpack_update(update, "cpu", torch.float32)))
@@ -128,6 +148,10 @@ class CompressorWorker:
 
 def segment_record(stream_id: str, update) -> SegmentRecord:
     """The segment's summary per layer: its summary block's mean key, else the mean of its frames'."""
+    import torch
+
+    from pipeline.kv_store import mean_key
+
     units = update.units
     summary = [i for i, u in enumerate(units) if u.kind == "summary"]
     chosen = summary or list(range(len(units)))

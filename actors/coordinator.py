@@ -55,6 +55,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 
 from actors.decoder import TERMINAL_STATES, DecoderActor
 from actors.spec import ReplicaGapError, StreamSpec
+from cache_store.envelope import features_wire
 from pipeline.decode import DecodeConfig
 from pipeline.errors import AnswerResumeError, InvalidInputError, StreamLostError, UnknownStreamError
 from pipeline.frames import check_frames, check_times
@@ -112,6 +113,18 @@ async def _settled(refs) -> list[tuple[ray.ObjectRef, Any]]:
     return list(zip(refs, await asyncio.gather(*refs)))
 
 
+def _snapshot_refs(handle, stream_id: str) -> list[ray.ObjectRef]:
+    """A replica's snapshot and how many updates it holds, as two references: the snapshot goes
+    to the actor it restores through the object store, not through this process."""
+    return handle.snapshot.options(num_returns=2).remote(stream_id)
+
+
+async def _snapshot_of(handle, stream_id: str) -> tuple[ray.ObjectRef, int]:
+    """_snapshot_refs once the snapshot is taken (its errors raised here), with the count's value."""
+    snapshot, applied = _snapshot_refs(handle, stream_id)
+    return snapshot, await applied
+
+
 def _groups(items: list, sizes: list[int], limit: int):
     """Consecutive groups of `items` whose sizes add up to at most `limit` (an item larger than
     that alone)."""
@@ -124,12 +137,6 @@ def _groups(items: list, sizes: list[int], limit: int):
         total += size
     if group:
         yield group
-
-
-def _features_wire(tokens: np.ndarray, frames: list[tuple[int, int]], times: list[tuple[float, float]]):
-    from actors.prefill import features_wire
-
-    return features_wire(tokens, frames, times)
 
 
 def _pending(ranges: list, tokens: np.ndarray | None) -> list:
@@ -351,8 +358,7 @@ class StreamCoordinator:
             stream.pending = _pending(*held["open"])
             for replica in self.answerers:
                 if holding[replica.name].get(sid, -1) < first - 1:  # behind even those (or without it)
-                    snapshot, count = _get(lambda: self.prefill.snapshot.remote(sid))
-                    _get(lambda: replica.handle.restore.remote(spec, snapshot, count))
+                    _get(lambda: replica.handle.restore.remote(spec, *_snapshot_refs(self.prefill, sid)))
                 else:
                     _get(lambda: replica.handle.apply.remote(sid, first, *unpublished))
                 replica.streams.add(sid)
@@ -436,10 +442,10 @@ class StreamCoordinator:
         config = spec.config()  # ConfigError here, before any actor holds state
         self._creating.add(stream_id)  # taken from here: a concurrent create of the id would undo this one
         try:
-            snapshot = await self.prefill.open.remote(spec)
-            await self.compressor.open.remote(spec)
+            snapshot = self.prefill.open.remote(spec)  # (by reference, as _snapshot_refs)
             replicas = list(self.answerers)
-            await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])
+            await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])  # (open's errors)
+            await self.compressor.open.remote(spec)
             for replica in replicas:
                 replica.streams.add(stream_id)
             stream = self._register(_Stream(spec, config.frame_rate))
@@ -688,7 +694,7 @@ class StreamCoordinator:
         """_segment_batch's frames to the segmenter (under the stream lock), their closed segments
         queued for one commit; None (the callers told) if the compressor call failed."""
         ranges = [((first + i, first + i + 1), (t, t)) for i, t in enumerate(times)]
-        wire = _features_wire(tokens, *zip(*ranges))
+        wire = features_wire(tokens, *zip(*ranges))
         stream.batching["chunks"] += len(accepted)
         stream.batching["pushes"] += 1
         sid = stream.spec.stream_id
@@ -829,7 +835,7 @@ class StreamCoordinator:
                     if stream.deleted or sid in replica.streams:
                         continue
                     await self._published(stream)
-                    snapshot, applied = await self._on_answerer(stream, self._holder(sid), lambda a: a.snapshot.remote(sid))
+                    snapshot, applied = await self._on_answerer(stream, self._holder(sid), lambda a: _snapshot_of(a, sid))
                     await replica.handle.restore.remote(stream.spec, snapshot, applied)
                     replica.streams.add(sid)
             replica.ready = True
@@ -945,7 +951,7 @@ class StreamCoordinator:
             while True:
                 for replica in [r for r in self.answerers if sid in r.streams]:
                     try:
-                        snapshot, applied = await replica.handle.snapshot.remote(sid)
+                        snapshot, applied = await _snapshot_of(replica.handle, sid)
                     except (*ACTOR_LOST, UnknownStreamError):
                         continue
                     if applied == stream.applied:
@@ -964,14 +970,14 @@ class StreamCoordinator:
                 "source": self._source_note(stream)})
             if stream.pending:  # replay the open segment's frames into the restarted segmenter
                 frames, tokens, times = zip(*stream.pending)
-                await self.compressor.push.remote(stream.spec.stream_id, _features_wire(np.stack(tokens), frames, times))
+                await self.compressor.push.remote(stream.spec.stream_id, features_wire(np.stack(tokens), frames, times))
 
         return await self._with_recovery(stream, "compressor", call, restore)
 
     async def _on_answerer(self, stream: _Stream, replica: _AnswerReplica, call):
         async def restore():
             sid = stream.spec.stream_id
-            snapshot, applied = await self._on_prefill(stream, lambda: self.prefill.snapshot.remote(sid))
+            snapshot, applied = await self._on_prefill(stream, lambda: _snapshot_of(self.prefill, sid))
             await replica.handle.restore.remote(stream.spec, snapshot, applied)
             replica.streams.add(sid)
 

@@ -4,31 +4,40 @@ and each stream's streaming prefill on its own replica of the stream's memory.
 Its replica (sinks, local window, LiveVLM's long-term memory) is what new segments attend to. It
 applies every update after the compressor has decided, and runs the decisions that need the
 whole memory (VSB), which it records in the update for the other replicas.
+
+Like the other model actors' modules, this one imports torch and transformers where they are
+used, not when it is imported: a process that holds a handle to the actor imports the module
+(Ray loads the class to make the handle), and a restarted coordinator's takeover waited ~3.6 s
+for those imports.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 
 from actors.spec import StreamSpec, lookup
 from pipeline.errors import UnknownStreamError
-from cache_store.wire import Wire, pack_snapshot, pack_update, unpack_segment, unpack_snapshot
-from pipeline.compression import make_compressor
-from pipeline.encoder import SegmentEncoder
-from pipeline.memory import StreamMemory
-from pipeline.model import load_model
+
+if TYPE_CHECKING:
+    from cache_store.envelope import Wire
+    from pipeline.memory import StreamMemory
 
 
 class _Stream:
     def __init__(self, spec: StreamSpec, model, memory: StreamMemory | None = None):
+        from pipeline.answerer import Answerer  # the prompt prefix the answerers will use
+        from pipeline.compression import make_compressor
+        from pipeline.encoder import SegmentEncoder
+        from pipeline.memory import StreamMemory
+
         self.spec = spec
         config = spec.config()
         self.encoder = SegmentEncoder(model, config)
         self.compressor = make_compressor(model, config)
         if memory is None:
-            from pipeline.answerer import Answerer  # the prompt prefix the answerers will use
-
             prefix = Answerer(model, config, spec.system_prompt).prefix_ids
             memory = StreamMemory(model.dims, config, self.encoder.encode_sinks(prefix))
         self.memory = memory
@@ -50,17 +59,23 @@ class PrefillWorker:
     CONCURRENCY_GROUPS = {"vision": 1}
 
     def __init__(self, model_dir: str, device: str = "cpu"):
+        from pipeline.model import load_model
+
         self.model = load_model(model_dir, device=device)
         self.streams: dict[str, _Stream] = {}
 
     def open(self, spec: StreamSpec) -> Wire:
         """Start a stream; returns the snapshot (sinks only) that answer replicas start from."""
+        from cache_store.wire import pack_snapshot
+
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model)
         return pack_snapshot(stream.memory, stream_id=spec.stream_id, model_id=self.model.name)
 
     def restore(self, spec: StreamSpec, snapshot: Wire, applied: int) -> None:
         """Rebuild a stream's replica (after this actor restarted) from another replica's snapshot
         taken after `applied` updates."""
+        from cache_store.wire import unpack_snapshot
+
         config = spec.config()
         memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model, memory)
@@ -75,6 +90,8 @@ class PrefillWorker:
 
     def encode_segment(self, stream_id: str, segment: Wire) -> Wire:
         """Encode a closed segment and hold it, uncommitted, for the compressor to decide on."""
+        from cache_store.wire import pack_update
+
         self._encode(stream_id, segment)
         return pack_update(self.streams[stream_id].pending, stream_id=stream_id, model_id=self.model.name)
 
@@ -90,6 +107,8 @@ class PrefillWorker:
         return committed if len(committed) > 1 else committed[0]
 
     def _encode(self, stream_id: str, segment: Wire) -> None:
+        from cache_store.wire import unpack_segment
+
         stream = lookup(self.streams, stream_id)
         decoded = unpack_segment(segment, self.model.device, self.model.dtype)
         stream.pending = stream.encoder.encode(stream.memory, decoded)
@@ -99,6 +118,8 @@ class PrefillWorker:
         (None) decided here; return it, with the decisions that need the whole memory (VSB)
         recorded, for the other replicas. published: how many updates the coordinator has seen
         reach every replica and the index (the rest are held here until then)."""
+        from cache_store.wire import pack_update
+
         stream = lookup(self.streams, stream_id)
         update, stream.pending = stream.pending, None
         if update is None:
@@ -116,6 +137,8 @@ class PrefillWorker:
 
     def snapshot(self, stream_id: str) -> tuple[Wire, int]:
         """The replica and how many updates it holds."""
+        from cache_store.wire import pack_snapshot
+
         stream = lookup(self.streams, stream_id)
         return pack_snapshot(stream.memory, stream_id=stream_id, model_id=self.model.name), stream.applied
 
@@ -134,9 +157,3 @@ class PrefillWorker:
     def ping(self) -> int:
         return len(self.streams)
 
-
-def features_wire(tokens: np.ndarray, frames: list[tuple[int, int]], times: list[tuple[float, float]]) -> Wire:
-    """Visual tokens [T, n, hidden] of T frames (or merged runs of frames) with their frame and
-    time ranges, in the wire format of pack_features."""
-    meta = [[[int(f[0]), int(f[1])], [float(t[0]), float(t[1])]] for f, t in zip(frames, times)]
-    return Wire({"features": meta}, arrays={"features": tokens})

@@ -7,31 +7,40 @@ then the raw key and value bytes. Byte order is little-endian throughout.
 
 Pages are keyed by model, stream, unit and a full content hash (the LMCache lesson: keys made
 from token ids alone collide across videos, since every frame's placeholder tokens are equal).
+
+Torch is imported only by the conversions to and from tensors: a page passes through processes
+that never compute on it (the coordinator), and unpickling one imports this module.
 """
+
+from __future__ import annotations
 
 import hashlib
 import struct
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import msgpack
 import numpy as np
-import torch
 
 from pipeline.errors import InvalidInputError, PageCorruptError
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("frame", "summary", "page", "sink")
 _MAGIC = b"SKVP\x01"
 _LEN = struct.Struct("<I")
 
-# torch dtype name -> (numpy storage dtype, "carrier": a torch dtype of the same item size that
-# numpy knows, and its numpy twin). Dtypes numpy lacks (bf16, fp8) are stored as unsigned ints.
+# torch dtype name -> (numpy storage dtype, "carrier": the name of a torch dtype of the same item
+# size that numpy knows, and its numpy twin). Dtypes numpy lacks (bf16, fp8) are stored as
+# unsigned ints.
 _STORAGE = {
-    "float32": (np.dtype("<f4"), torch.float32, np.dtype("<f4")),
-    "float16": (np.dtype("<f2"), torch.float16, np.dtype("<f2")),
-    "bfloat16": (np.dtype("<u2"), torch.int16, np.dtype("<i2")),
-    "float8_e4m3fn": (np.dtype("u1"), torch.uint8, np.dtype("u1")),
-    "float8_e5m2": (np.dtype("u1"), torch.uint8, np.dtype("u1")),
+    "float32": (np.dtype("<f4"), "float32", np.dtype("<f4")),
+    "float16": (np.dtype("<f2"), "float16", np.dtype("<f2")),
+    "bfloat16": (np.dtype("<u2"), "int16", np.dtype("<i2")),
+    "float8_e4m3fn": (np.dtype("u1"), "uint8", np.dtype("u1")),
+    "float8_e5m2": (np.dtype("u1"), "uint8", np.dtype("u1")),
 }
 
 
@@ -69,7 +78,7 @@ class PageHeader:
             raise InvalidInputError(f"page header is not msgpack-able: {e}") from e
 
     @classmethod
-    def from_msgpack(cls, data: bytes) -> "PageHeader":
+    def from_msgpack(cls, data: bytes) -> PageHeader:
         try:
             d = msgpack.unpackb(data, raw=False)
             return cls(
@@ -101,9 +110,11 @@ def content_hash(model_id: str, stream_id: str, unit_id: int, kind: str, dtype: 
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    import torch
+
     # CPU + contiguous: no copy, the array shares memory with the tensor.
     storage, carrier, _ = _STORAGE[str(t.dtype).removeprefix("torch.")]
-    return t.detach().to("cpu").contiguous().view(carrier).numpy().view(storage)
+    return t.detach().to("cpu").contiguous().view(getattr(torch, carrier)).numpy().view(storage)
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +138,7 @@ class KVPage:
                      stream_id: str, unit_id: int, frame_range: tuple[int, int],
                      time_range: tuple[float, float], positions: tuple[int, int],
                      kind: str = "frame", layers: tuple[int, int] | None = None,
-                     extra: dict | None = None) -> "KVPage":
+                     extra: dict | None = None) -> KVPage:
         """keys, values: [layers, kv_heads, tokens, head_dim], same dtype and shape.
         CPU contiguous inputs are not copied: the page shares their memory, so do not write to
         them afterwards (verify() would catch it). Other devices are copied to CPU once."""
@@ -160,6 +171,8 @@ class KVPage:
         copied once on CPU, because torch tensors are always writable and writing into the
         object store's mapping is undefined; for another device the read-only array is wrapped
         without a copy just for the host-to-device transfer, which is the one copy."""
+        import torch
+
         torch_dtype = getattr(torch, self.header.dtype)
         np_carrier = _STORAGE[self.header.dtype][2]
         on_cpu = torch.device(device).type == "cpu"
@@ -197,7 +210,7 @@ class KVPage:
         return b"".join([_MAGIC, _LEN.pack(len(head)), head, self.keys, self.values])
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, verify: bool = True) -> "KVPage":
+    def from_bytes(cls, data: bytes | bytearray | memoryview, verify: bool = True) -> KVPage:
         """Inverse of to_bytes(). The arrays are zero-copy views of `data` (read-only for
         bytes). Verifies the content hash unless verify=False."""
         mv = memoryview(data).cast("B")

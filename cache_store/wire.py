@@ -7,28 +7,16 @@ a new or restarted replica to the current state in one transfer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
+from cache_store.envelope import Wire, features_wire
 from cache_store.pages import KVPage
 from pipeline.config import EngineConfig
 from pipeline.kv_store import UnitInfo
 from pipeline.memory import SegmentUpdate, StreamMemory
 from pipeline.model import ModelDims
 from pipeline.segmenter import FrameFeature, Segment
-
-
-@dataclass
-class Wire:
-    meta: dict  # msgpack-able
-    pages: list[KVPage] = field(default_factory=list)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # float32 side tensors
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.pages) + sum(a.nbytes for a in self.arrays.values())
 
 
 def _unit_meta(unit: UnitInfo) -> list:
@@ -52,8 +40,8 @@ def _f32(t: torch.Tensor) -> np.ndarray:  # bf16/fp16 -> fp32 is exact, and nump
 
 # ---- visual tokens and segments ----------------------------------------------------------------
 def pack_features(items: list[FrameFeature]) -> Wire:
-    meta = {"features": [[list(f.frames), list(f.times)] for f in items]}
-    return Wire(meta, arrays={"features": _f32(torch.stack([f.tokens for f in items]))} if items else {})
+    tokens = _f32(torch.stack([f.tokens for f in items])) if items else None
+    return features_wire(tokens, [f.frames for f in items], [f.times for f in items])
 
 
 def unpack_features(wire: Wire, device, dtype: torch.dtype) -> list[FrameFeature]:

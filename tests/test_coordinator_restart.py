@@ -15,7 +15,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from tests.stages import scene_video as video
 
 from actors.coordinator import NAMESPACE
-from actors.prefill import features_wire
+from cache_store.envelope import features_wire
 from deploy.ingest import named_coordinator, stop_coordinator
 from pipeline import StreamSession, load_model
 from pipeline.config import make_config
