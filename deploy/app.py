@@ -8,10 +8,11 @@ Where things live. The deployment is a thin, stateless HTTP layer. All stream st
 (`coordinator_name`, namespace "streamkv") that the first replica creates with fractional CPUs
 (`get_if_exists`), so every replica of the deployment (and a later redeploy) talks to the same
 one. Ray restarts it if its process dies, and it takes its streams over again from its prefill,
-compressor, answer and decoder actors, which outlive it (requests meanwhile get 503: an uploader
-sends that chunk again, and its upload goes on with every frame ingested once; should a decoder
-die too, a live pulled source or an open upload is attached again, and a stream left without a
-source gets a new one with POST /v1/streams/{id}/source).
+compressor, answer and decoder actors, which outlive it. Meanwhile, requests that are safe to
+repeat (reads, questions, numbered chunks) wait for it (RESTART_WAIT_S), others get 503. An
+upload goes on with every frame ingested once; should a decoder die too, a live pulled source or
+an open upload is attached again, and a stream left without a source gets a new one with
+POST /v1/streams/{id}/source.
 `deploy.ingest.stop_coordinator(name)` (`streamkv stop`) ends it with every stream.
 
 Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status):
@@ -81,6 +82,9 @@ from pipeline.errors import (
 )
 
 PULL_SCHEMES = ("http", "https", "rtsp")
+# How long a request that is safe to repeat waits for the coordinator's process to come back
+# (Ray refuses calls while it restarts: ~1-2 s, takeover included) before it gets its 503.
+RESTART_WAIT_S = 15.0
 TERMINAL = ("finished", "failed", "stopped")
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
 
@@ -442,6 +446,22 @@ def _plain(value: Any):
     return str(value)
 
 
+async def _over_restarts(call):
+    """`call()`, made again while the coordinator's process restarts, for up to RESTART_WAIT_S.
+    Only for calls that may run twice: one in flight when the process died may have run."""
+    from ray.exceptions import RayActorError
+
+    deadline, delay = time.monotonic() + RESTART_WAIT_S, 0.1
+    while True:
+        try:
+            return await call()
+        except RayActorError:  # ActorUnavailableError while it restarts; ActorDiedError for a call it took along
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
+
+
 def get_or_create_coordinator(s: Settings):
     from deploy.ingest import CLUSTER_PLACEMENT, named_coordinator
 
@@ -488,10 +508,10 @@ class StreamKVAPI:
         """The coordinator's status of a stream, and the bytes of KV it retains (None when its
         memory cannot be read: a lost stream). The memory first: reading it may find the stream lost."""
         try:
-            retained = int((await self.coord.memory.remote(internal)).get("total", 0))
+            retained = int((await _over_restarts(lambda: self.coord.memory.remote(internal))).get("total", 0))
         except StreamKVError:
             retained = None
-        return await self.coord.status.remote(internal), retained
+        return await _over_restarts(lambda: self.coord.status.remote(internal)), retained
 
     def _source(self, source: str) -> str:
         parts = urlsplit(source)
@@ -522,7 +542,7 @@ class StreamKVAPI:
     async def _ask(self, internal: str, question: str, max_tokens: int) -> dict:
         start = time.perf_counter()
         try:
-            answer = await self.coord.ask.remote(internal, question, max_tokens)
+            answer = await _over_restarts(lambda: self.coord.ask.remote(internal, question, max_tokens))
         except Exception:
             self.metrics.answers.labels("error").inc()
             raise
@@ -534,9 +554,13 @@ class StreamKVAPI:
         """The answer's items as they are generated: returns (head, rest). The head (evidence,
         prompt size) is awaited here, so a bad question is an error before any event is sent."""
         start = time.perf_counter()
-        items = self.coord.ask_stream.options(num_returns="streaming").remote(internal, question, max_tokens)
+
+        async def begin():
+            items = self.coord.ask_stream.options(num_returns="streaming").remote(internal, question, max_tokens)
+            return items, await (await items.__anext__())
+
         try:
-            head = await (await items.__anext__())
+            items, head = await _over_restarts(begin)
         except Exception:
             self.metrics.answers.labels("error").inc()
             raise
@@ -597,7 +621,7 @@ class StreamKVAPI:
     async def metrics(self):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        internals = await self.coord.list_streams.remote()
+        internals = await _over_restarts(self.coord.list_streams.remote)
 
         async def row(internal):
             try:
@@ -643,7 +667,7 @@ class StreamKVAPI:
 
     @app.get("/v1/streams", response_model=StreamList, tags=["streams"])
     async def list_streams(self, owner: str = Depends(_owner)):
-        names = [p for p in (auth.public_id(owner, i) for i in await self.coord.list_streams.remote()) if p]
+        names = [p for p in (auth.public_id(owner, i) for i in await _over_restarts(self.coord.list_streams.remote)) if p]
 
         async def one(name):
             try:
@@ -667,7 +691,7 @@ class StreamKVAPI:
     @app.get("/v1/streams/{stream_id}/segments", response_model=SegmentList, tags=["streams"])
     async def segments(self, stream_id: str, owner: str = Depends(_owner)):
         internal = auth.internal_id(owner, _check_id(stream_id))
-        data = await self.coord.segments.remote(internal)
+        data = await _over_restarts(lambda: self.coord.segments.remote(internal))
         return {"object": "list", "stream_id": stream_id, "data": json.loads(json.dumps(data, default=_plain))}
 
     @app.post(
@@ -686,12 +710,15 @@ class StreamKVAPI:
         body = await request.body()  # BodyLimitMiddleware bounds it
         if not body:
             raise APIError(400, "empty_body", "the chunk is empty")
-        try:
-            buffered = await self.coord.push.remote(internal, body, seq)
+        async def push():
+            return await self.coord.push.remote(internal, body, seq)
+
+        try:  # only a numbered chunk may be sent twice: its decoder ignores a repeat
+            buffered = await (_over_restarts(push) if seq is not None else push())
         except InvalidInputError as exc:  # not push mode, closed, or the source has ended
             raise APIError(409, "InvalidInputError", _message(exc)) from None
         self.metrics.chunks.inc(len(body))
-        status = await self.coord.status.remote(internal)
+        status = await _over_restarts(lambda: self.coord.status.remote(internal))
         return PushResult(stream_id=stream_id, bytes_received=len(body), buffered_bytes=int(buffered or 0),
                           source_state=status.get("source_state"))
 
