@@ -270,8 +270,9 @@ class StreamCoordinator:
         pool's size range (max defaults to min: a fixed pool). answer_start_timeout_s: how long
         a new answer actor may wait to be placed (an autoscaler adds a node in minutes) before
         the pool gives up growing this time. restore_timeout_s: how long a restarted prefill
-        actor waits for a replica holding every committed update before the stream is declared
-        lost."""
+        actor waits for a replica holding every committed update (one unreachable, or catching
+        up) before the stream is declared lost; when every replica answers that it holds none
+        (they restarted empty), it is lost at once."""
         self.placement = placement or {}
         self.model_dir, self.device, self.actor_cpus = model_dir, device, actor_cpus
         self.min_answerers = max(1, answerers)
@@ -946,17 +947,24 @@ class StreamCoordinator:
             # From any answer actor that holds every committed update (publication may still be
             # on its way). Not through answer-actor recovery, which restores from the prefill
             # actor: with both lost at once that would wait on itself.
+            # A replica that says it holds no such stream restarted empty: once every one does,
+            # there is nothing to wait for.
             sid = stream.spec.stream_id
             deadline = time.monotonic() + self.restore_timeout_s
             while True:
+                hope = False  # a replica may yet answer with it: unreachable now, or catching up
                 for replica in [r for r in self.answerers if sid in r.streams]:
                     try:
                         snapshot, applied = await _snapshot_of(replica.handle, sid)
-                    except (*ACTOR_LOST, UnknownStreamError):
+                    except UnknownStreamError:
+                        continue
+                    except ACTOR_LOST:
+                        hope = True
                         continue
                     if applied == stream.applied:
                         return await self.prefill.restore.remote(stream.spec, snapshot, applied)
-                if time.monotonic() > deadline:
+                    hope = True
+                if not hope or time.monotonic() > deadline:
                     stream.lost = f"no replica holds its {stream.applied} updates (all were lost at once)"
                     raise StreamLostError(f"stream {sid!r}: {stream.lost}")
                 await asyncio.sleep(0.1)
