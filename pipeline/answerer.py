@@ -152,9 +152,10 @@ def _evidence(selection: Selection) -> list[Evidence]:
     found: dict[tuple[int, int], list] = {}  # frames -> [times, score sum, layers]
     for layer, chosen in enumerate(selection.chosen):
         view, scores = selection.views[layer], selection.scores[layer]
+        scores = scores.tolist() if scores is not None else None  # one device sync per layer, not per item
         for i in chosen:
             frames, times = view.span(i)
             entry = found.setdefault(frames, [times, 0.0, 0])
-            entry[1] += float(scores[i]) if scores is not None else 0.0
+            entry[1] += scores[i] if scores is not None else 0.0
             entry[2] += 1
     return [Evidence(frames, times, total / layers, layers) for frames, (times, total, layers) in sorted(found.items())]

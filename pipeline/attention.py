@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -52,10 +53,10 @@ def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
     Returns [T, Hq, d]. Inputs are already rotated.
     """
-    n_new, n_all = query.shape[1], keys.shape[1]
-    mask = None
-    if n_new > 1:
-        mask = torch.ones(n_new, n_all, dtype=torch.bool, device=query.device).tril(diagonal=n_all - n_new)
+    # Lower-right causal as a CausalBias, not a dense mask: CUDA then runs flash attention (GQA
+    # native). A dense mask goes to cuDNN, which builds a graph for every new shape (~20 ms a call
+    # on an H200), and streaming shapes rarely repeat. CPU materialises the same mask.
+    mask = causal_lower_right(query.shape[1], keys.shape[1])
     out = F.scaled_dot_product_attention(
         query[None], keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=query.shape[0] != keys.shape[0]
     )

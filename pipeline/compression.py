@@ -111,12 +111,13 @@ def vsb_select(scores: torch.Tensor, budget: int, top_ratio: float, bucket: int)
     Phase 1 keeps the top R = top_ratio * budget tokens whatever their bucket; phase 2 walks the
     rest by descending score and keeps a token only while its bucket holds fewer than `bucket`.
     """
+    scores = scores.float().cpu()  # [N]: a few thousand scores; the index bookkeeping below is CPU-side
     n = scores.numel()
     if n <= budget:
         return torch.arange(n)
     n_buckets = math.ceil(budget / bucket)
     bucket_of = torch.arange(n) * n_buckets // n  # equal-count buckets by time order
-    order = scores.float().argsort(descending=True, stable=True)
+    order = scores.argsort(descending=True, stable=True)
     top = max(1, min(budget, int(top_ratio * budget)))
     kept = torch.zeros(n, dtype=torch.bool)
     kept[order[:top]] = True

@@ -147,6 +147,16 @@ class TokenPool:
         """[start, end) token ranges of consecutive pages of `page_tokens` (the last may be short)."""
         return [(s, min(s + page_tokens, len(self))) for s in range(0, len(self), page_tokens)]
 
+    def page_reps(self, page_tokens: int) -> torch.Tensor:
+        """mean_key of every page of `pages(page_tokens)`, [P, Hkv, d] fp32: one reduction for the
+        full pages, not one per page (a GPU kernel launch each: thousands per question)."""
+        keys = self.keys.float()  # [Hkv, N, d]
+        full = len(self) // page_tokens * page_tokens
+        reps = keys[:, :full].unflatten(1, (-1, page_tokens)).mean(dim=2)  # [Hkv, full pages, d]
+        if full < len(self):
+            reps = torch.cat([reps, keys[:, full:].mean(dim=1, keepdim=True)], dim=1)
+        return reps.transpose(0, 1)
+
     def tensors(self) -> list[torch.Tensor]:
         return [] if self.keys is None else [self.keys, self.values]
 

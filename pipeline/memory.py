@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import EngineConfig
-from pipeline.kv_store import KV, LayerBlocks, TokenPool, UnitInfo, Window, mean_key, tensor_bytes
+from pipeline.kv_store import KV, LayerBlocks, TokenPool, UnitInfo, Window, tensor_bytes
 from pipeline.model import ModelDims
 from pipeline.retrieval import LayerView
 from pipeline.segmenter import FrameFeature
@@ -101,9 +101,9 @@ class StreamMemory:
         pool = self.pools[layer]
         pages = pool.pages(self.config.page_tokens)
         if pages:
-            reps = torch.stack([mean_key(pool.keys[:, s:e]) for s, e in pages])
+            reps = pool.page_reps(self.config.page_tokens)
         else:
-            reps = torch.empty(0, self.dims.kv_heads, self.dims.head_dim)
+            reps = torch.empty(0, self.dims.kv_heads, self.dims.head_dim, device=self.sinks[layer][0].device)
         def span(i: int):
             first, last = self.units[int(pool.uids[pages[i][0]])], self.units[int(pool.uids[pages[i][1] - 1])]
             return (first.frames[0], last.frames[1]), (first.times[0], last.times[1])

@@ -110,7 +110,8 @@ class VideoLLM:
         """uint8 frames [T, H, W, 3] -> visual tokens [T, tokens_per_frame, hidden] (LM input space).
 
         The checkpoint's own video processor and `get_video_features` (tower, projector, 2x2 pooling);
-        the trailing newline embedding it appends is dropped here and added at question time.
+        the trailing newline embedding that recent transformers append there (5.17 appends it
+        in forward instead) is dropped here and added at question time.
         """
         out = []
         config = self.model.config
@@ -122,7 +123,7 @@ class VideoLLM:
                 vision_feature_layer=config.vision_feature_layer,
                 vision_feature_select_strategy=config.vision_feature_select_strategy,
                 return_dict=True,
-            ).pooler_output[:, :-1]  # [1, t * n, hidden]
+            ).pooler_output[:, : pixels.shape[1] * self.dims.tokens_per_frame]  # [1, t * n, hidden]
             out.append(features.reshape(-1, self.dims.tokens_per_frame, self.dims.hidden))
         return torch.cat(out)
 

@@ -6,6 +6,7 @@ import torch
 
 from pipeline import StreamSession
 from pipeline.attention import AnswerPlan
+from pipeline.kv_store import TokenPool, mean_key
 
 QUESTION = "which shape was red?"
 
@@ -128,3 +129,15 @@ def test_block_scores_equal_expanded_concatenated_dot_products(similarity):
     if similarity == "cosine":
         direct = direct / (expanded.norm(dim=1) * query.norm())
     assert torch.allclose(block_scores(reps, query, similarity), direct, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tokens", [0, 5, 12, 13])
+def test_page_representatives_are_each_pages_mean_key(n_tokens):
+    pool = TokenPool()
+    keys = torch.randn(2, n_tokens, 8, dtype=torch.bfloat16)  # [Hkv, N, d]
+    pool.append(keys, torch.zeros_like(keys), first_position=0, uid=0)
+    expected = [mean_key(keys[:, s:e]) for s, e in pool.pages(4)]
+    reps = pool.page_reps(4)
+    assert reps.shape == (len(expected), 2, 8) and reps.dtype == torch.float32
+    if expected:
+        torch.testing.assert_close(reps, torch.stack(expected))
