@@ -2,29 +2,34 @@
 downloaded here; compute does not depend on their values), streams at 0.5 fps.
 
     python -m bench.gpu                      # on a CUDA machine: the 7B architecture, 1,800 frames
+    python -m bench.gpu --methods rekv livevlm streamkv   # several methods on one model
     python -m bench.gpu --tiny --frames 240  # anywhere: a tiny model on CPU, to keep it working
 
-Reports encode frames/s, time to first token at the end of the stream, peak GPU memory, and the
-number of 0.5 fps streams one device keeps up with (encode frames/s / 0.5). ReKV's published
-reference: 11 frames/s encoding and 3.3 s answer latency on an A100 (1 h video, 1,800 frames).
+Reports encode frames/s, time to first token at the end of the stream (median of three questions),
+decode tokens/s, peak GPU memory, and the number of 0.5 fps streams one device keeps up with: the
+fewer of encode frames/s / 0.5 (compute) and how many streams' retained KV fit beside the shared
+weights and work space (memory). ReKV's published reference: 11 frames/s encoding and 3.3 s answer
+latency on an A100 (1 h video, 1,800 frames).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import track
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from bench.engine import BENCH_SPEC
-from pipeline import StreamSession
-from pipeline.config import frame_scaled_options
+from bench.figure import single_plot
+from pipeline import Answer, StreamSession
+from pipeline.config import PRESETS, frame_scaled_options
 from pipeline.model import wrap_model
 from synthetic.checkpoint import CheckpointSpec, build_config, build_processor
 
@@ -32,6 +37,9 @@ from synthetic.checkpoint import CheckpointSpec, build_config, build_processor
 LLAVA_OV_7B = CheckpointSpec(image_size=384, patch_size=14, vision_hidden=1152, vision_layers=26, vision_heads=16,
                              text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944)
 FPS = 0.5
+REKV_A100_FPS = 11  # ReKV's published encode rate
+DECODE_TOKENS = 16
+QUESTIONS = ("What happened in the video?", "What color was the car?", "Where did the person go?")
 
 
 def build(spec: CheckpointSpec, device: str, dtype: torch.dtype, vision_intermediate: int | None = None):
@@ -50,46 +58,99 @@ def build(spec: CheckpointSpec, device: str, dtype: torch.dtype, vision_intermed
     return wrap_model(model, processor, name="llava-ov-7b-random" if spec is LLAVA_OV_7B else "tiny-random")
 
 
+
+def timed_ask(session: StreamSession, question: str, max_new_tokens: int) -> tuple[float, Answer]:
+    start = time.perf_counter()
+    answer = session.ask(question, max_new_tokens=max_new_tokens)
+    if session.model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, answer
+
+
+def stream(model, method: str, frames: int, chunk: int, console: Console) -> dict:
+    """Stream `frames` random frames into a fresh session of `method`, then ask QUESTIONS."""
+    cuda = model.device.type == "cuda"
+    size = model.model.config.vision_config.image_size
+    session = StreamSession(model, method=method, **frame_scaled_options(method, model.dims.tokens_per_frame))
+    rng = np.random.default_rng(0)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    report_every = max(chunk, frames // 10 // chunk * chunk)
+    for done in range(chunk, frames + chunk, chunk):
+        session.add_frames(rng.integers(0, 256, (chunk, size, size, 3), dtype=np.uint8))
+        if done % report_every == 0:  # a line per tenth: device logs are not terminals
+            console.log(f"{method}: {done}/{frames} frames, {done / (time.perf_counter() - start):.1f} frames/s")
+    session.flush()
+    if cuda:
+        torch.cuda.synchronize()
+    encode_fps = frames / (time.perf_counter() - start)
+    # the first question also pays one-off kernel selection for the question's shapes
+    ttfts = [timed_ask(session, question, 1)[0] for question in QUESTIONS]
+    # the last question again, warm, with DECODE_TOKENS: the difference is decoding alone
+    seconds, answer = timed_ask(session, QUESTIONS[-1], DECODE_TOKENS)
+    decoded = len(answer.token_ids) - 1
+    retained = session.memory()["total"]
+    streams_by_compute = int(encode_fps / FPS)
+    result = {
+        "method": method, "frames": frames, "encode_fps": encode_fps,
+        "ttft_s": statistics.median(ttfts), "ttft_first_s": ttfts[0],
+        "decode_tokens_per_s": decoded / (seconds - ttfts[-1]) if decoded and seconds > ttfts[-1] else None,
+        "retained_kv_bytes": retained, "streams_by_compute": streams_by_compute, "peak_gpu_bytes": None,
+        "streams_by_memory": None, "realtime_streams_at_0.5fps": streams_by_compute,
+    }
+    if cuda:  # every stream keeps its retained KV on the device; weights and work space are shared
+        peak = torch.cuda.max_memory_allocated()
+        shared = peak - retained
+        streams_by_memory = int((torch.cuda.get_device_properties(0).total_memory - shared) // retained)
+        result.update(peak_gpu_bytes=peak, streams_by_memory=streams_by_memory,
+                      **{"realtime_streams_at_0.5fps": min(streams_by_compute, streams_by_memory)})
+    return result
+
+
+def plot(report: dict, path: Path) -> None:
+    """Encode frames/s per method, labelled with time to first token and streams one device holds."""
+    runs = [run for run in report["runs"] if "error" not in run]
+    with single_plot(path) as ax:
+        bars = ax.bar([run["method"] for run in runs], [run["encode_fps"] for run in runs], color="tab:blue")
+        labels = [f"TTFT {run['ttft_s']:.2f} s\n{run['realtime_streams_at_0.5fps']} streams" for run in runs]
+        ax.bar_label(bars, labels=labels, fontsize=8)
+        ax.axhline(REKV_A100_FPS, color="tab:red", linestyle="--", label=f"ReKV on an A100 (paper): {REKV_A100_FPS} frames/s")
+        ax.set_ylabel("encode frames/s (1 stream)")
+        ax.set_title(f"{report['model']} on {report['device']}, {runs[0]['frames'] if runs else 0} frames", fontsize=9)
+        ax.margins(y=0.2)
+        ax.legend(fontsize=8, loc="upper right")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU instead of the 7B on CUDA")
     parser.add_argument("--frames", type=int, default=1800)
     parser.add_argument("--chunk", type=int, default=8)
-    parser.add_argument("--method", default="rekv")
+    parser.add_argument("--methods", nargs="+", default=["rekv"], choices=sorted(PRESETS))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --tiny (a tiny model on CPU)")
-    device = "cpu" if args.tiny else "cuda"
+    console = Console()
     model = build(BENCH_SPEC, "cpu", torch.float32) if args.tiny else build(LLAVA_OV_7B, "cuda", torch.bfloat16, 4304)
-    size = model.model.config.vision_config.image_size
-    options = frame_scaled_options(args.method, model.dims.tokens_per_frame)
-    session = StreamSession(model, method=args.method, **options)
-    rng = np.random.default_rng(0)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in track(range(0, args.frames, args.chunk), description=f"streaming {args.frames} frames"):
-        session.add_frames(rng.integers(0, 256, (args.chunk, size, size, 3), dtype=np.uint8))
-    session.flush()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    encode_fps = args.frames / (time.perf_counter() - start)
-    start = time.perf_counter()
-    session.ask("What happened in the video?", max_new_tokens=1)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    ttft = time.perf_counter() - start
-    result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (tiny model)",
-        "model": model.name, "method": args.method, "frames": args.frames, "encode_fps": encode_fps,
-        "ttft_s": ttft, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
-        "retained_kv_bytes": session.memory()["total"], "realtime_streams_at_0.5fps": int(encode_fps / FPS),
-    }
-    Console().print(result)
+    device = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu (tiny model)"
+    report = {"device": device, "model": model.name, "fps": FPS, "runs": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gpu{'_tiny' if args.tiny else ''}.json").write_text(json.dumps(result, indent=1))
-    return result
+    path = args.out / f"gpu{'_tiny' if args.tiny else ''}.json"
+    for method in args.methods:  # one model for every method; each run's figures are written as it ends
+        try:
+            report["runs"].append(stream(model, method, args.frames, args.chunk, console))
+        except Exception as error:  # noqa: BLE001 - a failing method must not cost the others' figures
+            console.print_exception()
+            report["runs"].append({"method": method, "frames": args.frames, "error": repr(error)})
+        console.print(report["runs"][-1])
+        path.write_text(json.dumps(report, indent=1))
+        plot(report, path.with_suffix(".png"))
+    if any("error" in run for run in report["runs"]):
+        sys.exit(1)
+    return report
 
 
 if __name__ == "__main__":
