@@ -58,7 +58,6 @@ def build(spec: CheckpointSpec, device: str, dtype: torch.dtype, vision_intermed
     return wrap_model(model, processor, name="llava-ov-7b-random" if spec is LLAVA_OV_7B else "tiny-random")
 
 
-
 def timed_ask(session: StreamSession, question: str, max_new_tokens: int) -> tuple[float, Answer]:
     start = time.perf_counter()
     answer = session.ask(question, max_new_tokens=max_new_tokens)
@@ -104,8 +103,8 @@ def stream(model, method: str, frames: int, chunk: int, console: Console) -> dic
         peak = torch.cuda.max_memory_allocated()
         shared = peak - retained
         streams_by_memory = int((torch.cuda.get_device_properties(0).total_memory - shared) // retained)
-        result.update(peak_gpu_bytes=peak, streams_by_memory=streams_by_memory,
-                      **{"realtime_streams_at_0.5fps": min(streams_by_compute, streams_by_memory)})
+        result.update(peak_gpu_bytes=peak, streams_by_memory=streams_by_memory)
+        result["realtime_streams_at_0.5fps"] = min(streams_by_compute, streams_by_memory)
     return result
 
 
