@@ -54,7 +54,7 @@ class CompressorWorker:
         from pipeline.compression import make_compressor
         from pipeline.segmenter import Segmenter
 
-        config = spec.config()
+        config = spec.config(self.model.dims.tokens_per_frame)
         state = state or {}
         stream = _Stream(spec, Segmenter(config), make_compressor(self.model, config), state.get("frames", 0),
                          state.get("last_time"), state.get("source"))

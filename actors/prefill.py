@@ -34,7 +34,7 @@ class _Stream:
         from pipeline.memory import StreamMemory
 
         self.spec = spec
-        config = spec.config()
+        config = spec.config(model.dims.tokens_per_frame)
         self.encoder = SegmentEncoder(model, config)
         self.compressor = make_compressor(model, config)
         if memory is None:
@@ -76,7 +76,7 @@ class PrefillWorker:
         taken after `applied` updates."""
         from cache_store.wire import unpack_snapshot
 
-        config = spec.config()
+        config = spec.config(self.model.dims.tokens_per_frame)
         memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model, memory)
         stream.applied = applied

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import EngineConfig, make_config
+from pipeline.config import PAPER_TOKENS_PER_FRAME, EngineConfig, make_config
 from pipeline.errors import StreamKVError, UnknownStreamError
 
 
@@ -15,8 +15,10 @@ class StreamSpec:
     options: dict = field(default_factory=dict)
     system_prompt: str | None = "You are a helpful assistant."
 
-    def config(self) -> EngineConfig:
-        return make_config(self.method, **self.options)
+    def config(self, tokens_per_frame: int = PAPER_TOKENS_PER_FRAME) -> EngineConfig:
+        """The stream's config for a model with `tokens_per_frame` (presets are scaled to it; the
+        coordinator, which holds no model, reads only knobs that do not depend on it)."""
+        return make_config(self.method, tokens_per_frame, **self.options)
 
 
 def lookup(table: dict, stream_id: str):

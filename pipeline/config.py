@@ -1,6 +1,6 @@
 """One config dataclass composes the strategies; methods are named presets of it.
 
-A method is a choice of segmentation x compression x retrieval x budget (METHODS.md). Values the
+A method is a choice of segmentation x compression x retrieval x budget (docs/METHODS.md). Values the
 papers leave open are marked "chosen" and are exposed here.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
 
-# METHODS.md's list of what the guidance prompt asks the model to attend to, said briefly
+# docs/METHODS.md's list of what the guidance prompt asks the model to attend to, said briefly
 GUIDANCE_PROMPT = (
     "Attend to objects and attributes, actions and their timing, text and numbers on screen, causes "
     "and anomalies, counts and layout, and states easily confused."
@@ -136,24 +136,32 @@ PRESETS: dict[str, dict] = {
 
 
 PAPER_TOKENS_PER_FRAME = 196  # LLaVA-OneVision-7B at 384 px: the unit of the papers' token knobs
+TOKEN_KNOBS = ("n_local", "budget_tokens")  # token-valued knobs the presets state in the papers' unit
 
 
 def frame_scaled_options(method: str, tokens_per_frame: int) -> dict:
     """The preset's options with token-valued knobs (n_local, budget_tokens) rescaled so they keep
-    the same number of frames' worth as in the papers, for a model with `tokens_per_frame`."""
+    the same number of frames' worth as in the papers, for a model with `tokens_per_frame`
+    (ReKV's 15,000-token window is 76 frames of 196 tokens: 76 frames on every model)."""
     options = dict(PRESETS[method])
-    for knob in ("n_local", "budget_tokens"):
+    for knob in TOKEN_KNOBS:
         if options.get(knob):
             options[knob] = max(tokens_per_frame, round(options[knob] * tokens_per_frame / PAPER_TOKENS_PER_FRAME))
     return options
 
 
-def make_config(method: str = "rekv", **overrides) -> EngineConfig:
-    """The preset `method` with `overrides` applied; unknown knobs and bad values are ConfigErrors."""
+def make_config(method: str = "rekv", tokens_per_frame: int = PAPER_TOKENS_PER_FRAME, **overrides) -> EngineConfig:
+    """The preset `method` for a model with `tokens_per_frame` visual tokens per frame, with
+    `overrides` applied; unknown knobs and bad values are ConfigErrors.
+
+    Presets mean the same number of frames on every model: their token-valued knobs are scaled from
+    the papers' 196 tokens per frame to the model's. Overrides are taken as given (tokens)."""
     if method not in PRESETS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(PRESETS)}")
+    if not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
+        raise ConfigError(f"tokens_per_frame must be a positive integer, got {tokens_per_frame!r}")
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return EngineConfig(**{**PRESETS[method], **overrides}).validate()
+    return EngineConfig(**{**frame_scaled_options(method, tokens_per_frame), **overrides}).validate()

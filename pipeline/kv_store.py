@@ -34,7 +34,7 @@ def mean_key(keys: torch.Tensor) -> torch.Tensor:
     """A block representative: the mean pre-RoPE key over tokens, [Hkv, d] in fp32.
 
     Kept per KV head; scoring sums the query heads of each group first, which equals the dot
-    product with KV heads expanded to query heads and concatenated (METHODS.md), at 1/group size.
+    product with KV heads expanded to query heads and concatenated (docs/METHODS.md), at 1/group size.
     """
     return keys.float().mean(dim=1)
 

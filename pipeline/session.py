@@ -26,7 +26,7 @@ from pipeline.segmenter import FrameFeature, Segment, Segmenter
 
 class StreamSession:
     def __init__(self, model: VideoLLM, method: str = "rekv", system_prompt: str | None = "You are a helpful assistant.", **options):
-        self.config: EngineConfig = make_config(method, **options)
+        self.config: EngineConfig = make_config(method, model.dims.tokens_per_frame, **options)
         self.method = method
         self.model = model
         self._lock = threading.RLock()

@@ -14,7 +14,7 @@ QUESTION = "which shape was red?"
 def direct_retrieval(model, session, question, top_k):
     """The retrieval pass written out with the model's modules and explicit softmax attention.
 
-    Scores follow METHODS.md literally: block mean keys with KV heads expanded to query heads and
+    Scores follow docs/METHODS.md literally: block mean keys with KV heads expanded to query heads and
     concatenated, dotted with the mean query (heads concatenated).
     """
     dims, lm = model.dims, model.lm
