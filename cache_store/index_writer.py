@@ -3,7 +3,7 @@
 The index (Redis) may be unreachable, or come back restarted, with its data (AOF/RDB) or empty.
 Ingest and answers do not wait for it: `put` and `delete_stream` return at once, and what could
 not be written waits here and is written by a background thread, retried with exponential
-backoff (`backoff_s` doubling to `backoff_max_s`).
+backoff (`backoff_s` doubling to `backoff_max_s`): a Redis back is caught up within a second.
 
 The journal. Every record put for a live stream is kept here (the summary vectors: [layers, dim]
 float32, ~57 KB a segment for a 7B model) until the stream is deleted, so that what Redis lost
@@ -46,7 +46,7 @@ class IndexState(str, Enum):
 class WriterConfig:
     journal_bytes: int = 256 * 2**20  # records held for rewriting (see the module doc)
     backoff_s: float = 0.05  # first retry after a failure, doubling
-    backoff_max_s: float = 2.0
+    backoff_max_s: float = 1.0
     check_s: float = 1.0  # epoch check while healthy and idle
 
 
@@ -219,6 +219,8 @@ class IndexWriter:
                 return
             with self._io:
                 ok = self._attempt()
+            if not ok:  # (its own failure woke it: wait the backoff out)
+                self._wake.clear()
             delay = self.config.backoff_s if ok else min(2 * delay, self.config.backoff_max_s)
             if ok and self.state is IndexState.DEGRADED:  # more came meanwhile: go on at once
                 self._wake.set()

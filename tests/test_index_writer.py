@@ -187,3 +187,27 @@ def test_after_an_outage_what_redis_lacks_is_written_again(private_redis, writer
     health = caught_up(writer)
     assert health.resets == 0 and health.records_rewritten == 3  # 1 and 2 again, and 4
     assert_holds(server.url, records + [rec("cam", 4)])
+
+
+class _Counting(RedisIndex):
+    calls = 0
+
+    def epoch(self) -> str:
+        type(self).calls += 1
+        return super().epoch()
+
+
+def test_retries_back_off(private_redis):
+    """While Redis is down the writer retries with backoff (0.02 s doubling to 0.2 s here), not
+    in a loop: an upper bound on attempts, which a slower machine only lowers."""
+    server = private_redis("none", started=False)
+    writer = IndexWriter(_Counting(server.url), FAST)
+    try:
+        writer.put([rec("cam", 0)])
+        start = time.monotonic()
+        time.sleep(1.0)
+        elapsed = time.monotonic() - start
+        assert writer.health().state is IndexState.DEGRADED
+        assert _Counting.calls <= 2 + 4 + elapsed / 0.2 + 1  # the first, the doublings, then one per 0.2 s
+    finally:
+        writer.close()
