@@ -128,6 +128,7 @@ def test_delete_while_unreachable(coordinator, server, tmp_path):
     sid = "deleted-while-down"
     ray.get(coordinator.create_stream.remote(sid, "rekv", CASES["rekv"]))
     ray.get(coordinator.ingest.remote(sid, video(12, seed=41)))
+    ask(coordinator, sid)  # (waits until its updates reached the index writer)
     caught_up(coordinator)
     assert sid in RedisIndex(server.url).streams()
     server.stop()  # back with an AOF of its own (the one of the first tests is stale by now): empty
@@ -135,6 +136,7 @@ def test_delete_while_unreachable(coordinator, server, tmp_path):
     server.start(server.port)
     caught_up(coordinator)
     ray.get(coordinator.ingest.remote(sid, video(6, seed=42)))
+    ask(coordinator, sid)
     caught_up(coordinator)
     server.stop()  # SIGTERM: its AOF holds the stream
     assert ray.get(coordinator.delete_stream.remote(sid))["index_keys_deleted"] == 0  # queued
