@@ -9,8 +9,9 @@ The journal. Every record put for a live stream is kept here (the summary vector
 float32, ~57 KB a segment for a 7B model) until the stream is deleted, so that what Redis lost
 can be written again:
 - records put while Redis was unreachable are written once it answers;
-- after an outage, every journaled record missing from Redis is written again (a server killed
-  with an AOF fsynced every second may come back without its last writes);
+- after an outage, every journaled record missing from Redis is written again (a server back on
+  an RDB snapshot lacks what came after it; on an AOF fsynced every second, after a machine
+  crash, its last second);
 - a Redis that lost everything (restarted empty without persistence, flushed) is told by its
   epoch key (`SegmentIndex.epoch`, checked before each write and every `check_s` while idle):
   then every journaled record is written again.

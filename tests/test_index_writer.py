@@ -77,7 +77,7 @@ def test_unreachable_from_the_start(private_redis, writers):
 @pytest.mark.parametrize("persistence", ["aof", "rdb", "none"])
 def test_killed_mid_writes_and_restarted(private_redis, writers, persistence):
     """SIGKILL while records are being written, then a restart with the server's persistence
-    (an AOF or RDB snapshot may lack its last second; none: empty): every record is back."""
+    (an RDB snapshot lacks what came after it; none: empty): every record is back."""
     server = private_redis(persistence)
     writer = writers(server.url)
     records = [rec(f"s{i % 2}", i) for i in range(20)]
@@ -173,9 +173,10 @@ def test_search_is_unchanged_after_catch_up(private_redis, writers):
 
 
 def test_after_an_outage_what_redis_lacks_is_written_again(private_redis, writers):
-    """A server back with its data file but without its last writes (an AOF fsynced each second
-    and SIGKILL): the record it lacks, though written before the outage, is written again. Here
-    the lost write is made deterministic by deleting it behind the writer's back first."""
+    """A server back with its data file but without its last writes (an RDB snapshot older than
+    they are, an AOF after a machine crash): the records it lacks, though written before the
+    outage, are written again. Here the lost writes are made deterministic by deleting them
+    behind the writer's back first."""
     server = private_redis("aof")
     writer = writers(server.url)
     records = [rec("cam", i) for i in range(4)]
@@ -211,3 +212,22 @@ def test_retries_back_off(private_redis):
         assert _Counting.calls <= 2 + 4 + elapsed / 0.2 + 1  # the first, the doublings, then one per 0.2 s
     finally:
         writer.close()
+
+
+def test_a_stream_recorded_by_a_previous_process_needs_redis(private_redis, writers):
+    """A restarted compressor journals a stream only from then on: while Redis is down its
+    segment list is refused (not served short), and once Redis is back it is whole again."""
+    server = private_redis("aof")
+    first = writers(server.url)
+    first.put([rec("cam", i) for i in range(3)])
+    first.close()  # the process that wrote them is gone
+    writer = writers(server.url)
+    writer.note_incomplete("cam")
+    server.stop()
+    writer.put([rec("cam", 3)])
+    assert writer.health("cam").incomplete and writer.health("cam").pending_writes == 1
+    with pytest.raises(IndexUnavailableError, match="does not hold every segment"):
+        writer.segments("cam")
+    server.start(server.port)
+    caught_up(writer)
+    assert [r.segment_id for r in writer.segments("cam")] == [0, 1, 2, 3]

@@ -80,7 +80,8 @@ class RedisServer:
         self.proc = None
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown, no last fsync (an AOF may lose its last second)."""
+        """SIGKILL: no shutdown, no last save (an RDB snapshot loses what came after it; an AOF
+        was written before each reply, so only a machine crash loses its unsynced second)."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
