@@ -1,6 +1,9 @@
 """The segmenter/compressor actor: per stream, which frames form a segment (with StreamKV's
 merges), the compression decisions that need only the segment (guidance), and the segment's
-entry in the summary index (Redis, or embedded in this actor).
+entry in the summary index (Redis, or embedded in this actor). Index writes never fail the
+call that makes them: an IndexWriter journals them and catches the index up when it is
+unreachable or comes back empty (cache_store/index_writer.py); `index_health` says how it stands,
+on a thread of its own so that it does not wait behind segment work.
 
 Its only state is each stream's open segment (and how far the stream has got); the coordinator
 keeps the frames pushed since the last closed segment and replays them into a restarted actor,
@@ -20,6 +23,7 @@ import ray
 
 from actors.spec import StreamSpec, lookup
 from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
+from cache_store.index_writer import IndexHealth, IndexWriter
 from pipeline.errors import UnknownStreamError
 
 if TYPE_CHECKING:
@@ -41,11 +45,14 @@ class _Stream:
 
 
 class CompressorWorker:
+    CONCURRENCY_GROUPS = {"health": 1}
+
     def __init__(self, model_dir: str, device: str = "cpu", index_url: str | None = None):
         from pipeline.model import load_model
 
         self.model = load_model(model_dir, device=device)  # guidance runs the language model
         self.index: SegmentIndex = RedisIndex(index_url) if index_url else EmbeddedIndex()
+        self.writer = IndexWriter(self.index)
         self.streams: dict[str, _Stream] = {}
 
     def open(self, spec: StreamSpec, state: dict | None = None) -> None:
@@ -60,6 +67,8 @@ class CompressorWorker:
                          state.get("last_time"), state.get("source"))
         stream.segmenter.closed = state.get("segments", 0)
         self.streams[spec.stream_id] = stream
+        if stream.segmenter.closed:  # recorded by this actor's previous process: not in the journal
+            self.writer.note_incomplete(spec.stream_id)
 
     def note_source(self, stream_id: str, source: dict | None) -> None:
         lookup(self.streams, stream_id).source = source
@@ -119,15 +128,14 @@ class CompressorWorker:
 
         from cache_store.wire import unpack_update
 
-        for update in updates:
-            if update.meta["units"]:
-                self.index.put(segment_record(stream_id, unpack_update(update, "cpu", torch.float32)))
+        self.writer.put([segment_record(stream_id, unpack_update(update, "cpu", torch.float32))
+                         for update in updates if update.meta["units"]])
         if (stream := self.streams.get(stream_id)) is not None:  # (a restarted actor records too)
             del stream.closed[: max(0, len(stream.closed) - (stream.segmenter.closed - committed))]
 
     def segments(self, stream_id: str) -> list[dict]:
         try:
-            records = self.index.segments(stream_id)
+            records = self.writer.segments(stream_id)
         except UnknownStreamError:  # to the index, a stream is known once it has a record
             lookup(self.streams, stream_id)
             records = []
@@ -135,12 +143,18 @@ class CompressorWorker:
                  "units": list(r.unit_ids)} for r in records]
 
     def close(self, stream_id: str) -> int:
-        """Forget the stream; returns how many index keys were deleted."""
+        """Forget the stream; returns how many index keys were deleted (0 while the index is
+        unreachable: the deletion is queued)."""
         self.streams.pop(stream_id, None)
-        return self.index.delete_stream(stream_id)
+        return self.writer.delete_stream(stream_id)
 
     def index_keys(self, stream_id: str) -> int:
-        return self.index.count_keys(stream_id)
+        return self.writer.count_keys(stream_id)
+
+    @ray.method(concurrency_group="health")
+    def index_health(self, stream_id: str | None = None) -> IndexHealth:
+        """The index's health; for a stream, its pending writes and whether it is incomplete."""
+        return self.writer.health(stream_id)
 
     def ping(self) -> int:
         return len(self.streams)

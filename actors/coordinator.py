@@ -46,7 +46,7 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,9 @@ NAMESPACE = "streamkv"
 # How long such a coordinator's decoders wait for a restarted process to take their streams over
 # (a takeover takes seconds; a node to restart on may take minutes)
 DECODER_RECONNECT_S = 300.0
+# How long status() waits for the compressor actor to say how the index stands (it answers on a
+# thread of its own, so only while the actor is restarting)
+INDEX_HEALTH_TIMEOUT_S = 5.0
 log = logging.getLogger(__name__)
 
 
@@ -568,6 +571,7 @@ class StreamCoordinator:
             # the source's error is newer than a note from the stream's adoption
             "last_error": stream.lost or (source and source["last_error"]) or stream.last_error,
             "adopted": stream.adopted,
+            "index": await self.index_health(stream_id),
         }
 
     def pool(self) -> dict:
@@ -575,6 +579,18 @@ class StreamCoordinator:
         return {"answerers": [{"name": r.name, "ready": r.ready, "in_flight": r.in_flight, "streams": len(r.streams)}
                               for r in self.answerers],
                 "min": self.min_answerers, "max": self.max_answerers, **self.scaling_events}
+
+    async def index_health(self, stream_id: str | None = None) -> dict:
+        """The segment index (Redis) as the compressor's writer sees it (cache_store/index_writer.py):
+        state healthy | degraded (| unknown: the compressor actor did not answer), pending writes
+        and deletes, the last error, outages, resets, records rewritten / dropped / unrecoverable,
+        the last catch-up's duration. With a stream: its pending writes and whether the journal
+        holds it whole. Answers never read the index, so they go on whatever its state."""
+        try:
+            health = await asyncio.wait_for(self.compressor.index_health.remote(stream_id), INDEX_HEALTH_TIMEOUT_S)
+        except (*ACTOR_LOST, asyncio.TimeoutError) as error:
+            return {"state": "unknown", "last_error": f"the compressor actor did not answer: {type(error).__name__}"}
+        return {**asdict(health), "state": health.state.value}
 
     async def memory(self, stream_id: str) -> dict[str, int]:
         stream = self._stream(stream_id)

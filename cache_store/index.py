@@ -13,17 +13,22 @@ cluster slot and one SCAN pattern matches exactly them):
     {ns}:{<stream>}:seg:<id>   msgpack record
     {ns}:{<stream>}:ids        sorted set of segment ids (score = id)
     {ns}:streams               set of stream ids (stale members dropped by streams())
+    {ns}:epoch                 a random token set by the first writer: a Redis that lost its data
+                               (restarted empty, flushed) has none or another (see index_writer.py)
 Redis 7 has no vector search, so `search` loads the stream's vectors and ranks them in numpy.
 """
 
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from pipeline.errors import ConfigError, InvalidInputError, PageCorruptError, UnknownStreamError
 
@@ -119,6 +124,24 @@ class SegmentIndex(ABC):
     @abstractmethod
     def put(self, record: SegmentRecord) -> None:
         """Insert or replace; a stream with a TTL gives the new record the remaining TTL."""
+
+    def put_batch(self, records: list[SegmentRecord]) -> None:
+        """put() each record (a backend may send them at once)."""
+        for record in records:
+            self.put(record)
+
+    def epoch(self) -> str:
+        """A token that changes when the store loses its data (restarted empty, flushed): a
+        writer that saw another one must write everything again. In-process: never."""
+        return "embedded"
+
+    def present(self, stream_id: str, segment_ids: list[int]) -> set[int]:
+        """Which of the segments are stored."""
+        try:
+            held = {r.segment_id for r in self.segments(stream_id)}
+        except UnknownStreamError:
+            return set()
+        return held & set(segment_ids)
 
     @abstractmethod
     def get(self, stream_id: str, segment_id: int) -> SegmentRecord: ...
@@ -224,12 +247,16 @@ class RedisIndex(SegmentIndex):
     may miss the TTL (put reads the stream's remaining TTL, then writes)."""
 
     def __init__(self, client: redis.Redis | str, namespace: str = "streamkv"):
-        self.r = redis.Redis.from_url(client) if isinstance(client, str) else client
+        # from a URL: calls to an unreachable server fail within seconds (redis-py's default is 5 s
+        # per attempt, 3 retries), and the caller (IndexWriter) retries instead
+        self.r = redis.Redis.from_url(client, socket_connect_timeout=1.0, socket_timeout=2.0,
+                                      retry=Retry(NoBackoff(), 1)) if isinstance(client, str) else client
         if self.r.connection_pool.connection_kwargs.get("decode_responses"):
             raise ConfigError("RedisIndex needs a client with decode_responses=False (msgpack)")
         _check_name(namespace, "namespace")
         self.ns = namespace
         self._streams_key = f"{namespace}:streams"
+        self._epoch_key = f"{namespace}:epoch"
 
     def _prefix(self, stream_id: str) -> str:
         _check_name(stream_id, "stream id")
@@ -240,14 +267,39 @@ class RedisIndex(SegmentIndex):
         return list(self.r.scan_iter(match=match, count=1000))
 
     def put(self, record: SegmentRecord) -> None:
-        data = _encode(record)
-        p, i = self._prefix(record.stream_id), record.segment_id
-        ttl_ms = self.r.pttl(p + "ids")  # -2 absent, -1 no TTL
+        self.put_batch([record])
+
+    def put_batch(self, records: list[SegmentRecord]) -> None:
+        """Two round trips: the streams' remaining TTLs, then every write."""
+        data = [_encode(r) for r in records]
+        streams = sorted({r.stream_id for r in records})
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(f"{p}seg:{i}", data, px=ttl_ms if ttl_ms > 0 else None)
-        pipe.zadd(p + "ids", {str(i): i})
-        pipe.sadd(self._streams_key, record.stream_id)
+        for s in streams:
+            pipe.pttl(self._prefix(s) + "ids")  # -2 absent, -1 no TTL
+        ttl_ms = dict(zip(streams, pipe.execute()))
+        for record, value in zip(records, data):
+            p, i, ttl = self._prefix(record.stream_id), record.segment_id, ttl_ms[record.stream_id]
+            pipe.set(f"{p}seg:{i}", value, px=ttl if ttl > 0 else None)
+            pipe.zadd(p + "ids", {str(i): i})
+        if streams:
+            pipe.sadd(self._streams_key, *streams)
         pipe.execute()
+
+    def epoch(self) -> str:
+        token = self.r.get(self._epoch_key)
+        if token is None:  # a new (or emptied) server: the first writer to ask sets it
+            self.r.set(self._epoch_key, uuid.uuid4().hex, nx=True)
+            token = self.r.get(self._epoch_key)
+        return token.decode() if token is not None else ""
+
+    def present(self, stream_id: str, segment_ids: list[int]) -> set[int]:
+        p = self._prefix(stream_id)
+        pipe = self.r.pipeline(transaction=False)
+        for i in segment_ids:  # the record and its id (one may outlive the other: an AOF cut short)
+            pipe.exists(f"{p}seg:{i}")
+            pipe.zscore(p + "ids", str(i))
+        found = pipe.execute()
+        return {i for i, n, score in zip(segment_ids, found[::2], found[1::2]) if n and score is not None}
 
     def get(self, stream_id: str, segment_id: int) -> SegmentRecord:
         p = self._prefix(stream_id)

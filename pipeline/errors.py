@@ -50,3 +50,8 @@ class AnswerResumeError(StreamKVError, RuntimeError):
 
 class PageCorruptError(StreamKVError, ValueError):
     """A stored KV page or index record is malformed or fails its content-hash check."""
+
+
+class IndexUnavailableError(StreamKVError, RuntimeError):
+    """The segment index (Redis) cannot be reached, and what was asked of it is not held in the
+    process either (e.g. a stream's segment list after its oldest records left the write journal)."""

@@ -3,6 +3,9 @@
 `redis_server` (session): started on a free localhost port in a temp dir with append-only
 persistence and no RDB snapshots; `.url`, `.port`, `.client()`, `.restart()`.
 `redis_client` (function): a client on it, after FLUSHALL.
+`private_redis` (function): a factory of servers of the test's own, to kill and restart:
+`private_redis(persistence="aof" | "rdb" | "none", started=True)`; each is stopped at the end.
+`free_port()`: a port nothing listens on (for an index that is unreachable).
 """
 
 import shutil
@@ -15,15 +18,24 @@ import pytest
 import redis
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+# persistence -> redis-server options: append-only file (fsynced every second, Redis's default) or
+# an RDB snapshot each second with a write (SIGKILL may lose that second too), or none (a restart is empty)
+PERSISTENCE = {
+    "aof": ["--save", "", "--appendonly", "yes"],
+    "rdb": ["--save", "1 1", "--appendonly", "no"],
+    "none": ["--save", "", "--appendonly", "no"],
+}
+
+
 class RedisServer:
-    def __init__(self, binary: str, workdir: Path):
-        self.binary, self.dir = binary, workdir
+    def __init__(self, binary: str, workdir: Path, persistence: str = "aof"):
+        self.binary, self.dir, self.persistence = binary, workdir, persistence
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -38,9 +50,8 @@ class RedisServer:
         self.port = port
         log = self.dir / "redis.log"
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--dir", str(self.dir), "--logfile", str(log),
-             "--daemonize", "no"],
+            [self.binary, "--port", str(port), "--bind", "127.0.0.1", *PERSISTENCE[self.persistence],
+             "--dir", str(self.dir), "--logfile", str(log), "--daemonize", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
@@ -68,6 +79,14 @@ class RedisServer:
                 self.proc.wait()
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last save (an RDB snapshot loses what came after it; an AOF
+        was written before each reply, so only a machine crash loses its unsynced second)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def restart(self) -> None:
         self.stop()
         self.start(self.port)
@@ -82,13 +101,34 @@ def redis_server(tmp_path_factory):
     server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
     for attempt in range(3):  # a free port can be taken between probe and bind
         try:
-            server.start(_free_port())
+            server.start(free_port())
             break
         except RuntimeError:
             if attempt == 2:
                 raise
     yield server
     server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server binary not found on PATH (apt-get install redis-server)")
+    servers = []
+
+    def make(persistence: str = "aof", started: bool = True, port: int | None = None) -> RedisServer:
+        server = RedisServer(binary, tmp_path / f"redis{len(servers)}", persistence)
+        server.dir.mkdir()
+        server.port = port or free_port()
+        servers.append(server)
+        if started:
+            server.start(server.port)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture
