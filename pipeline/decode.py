@@ -23,6 +23,11 @@ live stream (RTSP, unbounded HTTP) is continued: its new frames are placed one f
 the last one. For live streams an end of stream also counts as a drop, since they do not end on
 their own. Files, bytes and pushed streams are never retried.
 
+Damage. A packet the codec cannot decode (corrupt or cut bytes in the middle of a file or a live
+stream) is skipped and counted (`packets_skipped`); decoding goes on with the next one, as FFmpeg's
+own tools do. Only `max_bad_packets` undecodable packets in a row (nothing decodes any more) fail
+the source. A container error (the demuxer cannot go on) still ends it, as below.
+
 Errors. Frames decoded before a failure are all yielded (the decoder is drained) before the typed
 error is raised; messages name the source (URL credentials are masked).
 """
@@ -50,6 +55,7 @@ from pipeline.errors import (
     StreamKVError,
     VideoDecodeError,
 )
+from pipeline.upload_format import index_follows_media
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +92,10 @@ class DecodeConfig:
     network or pushed stream FFmpeg reads to learn its format before the first frame: its own
     default (5 s, or 20 frames to estimate a frame rate) holds a live stream's first frames back
     until that much video has arrived (pushed: been uploaded). Such streams estimate no frame
-    rate either: they take the codec's declared one.
+    rate either: they take the codec's declared one.  max_bad_packets: undecodable packets in a
+    row that fail the source (fewer are skipped; module docstring).  max_whole_upload_bytes:
+    pushed MP4 whose index (moov) follows its media can only be decoded whole, once closed: the
+    most bytes buffered for that (`pipeline.upload_format`).
     """
 
     fps: float | None = None
@@ -99,6 +108,8 @@ class DecodeConfig:
     open_timeout_s: float | None = 10.0
     read_timeout_s: float | None = 10.0
     probe_s: float = 0.5
+    max_bad_packets: int = 50
+    max_whole_upload_bytes: int = 512 * 2**20
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -109,6 +120,8 @@ class DecodeConfig:
             raise ConfigError(f"max_frames must be >= 1 or None, got {self.max_frames}")
         if self.max_retries < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
             raise ConfigError("need max_retries >= 0 and 0 <= backoff_s <= max_backoff_s")
+        if self.max_bad_packets < 1 or self.max_whole_upload_bytes < 1:
+            raise ConfigError("need max_bad_packets >= 1 and max_whole_upload_bytes >= 1")
         if not self.probe_s > 0:
             raise ConfigError(f"probe_s must be > 0, got {self.probe_s}")
         for name in ("open_timeout_s", "read_timeout_s"):
@@ -239,15 +252,48 @@ class PushBuffer:
 class _PushReader:
     """The file object FFmpeg reads a PushBuffer through: adds the read timeout, counted from the
     first byte (a pushed stream may exist well before its camera sends anything), and has no
-    `seek`/`close`, so FFmpeg treats it as a one-pass stream that it does not own."""
+    `seek`/`close`, so FFmpeg treats it as a one-pass stream that it does not own. `unread` puts
+    bytes back in front (what a format check looked at)."""
 
     def __init__(self, buffer: PushBuffer, timeout: float | None) -> None:
         self._buffer, self._timeout, self._receiving = buffer, timeout, False
+        self._front = b""
 
     def read(self, size: int) -> bytes:
+        if self._front:
+            size = len(self._front) if size < 0 else size
+            data, self._front = self._front[:size], self._front[size:]
+            return data
         data = self._buffer.read(size, self._timeout if self._receiving else None)
         self._receiving = self._receiving or bool(data)
         return data
+
+    def read_exactly(self, size: int) -> bytes:
+        """`size` bytes, or fewer at the end of the stream."""
+        parts, left = [], size
+        while left > 0 and (data := self.read(left)):
+            parts.append(data)
+            left -= len(data)
+        return b"".join(parts)
+
+    def unread(self, data: bytes) -> None:
+        self._front = data + self._front
+
+
+def _push_target(reader: _PushReader, cfg: DecodeConfig, name: str) -> _PushReader | io.BytesIO:
+    """What FFmpeg reads a pushed stream from: the bytes as they arrive, or, for an MP4 whose index
+    follows its media (`pipeline.upload_format`), the whole upload, read once it is closed."""
+    whole, head = index_follows_media(reader.read_exactly)
+    reader.unread(head)
+    if not whole:
+        return reader
+    data = reader.read_exactly(cfg.max_whole_upload_bytes + 1)
+    if len(data) > cfg.max_whole_upload_bytes:
+        raise VideoDecodeError(
+            f"{name}: an MP4 with its index (moov) at the end can only be decoded whole, and this one is "
+            f"over {cfg.max_whole_upload_bytes} bytes; stream it as fragmented MP4 "
+            "(-movflags frag_keyframe+empty_moov) or MPEG-TS instead")
+    return io.BytesIO(data)
 
 
 class _Clock:
@@ -314,7 +360,8 @@ class FrameSource:
     """An iterator of `DecodedFrame` over one source; a closeable context manager.
 
     `frames_decoded` counts distinct source frames decoded so far, `frames_emitted` the sampled
-    frames handed out, `stream_info` describes the stream (None until the source is opened).
+    frames handed out, `packets_skipped` the undecodable packets skipped (module docstring),
+    `stream_info` describes the stream (None until the source is opened).
     `close()` may be called from another thread: a pushed source stops at once, a network source
     at its next frame or read timeout.
     """
@@ -323,6 +370,8 @@ class FrameSource:
         self.config = config
         self.frames_decoded = 0
         self.frames_emitted = 0
+        self.packets_skipped = 0
+        self._bad_in_a_row = 0
         self.stream_info: StreamInfo | None = None
         self._format = fmt
         self._push = source if isinstance(source, PushBuffer) else None
@@ -417,7 +466,13 @@ class FrameSource:
         try:
             for packet in self._container.demux(self._stream):
                 packets += packet.size > 0
-                yield from packet.decode()
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError as exc:
+                    self._skip_packet(packet, exc)
+                    continue
+                self._bad_in_a_row = 0 if frames else self._bad_in_a_row
+                yield from frames
         except (av.FFmpegError, StreamKVError):
             try:
                 held = self._stream.codec_context.decode(None)
@@ -430,6 +485,16 @@ class FrameSource:
         # MP4 cut inside its sample data can end without an error: its index says what is missing.
         if 0 < packets < self._stream.frames:
             raise VideoDecodeError(f"{self.name}: truncated, {packets} of {self._stream.frames} packets present")
+
+    def _skip_packet(self, packet: av.Packet, exc: av.FFmpegError) -> None:
+        """Count an undecodable packet and go on, unless too many came in a row (module docstring)."""
+        self.packets_skipped += 1
+        self._bad_in_a_row += 1
+        at = f"{float(packet.pts * packet.time_base):.3f} s" if packet.pts is not None and packet.time_base else "?"
+        if self._bad_in_a_row > self.config.max_bad_packets:
+            raise VideoDecodeError(f"{self.name}: {self._bad_in_a_row} packets in a row could not be decoded "
+                                   f"(last at {at}: {_describe(exc)})")
+        log.warning("%s: skipped an undecodable packet at %s (%s)", self.name, at, _describe(exc))
 
     def _open_container(self) -> None:
         if self._stop.is_set():
@@ -450,7 +515,7 @@ class FrameSource:
                     options["timeout"] = str(int(cfg.read_timeout_s * 1e6))  # socket I/O, microseconds
         target = self._target
         if self._push is not None:
-            target = _PushReader(self._push, cfg.read_timeout_s)
+            target = _push_target(_PushReader(self._push, cfg.read_timeout_s), cfg, self.name)
         elif isinstance(target, bytes):
             target = io.BytesIO(target)
         container = av.open(target, "r", format=self._format, options=options, timeout=timeout)
