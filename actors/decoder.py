@@ -128,11 +128,13 @@ def _error_info(exc: BaseException, where: str) -> dict:
     return {"type": type(exc).__name__, "message": str(exc), "where": where}
 
 
-def _warning(state: str, packets_skipped: int, chunks_skipped: int, frames: int, error: dict | None) -> str | None:
-    """Why the frames of a stream are not the whole video, in a sentence; None when they are."""
+def _warning(state: str, damage: tuple[int, int], chunks_skipped: int, frames: int, error: dict | None) -> str | None:
+    """Why the frames of a stream are not the whole video, in a sentence; None when they are.
+    damage: (undecodable packets skipped, frames dropped as out of order after them)."""
     notes = []
-    if packets_skipped:
-        notes.append(f"{packets_skipped} corrupt packet(s) of the video were skipped")
+    if any(damage):
+        notes.append(f"the video is damaged: {damage[0]} corrupt packet(s) skipped, {damage[1]} frame(s) out of "
+                     "order dropped")
     if chunks_skipped:
         notes.append(f"{chunks_skipped} numbered upload chunk(s) never arrived and were skipped")
     if state == "failed" and frames and error is not None and error["where"] == "source":
@@ -310,7 +312,8 @@ class StreamDecoder:
         max_chunks_in_flight: the most seen. waiting_for_sink: a sink call was lost with the
         sink's process and no resync came yet; resyncs: how many came. chunks_skipped: numbered
         pushes given up (push). last_error: None or {"type", "message", "where":
-        "source" | "sink"}. packets_skipped: undecodable (corrupt) packets the decoder skipped.
+        "source" | "sink"}. packets_skipped: undecodable (corrupt) packets the decoder skipped;
+        late_frames: frames it dropped as put out of order after them (pipeline.decode).
         warning: None, or why the frames sent are not the whole video (packets skipped, decoding
         ended early by an error): answers over them should say so. source: kind ("file",
         "http", "rtsp", "push", "bytes", ...), name (URL credentials masked), source_frames
@@ -318,7 +321,7 @@ class StreamDecoder:
         with self._lock:
             src = self._frame_source
             info = getattr(src, "stream_info", None)
-            skipped = getattr(src, "packets_skipped", 0)
+            damage = (getattr(src, "packets_skipped", 0), getattr(src, "late_frames", 0))
             return {
                 "stream_id": self.stream_id,
                 "state": self._state,
@@ -337,8 +340,9 @@ class StreamDecoder:
                 "resyncs": self._resyncs,
                 "chunks_skipped": self._chunks_skipped,
                 "last_error": None if self._last_error is None else dict(self._last_error),
-                "packets_skipped": skipped,
-                "warning": _warning(self._state, skipped, self._chunks_skipped, self._frames_decoded,
+                "packets_skipped": damage[0],
+                "late_frames": damage[1],
+                "warning": _warning(self._state, damage, self._chunks_skipped, self._frames_decoded,
                                     self._last_error),
                 "source": {
                     "kind": _source_kind(self._source),

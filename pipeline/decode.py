@@ -7,6 +7,9 @@ base, never raw pts) moved so the first frame of the source is at 0.0. Times are
 increasing: a frame without a time, or whose time does not move forward (a timestamp restart,
 e.g. an encoder restart in a live MPEG-TS), is placed one frame interval (1 / stream rate) after
 the previous frame, and later frames keep that shift. Forward jumps (gaps) are kept as they are.
+A frame less than `_LATE_FRAMES` frame intervals before the previous one is not a restart but a
+frame the decoder put out of order (its reordering is confused after damaged packets): it is
+dropped and counted (`late_frames`), so the frames after it keep their own times.
 
 Sampling. With `fps` set, the sampling instants are k / fps (k = 0, 1, ...). A frame is kept when
 its time reaches the next instant, with a tolerance of half a source frame interval so that
@@ -77,6 +80,7 @@ VIDEO_CONTAINERS = frozenset(
 )
 _NETWORK = ("http", "https", "rtsp", "rtsps")
 _FALLBACK_RATE = 25.0  # FFmpeg's own assumption when a stream declares no frame rate
+_LATE_FRAMES = 16  # H.264's deepest frame reordering (DPB size), in frames
 
 
 @dataclass(frozen=True)
@@ -305,10 +309,11 @@ class _Clock:
         self._last_raw: float | None = None
         self._skip_through: float | None = None
         self._rebase = False
+        self.late = 0  # frames dropped as out of order (module docstring)
 
     def stamp(self, raw: float | None, interval: float) -> float | None:
         """The time of a frame with decoder time `raw`, or None for a frame already seen before a
-        resumed reconnect."""
+        resumed reconnect, or put out of order by the decoder."""
         if raw is None or not math.isfinite(raw):
             t = 0.0 if self._last is None else self._last + interval
         else:
@@ -320,6 +325,9 @@ class _Clock:
                 self._offset = (0.0 if self._last is None else self._last + interval) - raw
                 self._rebase = False
             t = raw + self._offset
+            if self._last is not None and self._last - _LATE_FRAMES * interval < t < self._last - 1e-6:
+                self.late += 1
+                return None
             if self._last is not None and t <= self._last:  # time went back or stood still
                 self._offset += self._last + interval - t
                 t = self._last + interval
@@ -360,8 +368,8 @@ class FrameSource:
     """An iterator of `DecodedFrame` over one source; a closeable context manager.
 
     `frames_decoded` counts distinct source frames decoded so far, `frames_emitted` the sampled
-    frames handed out, `packets_skipped` the undecodable packets skipped (module docstring),
-    `stream_info` describes the stream (None until the source is opened).
+    frames handed out, `packets_skipped` the undecodable packets skipped and `late_frames` the
+    frames dropped as put out of order after them (module docstring), `stream_info` describes the stream (None until the source is opened).
     `close()` may be called from another thread: a pushed source stops at once, a network source
     at its next frame or read timeout.
     """
@@ -397,6 +405,10 @@ class FrameSource:
             if self._stop.is_set():
                 raise StopIteration from None
             raise
+
+    @property
+    def late_frames(self) -> int:
+        return self._clock.late
 
     def __enter__(self) -> FrameSource:
         return self
