@@ -2,10 +2,7 @@
 app: a numbered upload closed with a gap, a whole non-fragmented MP4 pushed as one upload, and
 one-shot questions over a damaged or cut video, which answer with a `warning`."""
 
-import functools
 import io
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -13,6 +10,7 @@ import pytest
 from pipeline.video_io import write_video
 from tests.plugins.serve_app import MAX_UPLOAD, client
 from tests.test_http_api import ask_body, mpegts, wait_ingested
+from tests.test_live_sources import http_dir
 from tests.stages import scene_video
 
 FPS = 4.0
@@ -74,12 +72,8 @@ def www(tmp_path_factory):
     mid = len(data) // 2
     (root / "damaged.mp4").write_bytes(data[:mid] + bytes(4096) + data[mid + 4096:])
     (root / "cut.mp4").write_bytes(data[:mid])
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with http_dir(root) as base:
+        yield base
 
 
 @pytest.mark.parametrize("name, warned", [("whole", None), ("damaged", "damaged"), ("cut", "stopped early")])
