@@ -49,12 +49,15 @@ def zeroed(data: bytes, size: int = 10 * 1024) -> bytes:
 
 
 def decode(source, config: DecodeConfig = DecodeConfig()) -> dict:
+    count, frames, error = 0, None, None
     try:
         with open_source(source, config) as frames:
-            count = sum(1 for _ in frames)
-            return {"frames": count, "skipped": frames.packets_skipped, "late": frames.late_frames, "error": None}
+            for _ in frames:
+                count += 1
     except Exception as exc:  # noqa: BLE001 - a row of the table, not a crash
-        return {"frames": None, "skipped": None, "late": None, "error": f"{type(exc).__name__}: {exc}"}
+        error = f"{type(exc).__name__}: {exc}"
+    return {"frames": count, "skipped": getattr(frames, "packets_skipped", None),
+            "late": getattr(frames, "late_frames", None), "error": error}
 
 
 def pushed(pieces: list[bytes]) -> dict:
@@ -79,11 +82,16 @@ def rtsp(data: bytes, tmp: Path) -> dict:
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         if server.stdout.readline().strip() != "ready":
-            return {"frames": None, "skipped": None, "late": None, "error": "no RTSP server (make rtsp-server)"}
+            return {"frames": 0, "skipped": None, "late": None, "error": "no RTSP server (make rtsp-server)"}
         return decode(f"rtsp://127.0.0.1:{port}/clip", LIVE)
     finally:
         server.terminate()
         server.wait(10)
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
 
 def hls(frames: np.ndarray, tmp: Path, damage_segment: int | None = None) -> dict:
@@ -94,9 +102,7 @@ def hls(frames: np.ndarray, tmp: Path, damage_segment: int | None = None) -> dic
     if damage_segment is not None:
         segment = root / f"index{damage_segment}.ts"
         segment.write_bytes(zeroed(segment.read_bytes(), 4 * 1024))
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         return decode(f"http://127.0.0.1:{server.server_address[1]}/index.m3u8", LIVE)
@@ -113,6 +119,11 @@ def cases(tmp: Path):
         yield f"{name}, 10 KB of zeros in the middle", 120, decode(zeroed(encode(clip, fmt, gop_size=30, container_options=options)))
     fmp4 = zeroed(encode(clip, "mp4", gop_size=30, container_options=FRAGMENTED_MP4_OPTIONS))
     yield "pushed fragmented MP4, 10 KB of zeros", 120, pushed([fmp4[i:i + 4096] for i in range(0, len(fmp4), 4096)])
+    whole = encode(clip, "mp4", gop_size=30, container_options=FRAGMENTED_MP4_OPTIONS)
+    moof = whole.index(b"moof", whole.index(b"moof") + 4) - 4  # the second fragment's header
+    broken = whole[:moof] + bytes(64) + whole[moof + 64:]
+    yield "pushed fragmented MP4, 64 zero bytes over a fragment header", 120, pushed(
+        [broken[i:i + 4096] for i in range(0, len(broken), 4096)])
     ts = encode(clip, "mpegts", gop_size=30)
     quarter = len(ts) // 4
     yield "pushed MPEG-TS, chunk 1 of 0-3 missing (as after close)", 120, pushed([ts[:quarter], ts[2 * quarter:]])

@@ -257,19 +257,24 @@ class _PushReader:
     """The file object FFmpeg reads a PushBuffer through: adds the read timeout, counted from the
     first byte (a pushed stream may exist well before its camera sends anything), and has no
     `seek`/`close`, so FFmpeg treats it as a one-pass stream that it does not own. `unread` puts
-    bytes back in front (what a format check looked at)."""
+    bytes back in front (what a format check looked at). `at_end`: the end of the upload was read
+    (a demuxer that stops before it stopped inside the data: damage)."""
 
     def __init__(self, buffer: PushBuffer, timeout: float | None) -> None:
         self._buffer, self._timeout, self._receiving = buffer, timeout, False
         self._front = b""
+        self.at_end = False
+        self.position = 0  # bytes handed out, those put back excluded
 
     def read(self, size: int) -> bytes:
         if self._front:
             size = len(self._front) if size < 0 else size
             data, self._front = self._front[:size], self._front[size:]
-            return data
-        data = self._buffer.read(size, self._timeout if self._receiving else None)
-        self._receiving = self._receiving or bool(data)
+        else:
+            data = self._buffer.read(size, self._timeout if self._receiving else None)
+            self._receiving = self._receiving or bool(data)
+            self.at_end = self.at_end or (not data and size != 0)
+        self.position += len(data)
         return data
 
     def read_exactly(self, size: int) -> bytes:
@@ -282,6 +287,7 @@ class _PushReader:
 
     def unread(self, data: bytes) -> None:
         self._front = data + self._front
+        self.position -= len(data)
 
 
 def _push_target(reader: _PushReader, cfg: DecodeConfig, name: str) -> _PushReader | io.BytesIO:
@@ -385,6 +391,7 @@ class FrameSource:
         self._push = source if isinstance(source, PushBuffer) else None
         self._kind, self._target, self.name = _classify(source)
         self._container: av.container.InputContainer | None = None
+        self._reader: _PushReader | io.BytesIO | None = None  # what FFmpeg reads a pushed stream from
         self._stream: av.VideoStream | None = None
         self._interval = 1 / _FALLBACK_RATE
         self._bounded = True
@@ -494,6 +501,12 @@ class FrameSource:
                 frame.time_base = self._stream.time_base  # frames drained without a packet have none
                 yield frame
             raise
+        # A pushed stream whose demuxer stopped before the end of the upload met a box or header
+        # it could not parse (fragmented MP4 has no resync point): say so rather than end quietly.
+        reader = self._reader
+        if isinstance(reader, _PushReader) and not reader.at_end and not self._stop.is_set():
+            raise VideoDecodeError(f"{self.name}: the container stopped at byte {reader.position}, before the end "
+                                   "of the upload (damaged data); the frames after it are lost")
         # MP4 cut inside its sample data can end without an error: its index says what is missing.
         if 0 < packets < self._stream.frames:
             raise VideoDecodeError(f"{self.name}: truncated, {packets} of {self._stream.frames} packets present")
@@ -527,7 +540,7 @@ class FrameSource:
                     options["timeout"] = str(int(cfg.read_timeout_s * 1e6))  # socket I/O, microseconds
         target = self._target
         if self._push is not None:
-            target = _push_target(_PushReader(self._push, cfg.read_timeout_s), cfg, self.name)
+            target = self._reader = _push_target(_PushReader(self._push, cfg.read_timeout_s), cfg, self.name)
         elif isinstance(target, bytes):
             target = io.BytesIO(target)
         container = av.open(target, "r", format=self._format, options=options, timeout=timeout)

@@ -91,6 +91,21 @@ def test_a_pushed_fragmented_mp4_with_zeros_goes_on_after_them():
     assert N - 2 <= len(times) < N and skipped >= 1 and on_the_grid(times)
 
 
+def test_a_pushed_fragmented_mp4_whose_fragment_header_is_damaged_fails_with_the_reason():
+    # zeros over the second fragment's `moof` header: FFmpeg's MP4 demuxer cannot find the next
+    # fragment and stops as if the file ended; the decoder sees bytes left and says so
+    data = encode("mp4", container_options=FRAGMENTED_MP4_OPTIONS)
+    moof = data.index(b"moof", data.index(b"moof") + 4) - 4
+    buf = PushBuffer(max_buffered_bytes=64 * 1024)
+    feeder = push_all(buf, data[:moof] + bytes(64) + data[moof + 64:])
+    got = []
+    with pytest.raises(VideoDecodeError, match="before the end of the upload"):
+        with open_source(buf) as frames:
+            got.extend(f.time for f in frames)
+    feeder.join(5)
+    assert got == pytest.approx([i / FPS for i in range(len(got))], abs=1e-6) and 0 < len(got) < N
+
+
 def test_nothing_decodable_in_a_row_fails_with_the_reason():
     data = encode("mp4")
     # keep the header (ftyp + mdat box header) and zero the media data: every packet is undecodable
