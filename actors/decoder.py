@@ -432,8 +432,9 @@ class StreamDecoder:
         chunks: the end takes effect once chunks 0 .. chunks-1 are all written, or, for those
         still missing `reorder_wait_s` after the close, once they are given up (skipped). Without
         it the stream ends after the chunks already received, and missing ones (a gap in the
-        `seq` numbers) are given up at once: what arrived is decoded right away. Returns once
-        what can be written is written (the decoder reads it meanwhile)."""
+        `seq` numbers) are given up at once: what arrived is decoded right away. Returns at once:
+        chunks parked behind a gap are written by a thread of their own (writing waits for the
+        decoder to make room)."""
         if self._push is None:
             raise InvalidInputError(f"stream {self.stream_id!r} is not in push mode (it has a source)")
         with self._push_cond:
@@ -442,11 +443,9 @@ class StreamDecoder:
                 chunks = max([self._next_seq, self._auto_seq, *(s + 1 for s in self._stash)])
             self._close_at = int(chunks)
             self._close_deadline = time.monotonic() + wait
-        if wait > 0:  # give the missing chunks up then, if no push comes to do it
-            timer = threading.Timer(wait, self._write_parked)
-            timer.daemon = True
-            timer.start()
-        self._write_parked()
+        writer = threading.Timer(wait, self._write_parked)  # gives the missing chunks up then
+        writer.daemon = True
+        writer.start()
 
     def _write_parked(self) -> None:
         """Write what is parked, unless a writer is active (it does it), and end the upload if
