@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench redis-server
+.PHONY: install demo test bench redis-server rtsp-server
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ redis-server:
 demo: install
 	$(PY) -m synthetic.demo
 
-test: install redis-server
+# The live-source tests run GStreamer's RTSP server (tests/rtsp_server.py) with the system python.
+RTSP_PACKAGES := python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+rtsp-server:
+	@/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer" 2>/dev/null \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(RTSP_PACKAGES))
+
+test: install redis-server rtsp-server
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install

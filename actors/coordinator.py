@@ -566,6 +566,8 @@ class StreamCoordinator:
             "frames_decoded": source and stream.retired["decoded"] + source["frames_decoded"],
             "frames_dropped": source and stream.retired["dropped"] + source["frames_dropped"],
             "frames_pending": pending, "source_state": source and source["state"],
+            # the current source's skipped corrupt packets, and why its frames are not the whole video
+            "packets_skipped": source and source.get("packets_skipped"), "warning": source and source.get("warning"),
             "segments": stream.applied, "last_time": stream.last_time,
             "recoveries": stream.recoveries, "restarts": dict(self.restarts), "batching": dict(stream.batching),
             # the source's error is newer than a note from the stream's adoption

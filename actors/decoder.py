@@ -128,6 +128,20 @@ def _error_info(exc: BaseException, where: str) -> dict:
     return {"type": type(exc).__name__, "message": str(exc), "where": where}
 
 
+def _warning(state: str, damage: tuple[int, int], chunks_skipped: int, frames: int, error: dict | None) -> str | None:
+    """Why the frames of a stream are not the whole video, in a sentence; None when they are.
+    damage: (undecodable packets skipped, frames dropped as out of order after them)."""
+    notes = []
+    if any(damage):
+        notes.append(f"the video is damaged: {damage[0]} corrupt packet(s) skipped, {damage[1]} frame(s) out of "
+                     "order dropped")
+    if chunks_skipped:
+        notes.append(f"{chunks_skipped} numbered upload chunk(s) never arrived and were skipped")
+    if state == "failed" and frames and error is not None and error["where"] == "source":
+        notes.append(f"decoding stopped early ({error['message']}): only the first {frames} sampled frames were read")
+    return "; ".join(notes) or None
+
+
 def _source_kind(source: object) -> str:
     if source is None:
         return "push"
@@ -251,6 +265,7 @@ class StreamDecoder:
         self._chunks_skipped = 0  # numbered pushes given up
         self._draining = False
         self._close_at: int | None = None
+        self._close_deadline: float | None = None  # (monotonic) after it, missing chunks are given up at once
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -297,12 +312,16 @@ class StreamDecoder:
         max_chunks_in_flight: the most seen. waiting_for_sink: a sink call was lost with the
         sink's process and no resync came yet; resyncs: how many came. chunks_skipped: numbered
         pushes given up (push). last_error: None or {"type", "message", "where":
-        "source" | "sink"}. source: kind ("file", "http", "rtsp", "push", "bytes", ...), name (URL
-        credentials masked), source_frames (frames decoded before sampling), stream_info,
-        push_buffered_bytes."""
+        "source" | "sink"}. packets_skipped: undecodable (corrupt) packets the decoder skipped;
+        late_frames: frames it dropped as put out of order after them (pipeline.decode).
+        warning: None, or why the frames sent are not the whole video (packets skipped, decoding
+        ended early by an error): answers over them should say so. source: kind ("file",
+        "http", "rtsp", "push", "bytes", ...), name (URL credentials masked), source_frames
+        (frames decoded before sampling), stream_info, push_buffered_bytes."""
         with self._lock:
             src = self._frame_source
             info = getattr(src, "stream_info", None)
+            damage = (getattr(src, "packets_skipped", 0), getattr(src, "late_frames", 0))
             return {
                 "stream_id": self.stream_id,
                 "state": self._state,
@@ -321,6 +340,10 @@ class StreamDecoder:
                 "resyncs": self._resyncs,
                 "chunks_skipped": self._chunks_skipped,
                 "last_error": None if self._last_error is None else dict(self._last_error),
+                "packets_skipped": damage[0],
+                "late_frames": damage[1],
+                "warning": _warning(self._state, damage, self._chunks_skipped, self._frames_decoded,
+                                    self._last_error),
                 "source": {
                     "kind": _source_kind(self._source),
                     "name": getattr(src, "name", None) or _source_name(self._source),
@@ -406,22 +429,46 @@ class StreamDecoder:
     @ray.method(concurrency_group="push")
     def close(self, chunks: int | None = None) -> None:
         """End the pushed stream. With `seq`-numbered pushes pass `chunks`, the total number of
-        chunks: the end takes effect once chunks 0 .. chunks-1 are all written. Without it the
-        stream ends after the chunks already received."""
+        chunks: the end takes effect once chunks 0 .. chunks-1 are all written, or, for those
+        still missing `reorder_wait_s` after the close, once they are given up (skipped). Without
+        it the stream ends after the chunks already received, and missing ones (a gap in the
+        `seq` numbers) are given up at once: what arrived is decoded right away. Returns at once:
+        chunks parked behind a gap are written by a thread of their own (writing waits for the
+        decoder to make room)."""
         if self._push is None:
             raise InvalidInputError(f"stream {self.stream_id!r} is not in push mode (it has a source)")
         with self._push_cond:
+            wait = self._reorder_wait_s if chunks is not None else 0.0
             if chunks is None:
                 chunks = max([self._next_seq, self._auto_seq, *(s + 1 for s in self._stash)])
             self._close_at = int(chunks)
+            self._close_deadline = time.monotonic() + wait
+        writer = threading.Timer(wait, self._write_parked)  # gives the missing chunks up then
+        writer.daemon = True
+        writer.start()
+
+    def _write_parked(self) -> None:
+        """Write what is parked, unless a writer is active (it does it), and end the upload if
+        it is complete (or its missing chunks are given up)."""
+        with self._push_cond:
+            self._skip_a_lasting_gap()
             if self._draining:
-                return  # the active writer closes the buffer when it gets there
-            if self._next_seq >= self._close_at:
-                self._push.close()
+                return
+            self._draining = True
+        try:
+            self._drain(None)
+        except Exception as exc:  # noqa: BLE001 - the stream ended meanwhile (stopped or failed)
+            log.debug("%s: nothing more written after close: %s", self.stream_id, exc)
 
     def _skip_a_lasting_gap(self) -> None:
-        """Give the missing next chunk up if parked chunks have waited for it reorder_wait_s (call
-        under self._push_cond)."""
+        """Give the missing next chunk up if parked chunks have waited for it reorder_wait_s, or
+        every missing one once the close's deadline passed (call under self._push_cond)."""
+        closing = self._close_deadline is not None and time.monotonic() >= self._close_deadline
+        if closing and self._next_seq < self._close_at and self._next_seq not in self._stash:
+            end = min([self._close_at, *self._stash])
+            self._chunks_skipped += end - self._next_seq
+            self._next_seq, self._gap_since = end, None
+            return
         if not self._stash or self._next_seq in self._stash:
             self._gap_since = None
             return
@@ -437,6 +484,7 @@ class StreamDecoder:
         try:
             while True:
                 with self._push_cond:
+                    self._skip_a_lasting_gap()
                     seq = self._next_seq
                     data = self._stash.pop(seq, None)
                     if data is None:

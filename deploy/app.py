@@ -483,6 +483,7 @@ def stream_status(stream_id: str, status: dict, retained_bytes: int | None) -> d
         frames_dropped=status.get("frames_dropped"), frames_pending=status.get("frames_pending"), source_state=status.get("source_state"), segments=status["segments"],
         last_time=status.get("last_time"), retained_bytes=retained_bytes, recoveries=status.get("recoveries", 0),
         batching=status.get("batching"), last_error=last_error,
+        packets_skipped=status.get("packets_skipped"), warning=status.get("warning"),
     ).model_dump()
 
 
@@ -577,8 +578,9 @@ class StreamKVAPI:
 
         return head, rest()
 
-    async def _oneshot(self, owner: str, url: str) -> str:
-        """A temporary stream holding a whole video file / URL (the caller deletes it)."""
+    async def _oneshot(self, owner: str, url: str) -> tuple[str, str | None]:
+        """A temporary stream holding a whole video file / URL (the caller deletes it), and the
+        decoder's warning when its frames are not the whole video (damaged or cut short)."""
         source = self._source(url)
         internal = auth.internal_id(owner, f"oneshot-{uuid.uuid4().hex[:12]}")
         await self.coord.create_stream.remote(internal, "rekv", {}, "You are a helpful assistant.")
@@ -600,7 +602,7 @@ class StreamKVAPI:
         except BaseException:
             await self._delete_quietly(internal)
             raise
-        return internal
+        return internal, status.get("warning")
 
     async def _delete_quietly(self, internal: str) -> None:
         try:
@@ -754,12 +756,13 @@ class StreamKVAPI:
                                                    "(stream://<stream-id>, or an http(s) URL)")
         url = urls[0]
         max_tokens = body.max_completion_tokens or body.max_tokens or self.s.default_max_tokens
-        stream_id = oneshot = None
+        stream_id = oneshot = warning = None
         if url.startswith("stream://"):
             stream_id = _check_id(url[len("stream://"):].strip("/"))
             internal = auth.internal_id(owner, stream_id)
         else:
-            internal = oneshot = await self._oneshot(owner, url)
+            internal, warning = await self._oneshot(owner, url)
+            oneshot = internal
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage(answer: dict, completion_tokens: int) -> dict:
@@ -776,7 +779,8 @@ class StreamKVAPI:
                 return {"id": ident, "object": "chat.completion", "created": created, "model": self.s.model_name,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer["text"]},
                                      "finish_reason": finish(n)}],
-                        "usage": usage(answer, n), "evidence": _evidence(answer["evidence"]), "stream_id": stream_id}
+                        "usage": usage(answer, n), "evidence": _evidence(answer["evidence"]), "stream_id": stream_id,
+                        "warning": warning}
             head, rest = await self._ask_stream(internal, question, max_tokens)
         except BaseException:
             if oneshot and body.stream:  # the events would have deleted it
@@ -800,7 +804,7 @@ class StreamKVAPI:
                     else:  # the last item: the generated token ids
                         n = len(item["token_ids"])
                         yield event({}, finish(n), usage=usage(head, n), evidence=_evidence(head["evidence"]),
-                                    stream_id=stream_id)
+                                    stream_id=stream_id, warning=warning)
                 yield "data: [DONE]\n\n"
             except Exception as exc:  # the answer actor failed mid-answer: say so in the stream
                 yield f"data: {json.dumps({'error': {'type': _error_name(exc), 'message': _message(exc)}})}\n\n"

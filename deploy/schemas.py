@@ -72,6 +72,9 @@ class StreamStatus(BaseModel):
         None, description="chunks segmented, and the segmenter calls and commits they took: fewer calls than chunks "
                           "means queued-up work went together")
     last_error: str | None = None
+    packets_skipped: int | None = Field(None, description="corrupt packets the decoder skipped (it went on after them)")
+    warning: str | None = Field(None, description="why the frames are not the whole video (damage, chunks that "
+                                                  "never arrived, decoding ended early); None when they are")
 
 
 class StreamList(BaseModel):
@@ -167,6 +170,8 @@ class ChatCompletion(BaseModel):
     usage: Usage
     evidence: list[Evidence] = Field(description="the frame/time ranges the answer attended to")
     stream_id: str | None = None
+    warning: str | None = Field(None, description="a one-shot video that was not decoded whole (corrupt packets "
+                                                  "skipped, or cut short): the answer is over the frames read")
 
 
 class ModelCard(BaseModel):

@@ -7,6 +7,9 @@ base, never raw pts) moved so the first frame of the source is at 0.0. Times are
 increasing: a frame without a time, or whose time does not move forward (a timestamp restart,
 e.g. an encoder restart in a live MPEG-TS), is placed one frame interval (1 / stream rate) after
 the previous frame, and later frames keep that shift. Forward jumps (gaps) are kept as they are.
+A frame less than `_LATE_FRAMES` frame intervals before the previous one is not a restart but a
+frame the decoder put out of order (its reordering is confused after damaged packets): it is
+dropped and counted (`late_frames`), so the frames after it keep their own times.
 
 Sampling. With `fps` set, the sampling instants are k / fps (k = 0, 1, ...). A frame is kept when
 its time reaches the next instant, with a tolerance of half a source frame interval so that
@@ -23,13 +26,17 @@ live stream (RTSP, unbounded HTTP) is continued: its new frames are placed one f
 the last one. For live streams an end of stream also counts as a drop, since they do not end on
 their own. Files, bytes and pushed streams are never retried.
 
+Damage. A packet the codec cannot decode (corrupt or cut bytes in the middle of a file or a live
+stream) is skipped and counted (`packets_skipped`); decoding goes on with the next one, as FFmpeg's
+own tools do. Only `max_bad_packets` undecodable packets in a row (nothing decodes any more) fail
+the source. A container error (the demuxer cannot go on) still ends it, as below.
+
 Errors. Frames decoded before a failure are all yielded (the decoder is drained) before the typed
 error is raised; messages name the source (URL credentials are masked).
 """
 
 from __future__ import annotations
 
-import collections
 import io
 import logging
 import math
@@ -45,11 +52,11 @@ import numpy as np
 from pipeline.errors import (
     ConfigError,
     InvalidInputError,
-    PushBufferTimeout,
     SourceUnavailableError,
     StreamKVError,
     VideoDecodeError,
 )
+from pipeline.push_buffer import PushBuffer, PushReader, push_target
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,7 @@ VIDEO_CONTAINERS = frozenset(
 )
 _NETWORK = ("http", "https", "rtsp", "rtsps")
 _FALLBACK_RATE = 25.0  # FFmpeg's own assumption when a stream declares no frame rate
+_LATE_FRAMES = 16  # H.264's deepest frame reordering (DPB size), in frames
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,10 @@ class DecodeConfig:
     network or pushed stream FFmpeg reads to learn its format before the first frame: its own
     default (5 s, or 20 frames to estimate a frame rate) holds a live stream's first frames back
     until that much video has arrived (pushed: been uploaded). Such streams estimate no frame
-    rate either: they take the codec's declared one.
+    rate either: they take the codec's declared one.  max_bad_packets: undecodable packets in a
+    row that fail the source (fewer are skipped; module docstring).  max_whole_upload_bytes:
+    pushed MP4 whose index (moov) follows its media can only be decoded whole, once closed: the
+    most bytes buffered for that (`pipeline.upload_format`).
     """
 
     fps: float | None = None
@@ -99,6 +110,8 @@ class DecodeConfig:
     open_timeout_s: float | None = 10.0
     read_timeout_s: float | None = 10.0
     probe_s: float = 0.5
+    max_bad_packets: int = 50
+    max_whole_upload_bytes: int = 512 * 2**20
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -109,6 +122,8 @@ class DecodeConfig:
             raise ConfigError(f"max_frames must be >= 1 or None, got {self.max_frames}")
         if self.max_retries < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
             raise ConfigError("need max_retries >= 0 and 0 <= backoff_s <= max_backoff_s")
+        if self.max_bad_packets < 1 or self.max_whole_upload_bytes < 1:
+            raise ConfigError("need max_bad_packets >= 1 and max_whole_upload_bytes >= 1")
         if not self.probe_s > 0:
             raise ConfigError(f"probe_s must be > 0, got {self.probe_s}")
         for name in ("open_timeout_s", "read_timeout_s"):
@@ -139,117 +154,6 @@ class StreamInfo:
     codec: str
 
 
-class PushBuffer:
-    """A thread-safe byte pipe from a producer (`push`) to a decoding consumer (`read`).
-
-    The container must be streamable (MPEG-TS, Matroska/WebM, fragmented MP4): the buffer cannot
-    seek, so the decoder reads it once, front to back, as bytes arrive.
-
-    Backpressure: `push` blocks while the buffer already holds `max_buffered_bytes`, until the
-    decoder has read enough; with a `timeout` it raises `PushBufferTimeout` instead of waiting
-    longer. A chunk larger than the whole limit is accepted once the buffer is empty, so no chunk
-    size can deadlock. `close()` ends the stream: the reader gets what is left, then end of file;
-    `push` after it raises `InvalidInputError`. `abort()` is the consumer giving up (the
-    `FrameSource` was closed or failed): buffered bytes are dropped, and a blocked or later `push`
-    raises `InvalidInputError` rather than waiting for a reader that is gone.
-    """
-
-    def __init__(self, max_buffered_bytes: int = 16 * 2**20) -> None:
-        if max_buffered_bytes < 1:
-            raise ConfigError(f"max_buffered_bytes must be >= 1, got {max_buffered_bytes}")
-        self.max_buffered_bytes = max_buffered_bytes
-        self._chunks: collections.deque[memoryview] = collections.deque()
-        self._size = 0
-        self._closed = False
-        self._abort_reason: str | None = None
-        self._cond = threading.Condition()
-
-    @property
-    def buffered_bytes(self) -> int:
-        return self._size
-
-    @property
-    def closed(self) -> bool:
-        return self._closed or self._abort_reason is not None
-
-    def push(self, chunk: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        data = bytes(chunk)  # our own copy: the caller may reuse its buffer
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.closed or self._has_room(len(data)), timeout):
-                raise PushBufferTimeout(
-                    f"push stream: {self._size} bytes still unread after {timeout} s (decoder not keeping up)"
-                )
-            if self._abort_reason is not None:
-                raise InvalidInputError(f"push stream: the decoder stopped reading ({self._abort_reason})")
-            if self._closed:
-                raise InvalidInputError("push stream: push() after close()")
-            if data:
-                self._chunks.append(memoryview(data))
-                self._size += len(data)
-                self._cond.notify_all()
-
-    def close(self) -> None:
-        """End of stream (producer side)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def abort(self, reason: str = "aborted") -> None:
-        """Stop the stream from the consumer side; see the class docstring."""
-        with self._cond:
-            self._abort_reason = reason
-            self._chunks.clear()
-            self._size = 0
-            self._cond.notify_all()
-
-    def read(self, size: int = -1, timeout: float | None = None) -> bytes:
-        """Up to `size` bytes (all buffered ones if negative), blocking until at least one byte or
-        the end of the stream (b"") is there; `SourceUnavailableError` after `timeout` s without."""
-        if size == 0:
-            return b""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._chunks or self.closed, timeout):
-                raise SourceUnavailableError(f"push stream: no data for {timeout} s")
-            wanted = self._size if size < 0 else size
-            parts = []
-            while self._chunks and wanted > 0:
-                head = self._chunks[0]
-                if len(head) <= wanted:
-                    parts.append(self._chunks.popleft())
-                    wanted -= len(head)
-                else:
-                    parts.append(head[:wanted])
-                    self._chunks[0] = head[wanted:]
-                    wanted = 0
-            data = b"".join(parts)
-            self._size -= len(data)
-            self._cond.notify_all()
-            return data
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def _has_room(self, n: int) -> bool:
-        return self._size == 0 or self._size + n <= self.max_buffered_bytes
-
-
-class _PushReader:
-    """The file object FFmpeg reads a PushBuffer through: adds the read timeout, counted from the
-    first byte (a pushed stream may exist well before its camera sends anything), and has no
-    `seek`/`close`, so FFmpeg treats it as a one-pass stream that it does not own."""
-
-    def __init__(self, buffer: PushBuffer, timeout: float | None) -> None:
-        self._buffer, self._timeout, self._receiving = buffer, timeout, False
-
-    def read(self, size: int) -> bytes:
-        data = self._buffer.read(size, self._timeout if self._receiving else None)
-        self._receiving = self._receiving or bool(data)
-        return data
-
-
 class _Clock:
     """Maps decoder frame times to the source's strictly increasing time line (module docstring)."""
 
@@ -259,10 +163,11 @@ class _Clock:
         self._last_raw: float | None = None
         self._skip_through: float | None = None
         self._rebase = False
+        self.late = 0  # frames dropped as out of order (module docstring)
 
     def stamp(self, raw: float | None, interval: float) -> float | None:
         """The time of a frame with decoder time `raw`, or None for a frame already seen before a
-        resumed reconnect."""
+        resumed reconnect, or put out of order by the decoder."""
         if raw is None or not math.isfinite(raw):
             t = 0.0 if self._last is None else self._last + interval
         else:
@@ -274,6 +179,9 @@ class _Clock:
                 self._offset = (0.0 if self._last is None else self._last + interval) - raw
                 self._rebase = False
             t = raw + self._offset
+            if self._last is not None and self._last - _LATE_FRAMES * interval < t < self._last - 1e-6:
+                self.late += 1
+                return None
             if self._last is not None and t <= self._last:  # time went back or stood still
                 self._offset += self._last + interval - t
                 t = self._last + interval
@@ -314,7 +222,8 @@ class FrameSource:
     """An iterator of `DecodedFrame` over one source; a closeable context manager.
 
     `frames_decoded` counts distinct source frames decoded so far, `frames_emitted` the sampled
-    frames handed out, `stream_info` describes the stream (None until the source is opened).
+    frames handed out, `packets_skipped` the undecodable packets skipped and `late_frames` the
+    frames dropped as put out of order after them (module docstring), `stream_info` describes the stream (None until the source is opened).
     `close()` may be called from another thread: a pushed source stops at once, a network source
     at its next frame or read timeout.
     """
@@ -323,11 +232,14 @@ class FrameSource:
         self.config = config
         self.frames_decoded = 0
         self.frames_emitted = 0
+        self.packets_skipped = 0
+        self._bad_in_a_row = 0
         self.stream_info: StreamInfo | None = None
         self._format = fmt
         self._push = source if isinstance(source, PushBuffer) else None
         self._kind, self._target, self.name = _classify(source)
         self._container: av.container.InputContainer | None = None
+        self._reader: PushReader | io.BytesIO | None = None  # what FFmpeg reads a pushed stream from
         self._stream: av.VideoStream | None = None
         self._interval = 1 / _FALLBACK_RATE
         self._bounded = True
@@ -348,6 +260,10 @@ class FrameSource:
             if self._stop.is_set():
                 raise StopIteration from None
             raise
+
+    @property
+    def late_frames(self) -> int:
+        return self._clock.late
 
     def __enter__(self) -> FrameSource:
         return self
@@ -417,7 +333,13 @@ class FrameSource:
         try:
             for packet in self._container.demux(self._stream):
                 packets += packet.size > 0
-                yield from packet.decode()
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError as exc:
+                    self._skip_packet(packet, exc)
+                    continue
+                self._bad_in_a_row = 0 if frames else self._bad_in_a_row
+                yield from frames
         except (av.FFmpegError, StreamKVError):
             try:
                 held = self._stream.codec_context.decode(None)
@@ -427,9 +349,25 @@ class FrameSource:
                 frame.time_base = self._stream.time_base  # frames drained without a packet have none
                 yield frame
             raise
+        # A pushed stream whose demuxer stopped before the end of the upload met a box or header
+        # it could not parse (fragmented MP4 has no resync point): say so rather than end quietly.
+        reader = self._reader
+        if isinstance(reader, PushReader) and not reader.at_end and not self._stop.is_set():
+            raise VideoDecodeError(f"{self.name}: the container stopped at byte {reader.position}, before the end "
+                                   "of the upload (damaged data); the frames after it are lost")
         # MP4 cut inside its sample data can end without an error: its index says what is missing.
         if 0 < packets < self._stream.frames:
             raise VideoDecodeError(f"{self.name}: truncated, {packets} of {self._stream.frames} packets present")
+
+    def _skip_packet(self, packet: av.Packet, exc: av.FFmpegError) -> None:
+        """Count an undecodable packet and go on, unless too many came in a row (module docstring)."""
+        self.packets_skipped += 1
+        self._bad_in_a_row += 1
+        at = f"{float(packet.pts * packet.time_base):.3f} s" if packet.pts is not None and packet.time_base else "?"
+        if self._bad_in_a_row > self.config.max_bad_packets:
+            raise VideoDecodeError(f"{self.name}: {self._bad_in_a_row} packets in a row could not be decoded "
+                                   f"(last at {at}: {_describe(exc)})")
+        log.warning("%s: skipped an undecodable packet at %s (%s)", self.name, at, _describe(exc))
 
     def _open_container(self) -> None:
         if self._stop.is_set():
@@ -450,7 +388,8 @@ class FrameSource:
                     options["timeout"] = str(int(cfg.read_timeout_s * 1e6))  # socket I/O, microseconds
         target = self._target
         if self._push is not None:
-            target = _PushReader(self._push, cfg.read_timeout_s)
+            target = self._reader = push_target(PushReader(self._push, cfg.read_timeout_s), cfg.max_whole_upload_bytes,
+                                                self.name)
         elif isinstance(target, bytes):
             target = io.BytesIO(target)
         container = av.open(target, "r", format=self._format, options=options, timeout=timeout)
