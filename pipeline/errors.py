@@ -50,3 +50,8 @@ class AnswerResumeError(StreamKVError, RuntimeError):
 
 class PageCorruptError(StreamKVError, ValueError):
     """A stored KV page or index record is malformed or fails its content-hash check."""
+
+
+class SourceRefusedError(InvalidInputError):
+    """A source the server will not fetch: a scheme not allowed, a local file, or a host that
+    resolves to a loopback, private, link-local, multicast, reserved or metadata address."""

@@ -1,0 +1,199 @@
+"""The API replica's side of the StreamCoordinator actor: calls that wait out a restart of its
+process (`over_restarts`, the one retry helper), statuses as the API shows them, questions (plain
+and streamed), sources checked before they are attached, and one-shot streams."""
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from deploy import auth
+from deploy.errors import APIError
+from deploy.metrics import Metrics
+from deploy.schemas import SourceSpec, StreamStatus
+from deploy.settings import Settings
+from pipeline.decode import DecodeConfig
+from pipeline.errors import StreamKVError
+
+PULL_SCHEMES = ("http", "https", "rtsp")
+# How long a request that is safe to repeat waits for the coordinator's process to come back
+# (Ray refuses calls while it restarts: ~1-2 s, takeover included) before it gets its 503.
+RESTART_WAIT_S = 15.0
+TERMINAL = ("finished", "failed", "stopped")
+
+
+async def over_restarts(call):
+    """`call()`, made again while the coordinator's process restarts, for up to RESTART_WAIT_S.
+    Only for calls that may run twice: one in flight when the process died may have run."""
+    from ray.exceptions import RayActorError
+
+    deadline, delay = time.monotonic() + RESTART_WAIT_S, 0.1
+    while True:
+        try:
+            return await call()
+        except RayActorError:  # ActorUnavailableError while it restarts; ActorDiedError for a call it took along
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
+
+
+def get_or_create_coordinator(s: Settings):
+    from deploy.ingest import CLUSTER_PLACEMENT, named_coordinator
+
+    return named_coordinator(
+        s.coordinator_name, s.model_dir, s.device, s.answerers, s.index_url, s.actor_cpus,
+        max_answerers=s.max_answerers, answer_target_ongoing=s.answer_target_ongoing, answer_idle_s=s.answer_idle_s,
+        answer_start_timeout_s=s.answer_start_timeout_s, restore_timeout_s=s.restore_timeout_s,
+        placement=CLUSTER_PLACEMENT if s.placement == "cluster" else None, num_cpus=s.coordinator_cpus)
+
+
+def stream_status(stream_id: str, status: dict, retained_bytes: int | None) -> dict:
+    """The coordinator's status of a stream as the API's StreamStatus (stream_id: the client's)."""
+    last_error = status.get("last_error")
+    if isinstance(last_error, dict):  # the decoder's {type, message, where}
+        last_error = f"{last_error.get('type')}: {last_error.get('message')} (in {last_error.get('where')})"
+    return StreamStatus(
+        stream_id=stream_id, method=status["method"], state=status["state"], mode=status.get("mode"),
+        frames_ingested=status["frames_ingested"], frames_decoded=status.get("frames_decoded"),
+        frames_dropped=status.get("frames_dropped"), frames_pending=status.get("frames_pending"),
+        source_state=status.get("source_state"), segments=status["segments"],
+        last_time=status.get("last_time"), retained_bytes=retained_bytes, recoveries=status.get("recoveries", 0),
+        batching=status.get("batching"), last_error=last_error,
+    ).model_dump()
+
+
+def plain(value: Any):
+    """JSON for numpy scalars/arrays and tuples in coordinator results."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def evidence(items: list[dict]) -> list[dict]:
+    return [{"frames": list(e["frames"]), "times": [float(t) for t in e["times"]],
+             "score": None if e.get("score") is None else float(e["score"]),
+             "layers": json.loads(json.dumps(e.get("layers"), default=plain))} for e in items]
+
+
+class CoordinatorClient:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.s, self.metrics = settings, metrics
+        self.coord = get_or_create_coordinator(settings)
+
+    # ---- streams ----
+    async def status(self, owner: str, stream_id: str) -> dict:
+        return stream_status(stream_id, *await self.coordinator_status(auth.internal_id(owner, stream_id)))
+
+    async def coordinator_status(self, internal: str) -> tuple[dict, int | None]:
+        """The coordinator's status of a stream, and the bytes of KV it retains (None when its
+        memory cannot be read: a lost stream). The memory first: reading it may find the stream lost."""
+        try:
+            retained = int((await over_restarts(lambda: self.coord.memory.remote(internal))).get("total", 0))
+        except StreamKVError:
+            retained = None
+        return await over_restarts(lambda: self.coord.status.remote(internal)), retained
+
+    async def internals(self) -> list[str]:
+        return await over_restarts(self.coord.list_streams.remote)
+
+    def source(self, source: str) -> str:
+        parts = urlsplit(source)
+        scheme = parts.scheme.lower()
+        if scheme in PULL_SCHEMES:
+            if not parts.netloc:
+                raise APIError(422, "invalid_source", f"source URL {source!r} has no host")
+            return source
+        if scheme == "file" or not scheme or (len(scheme) == 1 and source[1:3] in (":\\", ":/")):
+            if not self.s.allow_local_files:
+                raise APIError(400, "invalid_source", "local files are not allowed as sources on this server "
+                                                      f"(allowed schemes: {', '.join(PULL_SCHEMES)})")
+            path = Path(parts.path if scheme == "file" else source)
+            if not path.is_file():
+                raise APIError(422, "invalid_source", f"no such file: {str(path)!r}")
+            return str(path)
+        raise APIError(400, "invalid_source", f"source scheme {scheme!r} not allowed "
+                                              f"(allowed: {', '.join(PULL_SCHEMES)})")
+
+    def attach(self, internal: str, spec: SourceSpec):
+        """Check the source now; returns the call that attaches it to the stream."""
+        source = self.source(spec.source) if spec.source is not None else None
+        live = source is None or source.lower().startswith("rtsp")
+        decode = DecodeConfig(fps=spec.fps, read_timeout_s=spec.idle_timeout_s if live else DecodeConfig.read_timeout_s)
+        policy = spec.policy or ("drop" if live and source else "block")
+        return lambda: self.coord.attach_source.remote(internal, source, decode, policy)
+
+    async def delete_quietly(self, internal: str) -> None:
+        try:
+            await self.coord.delete_stream.remote(internal)
+        except Exception:  # noqa: BLE001 - best effort clean-up
+            pass
+
+    async def oneshot(self, owner: str, url: str) -> str:
+        """A temporary stream holding a whole video file / URL (the caller deletes it)."""
+        source = self.source(url)
+        internal = auth.internal_id(owner, f"oneshot-{uuid.uuid4().hex[:12]}")
+        await self.coord.create_stream.remote(internal, "rekv", {}, "You are a helpful assistant.")
+        try:
+            # a whole file: no reconnects (an unreachable URL is an error at once, not after retries)
+            await self.coord.attach_source.remote(internal, source, DecodeConfig(reconnect=False, max_retries=0))
+            deadline = time.monotonic() + self.s.oneshot_timeout_s
+            while True:
+                status = await self.coord.status.remote(internal)
+                if status["source_state"] in TERMINAL:
+                    break
+                if time.monotonic() > deadline:
+                    raise APIError(504, "timeout", f"the video did not finish decoding in {self.s.oneshot_timeout_s} s")
+                await asyncio.sleep(0.2)
+            if status["source_state"] == "failed" and not status["frames_ingested"]:
+                error = status["last_error"] if isinstance(status["last_error"], dict) else {}
+                raise APIError(422, error.get("type") or "VideoDecodeError",
+                               f"the video could not be read: {error.get('message') or status['last_error']}")
+        except BaseException:
+            await self.delete_quietly(internal)
+            raise
+        return internal
+
+    # ---- questions ----
+    async def ask(self, internal: str, question: str, max_tokens: int) -> dict:
+        start = time.perf_counter()
+        try:
+            answer = await over_restarts(lambda: self.coord.ask.remote(internal, question, max_tokens))
+        except Exception:
+            self.metrics.answers.labels("error").inc()
+            raise
+        self.metrics.answer_latency.observe(time.perf_counter() - start)
+        self.metrics.answers.labels("ok").inc()
+        return answer
+
+    async def ask_stream(self, internal: str, question: str, max_tokens: int):
+        """The answer's items as they are generated: returns (head, rest). The head (evidence,
+        prompt size) is awaited here, so a bad question is an error before any event is sent."""
+        start = time.perf_counter()
+
+        async def begin():
+            items = self.coord.ask_stream.options(num_returns="streaming").remote(internal, question, max_tokens)
+            return items, await (await items.__anext__())
+
+        try:
+            items, head = await over_restarts(begin)
+        except Exception:
+            self.metrics.answers.labels("error").inc()
+            raise
+
+        async def rest():
+            try:
+                async for ref in items:
+                    yield await ref
+            except Exception:
+                self.metrics.answers.labels("error").inc()
+                raise
+            self.metrics.answer_latency.observe(time.perf_counter() - start)
+            self.metrics.answers.labels("ok").inc()
+
+        return head, rest()

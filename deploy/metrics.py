@@ -1,0 +1,52 @@
+"""Prometheus metrics of the API: per-stream figures read from the coordinator at scrape time,
+answer latency and outcomes, bytes received."""
+
+
+class _StreamMetrics:
+    """Per-stream figures read from the coordinator at scrape time: rows of (label, status)."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, dict]] = []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        ingested = CounterMetricFamily("streamkv_frames_ingested", "Frames ingested into the stream's memory",
+                                       labels=["stream"])
+        dropped = CounterMetricFamily("streamkv_frames_dropped", "Decoded frames dropped by backpressure",
+                                      labels=["stream"])
+        decoded = CounterMetricFamily("streamkv_frames_decoded", "Frames decoded from the source", labels=["stream"])
+        retained = GaugeMetricFamily("streamkv_retained_kv_bytes", "Bytes of KV retained by the stream",
+                                     labels=["stream"])
+        segments = GaugeMetricFamily("streamkv_segments", "Segments committed", labels=["stream"])
+        lost = GaugeMetricFamily("streamkv_stream_lost", "1 if the stream's memory is lost (delete it and create it "
+                                 "again)", labels=["stream"])
+        for name, row in self.rows:
+            ingested.add_metric([name], row.get("frames_ingested") or 0)
+            dropped.add_metric([name], row.get("frames_dropped") or 0)
+            decoded.add_metric([name], row.get("frames_decoded") or 0)
+            segments.add_metric([name], row.get("segments") or 0)
+            lost.add_metric([name], int(row.get("state") == "lost"))
+            if row.get("retained_bytes") is not None:
+                retained.add_metric([name], row["retained_bytes"])
+        yield from (ingested, dropped, decoded, retained, segments, lost)
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.streams = _StreamMetrics()
+        self.registry.register(self.streams)
+        self.answer_latency = Histogram(
+            "streamkv_answer_latency_seconds", "Time to answer a question (coordinator ask)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=self.registry)
+        self.answers = Counter("streamkv_answers", "Questions answered", ["outcome"], registry=self.registry)
+        self.chunks = Counter("streamkv_chunk_bytes", "Encoded video bytes received", registry=self.registry)
+
+    def scrape(self, rows: list[tuple[str, dict]]) -> bytes:
+        from prometheus_client import generate_latest
+
+        self.streams.rows = rows
+        return generate_latest(self.registry)

@@ -1,0 +1,43 @@
+"""Service routes: liveness, Prometheus metrics, the served model."""
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import PlainTextResponse
+
+from deploy.context import Service, owner, service
+from deploy.errors import APIError
+from deploy.schemas import Health, ModelList
+from pipeline.errors import StreamKVError
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, tags=["service"])
+async def healthz(api: Service = Depends(service)):
+    try:
+        streams = await asyncio.wait_for(api.client.coord.list_streams.remote(), timeout=10)
+    except Exception as exc:  # noqa: BLE001
+        raise APIError(503, "unavailable", f"coordinator not answering: {type(exc).__name__}") from None
+    return Health(model=api.settings.model_name, streams=len(streams))
+
+
+@router.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+async def metrics(api: Service = Depends(service)):
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    async def row(internal):
+        try:
+            status, retained = await api.client.coordinator_status(internal)
+        except StreamKVError:  # deleted meanwhile
+            return None
+        return internal, {**status, "retained_bytes": retained}
+
+    rows = await asyncio.gather(*[row(i) for i in await api.client.internals()])
+    return PlainTextResponse(api.metrics.scrape([r for r in rows if r is not None]), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["openai"])
+async def models(api: Service = Depends(service), _owner: str = Depends(owner)):
+    return {"object": "list", "data": [{"id": api.settings.model_name, "object": "model", "created": api.created,
+                                        "owned_by": "streamkv"}]}
