@@ -8,7 +8,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from deploy import auth
 from deploy.errors import APIError
@@ -17,8 +16,8 @@ from deploy.schemas import SourceSpec, StreamStatus
 from deploy.settings import Settings
 from pipeline.decode import DecodeConfig
 from pipeline.errors import StreamKVError
+from pipeline.source_policy import CheckedURL, check_source
 
-PULL_SCHEMES = ("http", "https", "rtsp")
 # How long a request that is safe to repeat waits for the coordinator's process to come back
 # (Ray refuses calls while it restarts: ~1-2 s, takeover included) before it gets its 503.
 RESTART_WAIT_S = 15.0
@@ -103,28 +102,21 @@ class CoordinatorClient:
         return await over_restarts(self.coord.list_streams.remote)
 
     def source(self, source: str) -> str:
-        parts = urlsplit(source)
-        scheme = parts.scheme.lower()
-        if scheme in PULL_SCHEMES:
-            if not parts.netloc:
-                raise APIError(422, "invalid_source", f"source URL {source!r} has no host")
-            return source
-        if scheme == "file" or not scheme or (len(scheme) == 1 and source[1:3] in (":\\", ":/")):
-            if not self.s.allow_local_files:
-                raise APIError(400, "invalid_source", "local files are not allowed as sources on this server "
-                                                      f"(allowed schemes: {', '.join(PULL_SCHEMES)})")
-            path = Path(parts.path if scheme == "file" else source)
-            if not path.is_file():
-                raise APIError(422, "invalid_source", f"no such file: {str(path)!r}")
-            return str(path)
-        raise APIError(400, "invalid_source", f"source scheme {scheme!r} not allowed "
-                                              f"(allowed: {', '.join(PULL_SCHEMES)})")
+        """The source as the decoder gets it, checked against the server's source policy
+        (SourceRefusedError: a 400); a local path must name a file."""
+        checked = check_source(source, self.s.source_policy())
+        if isinstance(checked, CheckedURL):
+            return checked.url
+        if not Path(checked).is_file():
+            raise APIError(422, "invalid_source", "no such file")
+        return checked
 
     def attach(self, internal: str, spec: SourceSpec):
         """Check the source now; returns the call that attaches it to the stream."""
         source = self.source(spec.source) if spec.source is not None else None
         live = source is None or source.lower().startswith("rtsp")
-        decode = DecodeConfig(fps=spec.fps, read_timeout_s=spec.idle_timeout_s if live else DecodeConfig.read_timeout_s)
+        decode = DecodeConfig(fps=spec.fps, read_timeout_s=spec.idle_timeout_s if live else DecodeConfig.read_timeout_s,
+                              source_policy=self.s.source_policy())
         policy = spec.policy or ("drop" if live and source else "block")
         return lambda: self.coord.attach_source.remote(internal, source, decode, policy)
 
@@ -141,7 +133,8 @@ class CoordinatorClient:
         await self.coord.create_stream.remote(internal, "rekv", {}, "You are a helpful assistant.")
         try:
             # a whole file: no reconnects (an unreachable URL is an error at once, not after retries)
-            await self.coord.attach_source.remote(internal, source, DecodeConfig(reconnect=False, max_retries=0))
+            await self.coord.attach_source.remote(internal, source, DecodeConfig(
+                reconnect=False, max_retries=0, source_policy=self.s.source_policy()))
             deadline = time.monotonic() + self.s.oneshot_timeout_s
             while True:
                 status = await self.coord.status.remote(internal)
@@ -152,7 +145,8 @@ class CoordinatorClient:
                 await asyncio.sleep(0.2)
             if status["source_state"] == "failed" and not status["frames_ingested"]:
                 error = status["last_error"] if isinstance(status["last_error"], dict) else {}
-                raise APIError(422, error.get("type") or "VideoDecodeError",
+                refused = error.get("type") == "SourceRefusedError"  # a redirect, a cap: the request's fault
+                raise APIError(400 if refused else 422, error.get("type") or "VideoDecodeError",
                                f"the video could not be read: {error.get('message') or status['last_error']}")
         except BaseException:
             await self.delete_quietly(internal)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy import auth
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SourceRefusedError
+from pipeline.source_policy import SourcePolicy
 
 
 @dataclass
@@ -21,6 +22,10 @@ class Settings:
     restore_timeout_s: float = 120.0  # a restarted actor finds no replica of a stream this long: the stream is lost
     api_tokens: list[str] = field(default_factory=list)
     allow_local_files: bool = False
+    allow_private_sources: bool = False  # sources on loopback, private, link-local ... addresses (tests, demos)
+    allow_source_networks: list[str] = field(default_factory=list)  # CIDRs allowed although not public
+    max_source_bytes: int | None = 16 * 2**30  # bytes one pulled source may read (reconnects included)
+    max_source_seconds: float | None = None  # how long one pulled source may stay connected (None: no limit)
     max_upload_bytes: int = 64 * 2**20
     max_json_bytes: int = 1 * 2**20
     model_name: str | None = None
@@ -35,8 +40,17 @@ class Settings:
     def __post_init__(self):
         if self.placement not in ("local", "cluster"):
             raise ConfigError(f"placement must be 'local' or 'cluster', not {self.placement!r}")
+        self.source_policy()  # a bad network is a ConfigError at start
         if not self.model_name:
             self.model_name = Path(self.model_dir).name or "streamkv"
+
+    def source_policy(self) -> SourcePolicy:
+        try:
+            return SourcePolicy(allow_private=self.allow_private_sources, allow_files=self.allow_local_files,
+                                max_bytes=self.max_source_bytes, max_seconds=self.max_source_seconds,
+                                allow_networks=tuple(self.allow_source_networks))
+        except SourceRefusedError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def flag(value) -> bool:
@@ -68,6 +82,10 @@ def settings_from_args(args: dict | None) -> Settings:
         restore_timeout_s=float(get("restore_timeout_s", 120.0)),
         api_tokens=auth.parse_tokens(get("api_token")),
         allow_local_files=flag(get("allow_local_files", False)),
+        allow_private_sources=flag(get("allow_private_sources", False)),
+        allow_source_networks=auth.parse_tokens(get("allow_source_networks")),
+        max_source_bytes=int(get("max_source_bytes")) if get("max_source_bytes") else 16 * 2**30,
+        max_source_seconds=float(get("max_source_seconds")) if get("max_source_seconds") else None,
         max_upload_bytes=int(get("max_upload_bytes", 64 * 2**20)),
         max_json_bytes=int(get("max_json_bytes", 2**20)),
         model_name=get("model_name") or None,

@@ -46,10 +46,13 @@ from pipeline.errors import (
     ConfigError,
     InvalidInputError,
     PushBufferTimeout,
+    SourceRefusedError,
     SourceUnavailableError,
     StreamKVError,
     VideoDecodeError,
 )
+from pipeline.source_guard import SourceGuard, pinned_rtsp
+from pipeline.source_policy import SourcePolicy
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,8 @@ class DecodeConfig:
     network or pushed stream FFmpeg reads to learn its format before the first frame: its own
     default (5 s, or 20 frames to estimate a frame rate) holds a live stream's first frames back
     until that much video has arrived (pushed: been uploaded). Such streams estimate no frame
-    rate either: they take the codec's declared one.
+    rate either: they take the codec's declared one.  source_policy: the SSRF guard for network
+    sources (pipeline/source_policy.py); None (the CLI's trusted sources) fetches anything.
     """
 
     fps: float | None = None
@@ -99,6 +103,7 @@ class DecodeConfig:
     open_timeout_s: float | None = 10.0
     read_timeout_s: float | None = 10.0
     probe_s: float = 0.5
+    source_policy: SourcePolicy | None = None
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -336,6 +341,7 @@ class FrameSource:
         self._clock = _Clock()
         self._sampler = _Sampler(config.fps)
         self._stop = threading.Event()
+        self._guard: SourceGuard | None = None  # the SSRF guard's proxy (http sources with a policy)
         self._frames = self._run()
 
     def __iter__(self) -> FrameSource:
@@ -364,6 +370,8 @@ class FrameSource:
         except ValueError:  # being iterated by another thread, which closes the container itself
             return
         self._close_container()
+        if self._guard is not None:
+            self._guard.close()
 
     def _open_with_retries(self) -> None:
         while True:
@@ -449,6 +457,12 @@ class FrameSource:
                 if cfg.read_timeout_s is not None:
                     options["timeout"] = str(int(cfg.read_timeout_s * 1e6))  # socket I/O, microseconds
         target = self._target
+        if cfg.source_policy is not None and self._kind in _NETWORK:  # checked at every (re)connection
+            if self._kind.startswith("rtsp"):
+                target = pinned_rtsp(target, cfg.source_policy)
+            else:
+                self._guard = self._guard or SourceGuard(cfg.source_policy)
+                options["http_proxy"] = self._guard.url
         if self._push is not None:
             target = _PushReader(self._push, cfg.read_timeout_s)
         elif isinstance(target, bytes):
@@ -502,6 +516,8 @@ class FrameSource:
             raise _Closed
 
     def _retryable(self, exc: Exception) -> bool:
+        if isinstance(exc, SourceRefusedError) or (self._guard is not None and self._guard.refused):
+            return False
         if self._kind not in _NETWORK or not self.config.reconnect:
             return False
         if isinstance(exc, (av.error.HTTPClientError, av.error.LookupError, VideoDecodeError)):
@@ -511,6 +527,8 @@ class FrameSource:
         return True
 
     def _typed(self, exc: Exception, retries: int = 0) -> StreamKVError:
+        if self._guard is not None and self._guard.refused:
+            return SourceRefusedError(f"{self.name}: {self._guard.refused}")
         if isinstance(exc, StreamKVError) and not retries:
             return exc
         transport = (OSError, EOFError, av.error.ExitError, av.error.HTTPError, av.error.HTTPClientError,
