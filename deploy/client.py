@@ -55,6 +55,7 @@ def stream_status(stream_id: str, status: dict, retained_bytes: int | None) -> d
     last_error = status.get("last_error")
     if isinstance(last_error, dict):  # the decoder's {type, message, where}
         last_error = f"{last_error.get('type')}: {last_error.get('message')} (in {last_error.get('where')})"
+    last_error = auth.scrub(last_error) if last_error else last_error
     return StreamStatus(
         stream_id=stream_id, method=status["method"], state=status["state"], mode=status.get("mode"),
         frames_ingested=status["frames_ingested"], frames_decoded=status.get("frames_decoded"),
@@ -146,8 +147,8 @@ class CoordinatorClient:
             if status["source_state"] == "failed" and not status["frames_ingested"]:
                 error = status["last_error"] if isinstance(status["last_error"], dict) else {}
                 refused = error.get("type") == "SourceRefusedError"  # a redirect, a cap: the request's fault
-                raise APIError(400 if refused else 422, error.get("type") or "VideoDecodeError",
-                               f"the video could not be read: {error.get('message') or status['last_error']}")
+                raise APIError(400 if refused else 422, error.get("type") or "VideoDecodeError", auth.scrub(
+                               f"the video could not be read: {error.get('message') or status['last_error']}"))
         except BaseException:
             await self.delete_quietly(internal)
             raise

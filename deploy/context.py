@@ -46,9 +46,12 @@ BEARER = HTTPBearer(auto_error=False, description="one of the server's API token
 
 
 async def owner(request: Request, _: HTTPAuthorizationCredentials | None = Security(BEARER)) -> str:
-    tokens = SERVICE.settings.api_tokens if SERVICE is not None else []
+    if SERVICE is None:
+        raise APIError(503, "unavailable", "the service is starting")
+    s = SERVICE.settings
+    metrics_token = s.metrics_token if request.url.path.endswith("/metrics") else None
     try:
-        return auth.authenticate(tokens, request.headers.get("authorization"))
+        return auth.authenticate(s.api_tokens, s.secret(), request.headers.get("authorization"), metrics_token)
     except auth.Unauthorized as exc:
         raise APIError(401, "unauthorized", str(exc)) from None
 

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deploy import auth
 from deploy.schemas import ErrorResponse
 from pipeline.errors import (
     ConfigError, InvalidInputError, NoFramesError, PushBufferTimeout, SourceRefusedError, SourceUnavailableError,
@@ -44,8 +45,8 @@ def cause(exc: BaseException) -> BaseException:
 def message(exc: BaseException) -> str:
     inner = cause(exc)
     if isinstance(inner, KeyError) and inner.args:  # KeyError's str() is the repr of its argument
-        return str(inner.args[0])
-    return str(inner).strip().splitlines()[-1] if str(inner).strip() else type(inner).__name__
+        return auth.scrub(str(inner.args[0]))
+    return auth.scrub(str(inner).strip().splitlines()[-1]) if str(inner).strip() else type(inner).__name__
 
 
 def typed_status(exc: BaseException) -> int:

@@ -2,33 +2,36 @@
 answer latency and outcomes, bytes received."""
 
 
+LABELS = ["owner", "stream"]  # a keyed label of the owner (deploy.auth.owner_label), the client's name
+
+
 class _StreamMetrics:
-    """Per-stream figures read from the coordinator at scrape time: rows of (label, status)."""
+    """Per-stream figures read from the coordinator at scrape time: rows of ((owner, stream), status)."""
 
     def __init__(self):
-        self.rows: list[tuple[str, dict]] = []
+        self.rows: list[tuple[tuple[str, str], dict]] = []
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         ingested = CounterMetricFamily("streamkv_frames_ingested", "Frames ingested into the stream's memory",
-                                       labels=["stream"])
+                                       labels=LABELS)
         dropped = CounterMetricFamily("streamkv_frames_dropped", "Decoded frames dropped by backpressure",
-                                      labels=["stream"])
-        decoded = CounterMetricFamily("streamkv_frames_decoded", "Frames decoded from the source", labels=["stream"])
+                                      labels=LABELS)
+        decoded = CounterMetricFamily("streamkv_frames_decoded", "Frames decoded from the source", labels=LABELS)
         retained = GaugeMetricFamily("streamkv_retained_kv_bytes", "Bytes of KV retained by the stream",
-                                     labels=["stream"])
-        segments = GaugeMetricFamily("streamkv_segments", "Segments committed", labels=["stream"])
+                                     labels=LABELS)
+        segments = GaugeMetricFamily("streamkv_segments", "Segments committed", labels=LABELS)
         lost = GaugeMetricFamily("streamkv_stream_lost", "1 if the stream's memory is lost (delete it and create it "
-                                 "again)", labels=["stream"])
-        for name, row in self.rows:
-            ingested.add_metric([name], row.get("frames_ingested") or 0)
-            dropped.add_metric([name], row.get("frames_dropped") or 0)
-            decoded.add_metric([name], row.get("frames_decoded") or 0)
-            segments.add_metric([name], row.get("segments") or 0)
-            lost.add_metric([name], int(row.get("state") == "lost"))
+                                 "again)", labels=LABELS)
+        for labels, row in self.rows:
+            ingested.add_metric(list(labels), row.get("frames_ingested") or 0)
+            dropped.add_metric(list(labels), row.get("frames_dropped") or 0)
+            decoded.add_metric(list(labels), row.get("frames_decoded") or 0)
+            segments.add_metric(list(labels), row.get("segments") or 0)
+            lost.add_metric(list(labels), int(row.get("state") == "lost"))
             if row.get("retained_bytes") is not None:
-                retained.add_metric([name], row["retained_bytes"])
+                retained.add_metric(list(labels), row["retained_bytes"])
         yield from (ingested, dropped, decoded, retained, segments, lost)
 
 
@@ -45,7 +48,7 @@ class Metrics:
         self.answers = Counter("streamkv_answers", "Questions answered", ["outcome"], registry=self.registry)
         self.chunks = Counter("streamkv_chunk_bytes", "Encoded video bytes received", registry=self.registry)
 
-    def scrape(self, rows: list[tuple[str, dict]]) -> bytes:
+    def scrape(self, rows: list[tuple[tuple[str, str], dict]]) -> bytes:
         from prometheus_client import generate_latest
 
         self.streams.rows = rows

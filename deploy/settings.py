@@ -2,6 +2,7 @@
 to STREAMKV_<NAME> environment variables."""
 
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ class Settings:
     answer_start_timeout_s: float = 600.0  # a new answer actor not placed this long is given up
     restore_timeout_s: float = 120.0  # a restarted actor finds no replica of a stream this long: the stream is lost
     api_tokens: list[str] = field(default_factory=list)
+    metrics_token: str | None = None  # a token for /metrics only (every stream); API tokens see their own
+    owner_secret: str = ""  # keys the owner hashes (HMAC); build_app makes one when left out
     allow_local_files: bool = False
     allow_private_sources: bool = False  # sources on loopback, private, link-local ... addresses (tests, demos)
     allow_source_networks: list[str] = field(default_factory=list)  # CIDRs allowed although not public
@@ -41,8 +44,13 @@ class Settings:
         if self.placement not in ("local", "cluster"):
             raise ConfigError(f"placement must be 'local' or 'cluster', not {self.placement!r}")
         self.source_policy()  # a bad network is a ConfigError at start
+        if not self.owner_secret:
+            raise ConfigError("owner_secret is required (build_app makes one)")
         if not self.model_name:
             self.model_name = Path(self.model_dir).name or "streamkv"
+
+    def secret(self) -> bytes:
+        return self.owner_secret.encode()
 
     def source_policy(self) -> SourcePolicy:
         try:
@@ -58,7 +66,9 @@ def flag(value) -> bool:
 
 
 def settings_from_args(args: dict | None) -> Settings:
-    """Builder args (YAML `args:` or `serve run ... key=value`), falling back to STREAMKV_* env."""
+    """Builder args (YAML `args:` or `serve run ... key=value`), falling back to STREAMKV_* env.
+    A missing owner_secret is made here, once for every replica of this deployment: set one to keep
+    the streams' owners across redeploys."""
     args = dict(args or {})
 
     def get(key, default=None):
@@ -81,6 +91,8 @@ def settings_from_args(args: dict | None) -> Settings:
         answer_start_timeout_s=float(get("answer_start_timeout_s", 600.0)),
         restore_timeout_s=float(get("restore_timeout_s", 120.0)),
         api_tokens=auth.parse_tokens(get("api_token")),
+        metrics_token=get("metrics_token") or None,
+        owner_secret=str(get("owner_secret") or secrets.token_hex(32)),
         allow_local_files=flag(get("allow_local_files", False)),
         allow_private_sources=flag(get("allow_private_sources", False)),
         allow_source_networks=auth.parse_tokens(get("allow_source_networks")),

@@ -3,7 +3,8 @@
 `coordinator_name` (session): the name of the app's coordinator (a detached actor in
 actors.coordinator.NAMESPACE).
 `server` (session): the base URL of a locally started, healthy Serve app (deploy.app:build_app) with the
-tiny GQA checkpoint, three bearer tokens (TOKEN_A, TOKEN_B, TOKEN_FUZZ), small body limits and its own
+tiny GQA checkpoint, three bearer tokens (TOKEN_A, TOKEN_B, TOKEN_FUZZ) and a metrics token, a
+known owner secret, small body limits and its own
 coordinator; deleted, with its coordinator, at the end of the session. It fetches sources on
 loopback (`allow_private_sources`), as a local demo would.
 `strict_server` (session): the same app (and coordinator) under /strict with the default source
@@ -20,6 +21,8 @@ import pytest
 
 TOKEN_A, TOKEN_B = "token-a-secret", "token-b-secret"
 TOKEN_FUZZ = "token-fuzz-secret"  # the schema fuzzer's own streams, apart from the hand-written tests'
+METRICS_TOKEN = "metrics-secret"  # /metrics with every owner's streams
+OWNER_SECRET = "owner-secret-for-tests"  # keys owner ids (shared by the two apps: one coordinator)
 MODEL_NAME = "tiny-gqa"
 MAX_UPLOAD = 2 * 2**20
 MAX_JSON = 64 * 2**10
@@ -53,7 +56,8 @@ def run_app(checkpoint_dirs, coordinator_name: str, url: str, name: str, route_p
     app = build_app({
         "model_dir": checkpoint_dirs["gqa"], "model_name": MODEL_NAME, "api_token": [TOKEN_A, TOKEN_B, TOKEN_FUZZ],
         "max_upload_bytes": MAX_UPLOAD, "max_json_bytes": MAX_JSON, "coordinator_name": coordinator_name,
-        "actor_cpus": 0.05, "coordinator_cpus": 0.05, "api_cpus": 0.05, **args,
+        "actor_cpus": 0.05, "coordinator_cpus": 0.05, "api_cpus": 0.05, "metrics_token": METRICS_TOKEN,
+        "owner_secret": OWNER_SECRET, **args,
     })
     serve.run(app, name=name, route_prefix=route_prefix)
     deadline = time.monotonic() + 180
