@@ -11,17 +11,21 @@ from typing import Any
 
 from deploy import auth
 from deploy.errors import APIError
+from deploy.inline import InlineMedia, decode_images
 from deploy.metrics import Metrics
 from deploy.schemas import SourceSpec, StreamStatus
 from deploy.settings import Settings
 from pipeline.decode import DecodeConfig
+from pipeline.conversation import Conversation
 from pipeline.errors import StreamKVError
+from pipeline.sampling import GREEDY, SamplingParams
 from pipeline.source_policy import CheckedURL, check_source
 
 # How long a request that is safe to repeat waits for the coordinator's process to come back
 # (Ray refuses calls while it restarts: ~1-2 s, takeover included) before it gets its 503.
 RESTART_WAIT_S = 15.0
 TERMINAL = ("finished", "failed", "stopped")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 async def over_restarts(call):
@@ -127,38 +131,51 @@ class CoordinatorClient:
         except Exception:  # noqa: BLE001 - best effort clean-up
             pass
 
-    async def oneshot(self, owner: str, url: str) -> str:
-        """A temporary stream holding a whole video file / URL (the caller deletes it)."""
-        source = self.source(url)
+    async def oneshot(self, owner: str, source: str | InlineMedia, system_prompt: str | None = None) -> str:
+        """A temporary stream holding a whole video: a file / URL, or inline media (the caller
+        deletes it); the client's system message, if any, is its system prompt."""
+        checked = self.source(source) if isinstance(source, str) else None
         internal = auth.internal_id(owner, f"oneshot-{uuid.uuid4().hex[:12]}")
-        await self.coord.create_stream.remote(internal, "rekv", {}, "You are a helpful assistant.")
+        await self.coord.create_stream.remote(internal, "rekv", {}, system_prompt or DEFAULT_SYSTEM_PROMPT)
         try:
-            # a whole file: no reconnects (an unreachable URL is an error at once, not after retries)
-            await self.coord.attach_source.remote(internal, source, DecodeConfig(
-                reconnect=False, max_retries=0, source_policy=self.s.source_policy()))
-            deadline = time.monotonic() + self.s.oneshot_timeout_s
-            while True:
-                status = await self.coord.status.remote(internal)
-                if status["source_state"] in TERMINAL:
-                    break
-                if time.monotonic() > deadline:
-                    raise APIError(504, "timeout", f"the video did not finish decoding in {self.s.oneshot_timeout_s} s")
-                await asyncio.sleep(0.2)
-            if status["source_state"] == "failed" and not status["frames_ingested"]:
-                error = status["last_error"] if isinstance(status["last_error"], dict) else {}
-                refused = error.get("type") == "SourceRefusedError"  # a redirect, a cap: the request's fault
-                raise APIError(400 if refused else 422, error.get("type") or "VideoDecodeError", auth.scrub(
-                               f"the video could not be read: {error.get('message') or status['last_error']}"))
+            if isinstance(source, InlineMedia) and source.images:
+                frames = await asyncio.to_thread(decode_images, source.images)  # [T, H, W, 3]
+                await self.coord.ingest.remote(internal, frames, [float(t) for t in range(len(frames))])
+                return internal
+            if checked is not None:  # a whole file: no reconnects (an unreachable URL is an error at once)
+                await self.coord.attach_source.remote(internal, checked, DecodeConfig(
+                    reconnect=False, max_retries=0, source_policy=self.s.source_policy()))
+            else:  # an inline video file, pushed whole
+                await self.coord.attach_source.remote(internal, None, DecodeConfig(read_timeout_s=None), "block")
+                await self.coord.push.remote(internal, source.video, 0)
+                await self.coord.close_source.remote(internal, self.s.oneshot_timeout_s)
+            await self._decoded(internal)
         except BaseException:
             await self.delete_quietly(internal)
             raise
         return internal
 
+    async def _decoded(self, internal: str) -> None:
+        """Wait until a one-shot stream's source has ended; 422 when it gave no frame."""
+        deadline = time.monotonic() + self.s.oneshot_timeout_s
+        while True:
+            status = await self.coord.status.remote(internal)
+            if status["source_state"] in TERMINAL:
+                break
+            if time.monotonic() > deadline:
+                raise APIError(504, "timeout", f"the video did not finish decoding in {self.s.oneshot_timeout_s} s")
+            await asyncio.sleep(0.2)
+        if status["source_state"] == "failed" and not status["frames_ingested"]:
+            error = status["last_error"] if isinstance(status["last_error"], dict) else {}
+            refused = error.get("type") == "SourceRefusedError"  # a redirect, a cap: the request's fault
+            raise APIError(400 if refused else 422, error.get("type") or "VideoDecodeError", auth.scrub(
+                           f"the video could not be read: {error.get('message') or status['last_error']}"))
+
     # ---- questions ----
-    async def ask(self, internal: str, question: str, max_tokens: int) -> dict:
+    async def ask(self, internal: str, question: Conversation, max_tokens: int, sampling: SamplingParams = GREEDY) -> dict:
         start = time.perf_counter()
         try:
-            answer = await over_restarts(lambda: self.coord.ask.remote(internal, question, max_tokens))
+            answer = await over_restarts(lambda: self.coord.ask.remote(internal, question, max_tokens, sampling))
         except Exception:
             self.metrics.answers.labels("error").inc()
             raise
@@ -166,13 +183,14 @@ class CoordinatorClient:
         self.metrics.answers.labels("ok").inc()
         return answer
 
-    async def ask_stream(self, internal: str, question: str, max_tokens: int):
+    async def ask_stream(self, internal: str, question: Conversation, max_tokens: int, sampling: SamplingParams = GREEDY):
         """The answer's items as they are generated: returns (head, rest). The head (evidence,
         prompt size) is awaited here, so a bad question is an error before any event is sent."""
         start = time.perf_counter()
 
         async def begin():
-            items = self.coord.ask_stream.options(num_returns="streaming").remote(internal, question, max_tokens)
+            items = self.coord.ask_stream.options(num_returns="streaming").remote(
+                internal, question, max_tokens, sampling)
             return items, await (await items.__anext__())
 
         try:

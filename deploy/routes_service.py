@@ -24,7 +24,7 @@ async def healthz(api: Service = Depends(service)):
     return Health(model=api.settings.model_name)
 
 
-@router.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+@router.get("/metrics", tags=["service"], responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(caller: str = Depends(owner), api: Service = Depends(service)):
     """Prometheus text. An API token sees its own streams, the metrics token (or anyone, on a
     server without tokens) every stream; streams are labelled by owner (a keyed label, not the

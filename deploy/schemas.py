@@ -104,9 +104,14 @@ class TextPart(BaseModel):
     text: str = Field(max_length=MAX_QUESTION_CHARS)
 
 
+MAX_URL_CHARS = 2048  # stream:// and http(s) URLs; data: URLs have the server's max_inline_bytes
+
+
 class VideoURL(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
-    url: str = Field(max_length=2048, description="stream://<stream-id>, or an http(s) URL for a one-shot question")
+    url: str = Field(description="stream://<stream-id>; an http(s) URL for a one-shot question; or inline, a "
+                                 "data:video/<type>;base64,... URL (a video file) or data:video/jpeg;base64,<jpeg>,"
+                                 "<jpeg>,... (frames, as vLLM's)")
 
 
 class VideoPart(BaseModel):
@@ -115,7 +120,15 @@ class VideoPart(BaseModel):
     video_url: VideoURL
 
 
-ContentPart = TextPart | VideoPart
+class ImagePart(BaseModel):
+    """An image, asked about as a one-frame video."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["image_url"]
+    image_url: VideoURL
+
+
+ContentPart = TextPart | VideoPart | ImagePart
 
 
 class ChatMessage(BaseModel):
@@ -124,14 +137,28 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = Field(None)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool = Field(False, description="a last chunk with empty choices and the usage, as OpenAI's")
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)  # temperature, top_p, ... are accepted and ignored (greedy)
+    model_config = ConfigDict(extra="allow", strict=True)  # other OpenAI fields (penalties, user, ...) are ignored
 
     model: str = Field(max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096, description="wins over max_tokens")
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or left out: greedy (exact)")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampled answers with one seed are the same; "
+                                                                   "left out: a random one")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the answer (left out of it)")
+    n: int | None = Field(None, ge=1, le=1, description="one choice per request (n > 1: 422)")
+    logprobs: bool | None = Field(None, description="not supported: true is a 422")
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
 
 
 class Evidence(BaseModel):

@@ -31,6 +31,7 @@ class Settings:
     max_source_seconds: float | None = None  # how long one pulled source may stay connected (None: no limit)
     max_upload_bytes: int = 64 * 2**20
     max_json_bytes: int = 1 * 2**20
+    max_inline_bytes: int = 32 * 2**20  # inline media (data: URLs) in one chat request, decoded
     model_name: str | None = None
     device: str = "cpu"
     placement: str = "local"  # "cluster": pin actor kinds to ray_cluster.yaml's node types (deploy.ingest)
@@ -100,6 +101,7 @@ def settings_from_args(args: dict | None) -> Settings:
         max_source_seconds=float(get("max_source_seconds")) if get("max_source_seconds") else None,
         max_upload_bytes=int(get("max_upload_bytes", 64 * 2**20)),
         max_json_bytes=int(get("max_json_bytes", 2**20)),
+        max_inline_bytes=int(get("max_inline_bytes", 32 * 2**20)),
         model_name=get("model_name") or None,
         device=str(get("device", "cpu")),
         placement=str(get("placement", "local")),

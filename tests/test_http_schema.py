@@ -176,14 +176,15 @@ def test_random_questions_about_a_stream_get_documented_answers(api_schema, sent
     assert 200 in statuses
 
 
-def test_one_shot_url_that_cannot_be_reached_is_a_422(fuzz_http):
-    """No internet here: a host that does not resolve is the client's problem, not the server's
-    (the decoder retries the connection for some 16 s first)."""
+def test_one_shot_url_whose_host_does_not_resolve_is_a_400(fuzz_http):
+    """No internet here: a host that does not resolve is the client's problem, not the server's;
+    the source guard refuses it before anything is connected."""
     body = ask_body("x")
     body["messages"][0]["content"][0]["video_url"]["url"] = "http://video.invalid/clip.mp4"
     start = time.monotonic()
     r = fuzz_http.post("/v1/chat/completions", json=body)
-    assert r.status_code == 422 and r.json()["error"]["type"] in ("VideoDecodeError", "SourceUnavailableError"), r.text
+    assert r.status_code == 400 and r.json()["error"]["type"] == "SourceRefusedError", r.text
+    assert "does not resolve" in r.json()["error"]["message"]
     assert time.monotonic() - start < 60
 
 

@@ -26,6 +26,7 @@ OWNER_SECRET = "owner-secret-for-tests"  # keys owner ids (shared by the two app
 MODEL_NAME = "tiny-gqa"
 MAX_UPLOAD = 2 * 2**20
 MAX_JSON = 64 * 2**10
+MAX_INLINE = 2 * 2**20  # inline media per chat request
 
 
 def free_port() -> int:
@@ -55,7 +56,8 @@ def run_app(checkpoint_dirs, coordinator_name: str, url: str, name: str, route_p
 
     app = build_app({
         "model_dir": checkpoint_dirs["gqa"], "model_name": MODEL_NAME, "api_token": [TOKEN_A, TOKEN_B, TOKEN_FUZZ],
-        "max_upload_bytes": MAX_UPLOAD, "max_json_bytes": MAX_JSON, "coordinator_name": coordinator_name,
+        "max_upload_bytes": MAX_UPLOAD, "max_json_bytes": MAX_JSON, "max_inline_bytes": MAX_INLINE,
+        "coordinator_name": coordinator_name,
         "actor_cpus": 0.05, "coordinator_cpus": 0.05, "api_cpus": 0.05, "metrics_token": METRICS_TOKEN,
         "owner_secret": OWNER_SECRET, **args,
     })
