@@ -21,8 +21,8 @@ questions, one-shot streams), context.py (this replica's service, the bearer tok
 routes_service.py, routes_streams.py, routes_chat.py, schemas.py (the OpenAPI models).
 
 Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status):
-    GET  /healthz                       liveness (also pings the coordinator); no auth
-    GET  /metrics                       Prometheus text; no auth
+    GET  /healthz                       liveness (also pings the coordinator); no auth, nothing about streams
+    GET  /metrics                       Prometheus text; an API token (its streams) or metrics_token (all)
     GET  /v1/models                     the served model
     POST /v1/streams                    create (push mode, or `source` to pull) -> 201 status
     GET  /v1/streams                    the caller's streams with their status
@@ -37,7 +37,9 @@ Routes (all JSON; errors are `{"error": {"type", "message"}}` with a 4xx status)
                                         ended or was detached; frames and times continue
     POST /v1/chat/completions           OpenAI-compatible; the video is a content part
                                         {"type": "video_url", "video_url": {"url": "stream://<id>"}}
-                                        (or an http(s) URL: a one-shot stream, deleted afterwards)
+                                        (or an http(s) or data: URL, or an image_url data: URL: a
+                                        one-shot stream, deleted afterwards); conversations and
+                                        sampling as OpenAI's (README, issue 21)
 
 Streaming answers: `stream: true` sends SSE `chat.completion.chunk` events as the answer actor
 generates tokens (a Ray streaming generator through the coordinator); the last one carries

@@ -68,6 +68,7 @@ def www(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("www2")
     write_video(root / "clip.mp4", video(12, seed=5), fps=4.0)
+    write_video(root / "clip.ts", video(12, seed=5), fps=4.0, container_format="mpegts")  # read in one request
     noise = np.random.default_rng(6).integers(0, 256, (60, 128, 128, 3), dtype=np.uint8)
     write_video(root / "big.mp4", noise, fps=4.0, crf=0)  # ~1.5 MB: noise does not compress
     target = _Listener()
@@ -152,3 +153,29 @@ def test_a_source_over_its_byte_cap_is_stopped(strict_server, www):
         status = wait_ingested(http, "big")
         assert status["source_state"] == "failed" and "limit of 524288 bytes" in status["last_error"], status
         assert http.delete("/v1/streams/big").status_code == 200
+
+
+def test_the_guard_connects_to_the_address_it_checked(www, monkeypatch):
+    """DNS rebinding: a name that resolves to an allowed address when checked and to loopback
+    afterwards. FFmpeg never resolves the name itself (it does not resolve here at all: the
+    resolver is stubbed for the guard alone, the one fault here that cannot be caused for real),
+    so decoding succeeds only through the connection to the checked address, and the next
+    connection, which resolves to loopback, is refused."""
+    import pipeline.source_policy as policy_module
+    from pipeline.decode import DecodeConfig, open_source
+
+    answers = iter(["127.0.0.2", "127.0.0.1"])
+    real = socket.getaddrinfo
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "rebind.test":
+            return real(next(answers), port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(policy_module.socket, "getaddrinfo", rebinding)
+    port = www["base"].rsplit(":", 1)[1]
+    config = DecodeConfig(source_policy=SourcePolicy(allow_networks=("127.0.0.2/32",)), reconnect=False, max_retries=0)
+    with open_source(f"http://rebind.test:{port}/clip.ts", config) as frames:
+        assert sum(1 for _ in frames) == 12
+    with pytest.raises(SourceRefusedError, match="loopback"):
+        open_source(f"http://rebind.test:{port}/clip.ts", config)
