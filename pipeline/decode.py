@@ -386,7 +386,10 @@ class FrameSource:
                 if self._container is None:
                     self._open_with_retries()
                 try:
-                    if (yield from self._decode_session()) or not self._end_is_drop():
+                    done = yield from self._decode_session()
+                    if self._guard is not None and self._guard.refused:  # cut off by the guard, not ended
+                        raise SourceRefusedError(self._guard.refused)
+                    if done or not self._end_is_drop():
                         return
                     failure: Exception = SourceUnavailableError(f"{self.name}: live stream ended")
                 except (av.FFmpegError, StreamKVError) as exc:

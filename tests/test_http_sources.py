@@ -6,6 +6,7 @@ import functools
 import ipaddress
 import socket
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -78,6 +79,16 @@ def www(tmp_path_factory):
             pass
 
         def do_GET(self):
+            if self.path.startswith("/trickle"):  # the clip, 512 bytes every 0.2 s
+                data = (root / "clip.ts").read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for start in range(0, len(data), 512):
+                    self.wfile.write(data[start : start + 512])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                return
             if self.path.startswith("/redirect"):
                 self.send_response(302)
                 self.send_header("Location", f"http://127.0.0.1:{target.port}/clip.mp4")
@@ -89,7 +100,7 @@ def www(tmp_path_factory):
     httpd = ThreadingHTTPServer(("127.0.0.2", 0), functools.partial(Handler, directory=str(root)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield {"base": f"http://127.0.0.2:{httpd.server_address[1]}", "target": target,
-           "big_bytes": (root / "big.mp4").stat().st_size}
+           "big_bytes": (root / "big.mp4").stat().st_size, "ts_bytes": (root / "clip.ts").stat().st_size}
     httpd.shutdown()
 
 
@@ -179,3 +190,16 @@ def test_the_guard_connects_to_the_address_it_checked(www, monkeypatch):
         assert sum(1 for _ in frames) == 12
     with pytest.raises(SourceRefusedError, match="loopback"):
         open_source(f"http://rebind.test:{port}/clip.ts", config)
+
+
+def test_a_source_over_its_time_cap_is_stopped(www):
+    """The trickled clip takes over 4 s to arrive; a source may stay connected 1 s."""
+    from pipeline.decode import DecodeConfig, open_source
+
+    assert www["ts_bytes"] > 10 * 1024
+    config = DecodeConfig(source_policy=SourcePolicy(allow_networks=("127.0.0.2/32",), max_seconds=1.0),
+                          reconnect=False, max_retries=0)
+    with pytest.raises(SourceRefusedError, match="longer than its limit of 1.0 s"):
+        with open_source(f"{www['base']}/trickle", config) as frames:
+            for _ in frames:
+                pass
