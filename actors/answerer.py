@@ -13,6 +13,7 @@ from actors.spec import ReplicaGapError, StreamSpec, lookup
 if TYPE_CHECKING:
     from cache_store.envelope import Wire
     from pipeline.answerer import Answerer
+    from pipeline.sampling import SamplingParams
 
 
 class _Replica:
@@ -55,21 +56,25 @@ class AnswerWorker:
         """Validate a question before the coordinator flushes the stream's open segment for it."""
         lookup(self.streams, stream_id).answerer.check(question, max_new_tokens)
 
-    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> dict:
-        replica = lookup(self.streams, stream_id)
-        answer = replica.answerer.ask(replica.memory, question, max_new_tokens)
-        return {"text": answer.text, "token_ids": answer.token_ids, "evidence": _evidence(answer.evidence),
-                "prompt_tokens": answer.prompt_tokens, "applied": replica.applied}
+    def ask(self, stream_id: str, question: str, max_new_tokens: int = 64, sampling: SamplingParams | None = None) -> dict:
+        from pipeline.sampling import GREEDY
 
-    def ask_stream(self, stream_id: str, question: str, max_new_tokens: int = 64):
+        replica = lookup(self.streams, stream_id)
+        answer = replica.answerer.ask(replica.memory, question, max_new_tokens, sampling or GREEDY)
+        return {"text": answer.text, "token_ids": answer.token_ids, "evidence": _evidence(answer.evidence),
+                "prompt_tokens": answer.prompt_tokens, "applied": replica.applied, "stopped": answer.stopped}
+
+    def ask_stream(self, stream_id: str, question: str, max_new_tokens: int = 64, sampling: SamplingParams | None = None):
         """The answer as it is generated (a Ray streaming generator): first a dict with the
         evidence and prompt size, then the text piece by piece, last a dict with the token ids."""
+        from pipeline.sampling import GREEDY
+
         replica = lookup(self.streams, stream_id)
-        generation = replica.answerer.generation(replica.memory, question, max_new_tokens)
+        generation = replica.answerer.generation(replica.memory, question, max_new_tokens, sampling or GREEDY)
         yield {"evidence": _evidence(generation.evidence), "prompt_tokens": generation.prompt_tokens,
                "applied": replica.applied}
         yield from generation.text_pieces()
-        yield {"token_ids": generation.token_ids}
+        yield {"token_ids": generation.token_ids, "stopped": generation.stopped}
 
     def snapshot(self, stream_id: str) -> tuple[Wire, int]:
         from cache_store.wire import pack_snapshot

@@ -756,18 +756,20 @@ class StreamCoordinator:
             for _, committed in batch:
                 committed.set_result(None)
 
-    async def ask(self, stream_id: str, question: str, max_new_tokens: int = 64) -> dict:
+    async def ask(self, stream_id: str, question: str, max_new_tokens: int = 64, sampling=None) -> dict:
         stream = self._live_stream(stream_id)
         with self._answer_slot() as replica:
             await self._prepare_question(stream, replica, question, max_new_tokens)
             # answers are read-only: decode outside the lock, so ingest goes on meanwhile
-            return await self._on_answerer(stream, replica, lambda a: a.ask.remote(stream_id, question, max_new_tokens))
+            return await self._on_answerer(
+                stream, replica, lambda a: a.ask.remote(stream_id, question, max_new_tokens, sampling))
 
-    async def ask_stream(self, stream_id: str, question: str, max_new_tokens: int = 64):
+    async def ask_stream(self, stream_id: str, question: str, max_new_tokens: int = 64, sampling=None):
         """`ask` as it is generated (call with num_returns="streaming"): a dict with the evidence
         and prompt size, the answer text piece by piece, then a dict with the token ids. Errors
         in the question surface at the first item. An answer actor lost midway is recovered like
-        `ask`'s and the answer resumes where it stopped: decoding is greedy, so a replica holding
+        `ask`'s and the answer resumes where it stopped: decoding is greedy or seeded
+        (pipeline/sampling.py: the API seeds every sampled answer), so a replica holding
         the same updates generates the same items again, which are checked and skipped (if the
         stream took updates meanwhile, they differ, and the error is AnswerResumeError)."""
         stream = self._live_stream(stream_id)
@@ -778,7 +780,8 @@ class StreamCoordinator:
             async def resume(answerer):
                 """A new generation on `answerer`, read past the items already sent, and its next
                 item (None if there is none)."""
-                items = answerer.ask_stream.options(num_returns="streaming").remote(stream_id, question, max_new_tokens)
+                items = answerer.ask_stream.options(num_returns="streaming").remote(
+                    stream_id, question, max_new_tokens, sampling)
                 for old in sent:
                     if await (await items.__anext__()) != old:
                         raise AnswerResumeError(f"stream {stream_id!r} took updates since the answer began")

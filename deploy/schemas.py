@@ -51,6 +51,16 @@ class CreateStream(SourceSpec):
     system_prompt: str | None = Field("You are a helpful assistant.", max_length=4000)
 
 
+class IndexStatus(BaseModel):
+    """The stream's entry in the segment index (Redis): answers never wait for it."""
+    state: Literal["healthy", "degraded", "unknown"] = Field(
+        description="degraded: Redis is unreachable and writes are queued; unknown: the compressor did not answer")
+    pending_writes: int | None = Field(None, description="the stream's index records waiting to be written")
+    last_error: str | None = None
+    incomplete: bool | None = Field(None, description="the index may lack records of this stream for good (a "
+                                                      "compressor restart, or the write journal's bound)")
+
+
 class StreamStatus(BaseModel):
     stream_id: str
     method: str
@@ -75,6 +85,7 @@ class StreamStatus(BaseModel):
     packets_skipped: int | None = Field(None, description="corrupt packets the decoder skipped (it went on after them)")
     warning: str | None = Field(None, description="why the frames are not the whole video (damage, chunks that "
                                                   "never arrived, decoding ended early); None when they are")
+    index: IndexStatus | None = None
 
 
 class StreamList(BaseModel):
@@ -107,9 +118,14 @@ class TextPart(BaseModel):
     text: str = Field(max_length=MAX_QUESTION_CHARS)
 
 
+MAX_URL_CHARS = 2048  # stream:// and http(s) URLs; data: URLs have the server's max_inline_bytes
+
+
 class VideoURL(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
-    url: str = Field(max_length=2048, description="stream://<stream-id>, or an http(s) URL for a one-shot question")
+    url: str = Field(description="stream://<stream-id>; an http(s) URL for a one-shot question; or inline, a "
+                                 "data:video/<type>;base64,... URL (a video file) or data:video/jpeg;base64,<jpeg>,"
+                                 "<jpeg>,... (frames, as vLLM's)")
 
 
 class VideoPart(BaseModel):
@@ -118,7 +134,15 @@ class VideoPart(BaseModel):
     video_url: VideoURL
 
 
-ContentPart = TextPart | VideoPart
+class ImagePart(BaseModel):
+    """An image, asked about as a one-frame video."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["image_url"]
+    image_url: VideoURL
+
+
+ContentPart = TextPart | VideoPart | ImagePart
 
 
 class ChatMessage(BaseModel):
@@ -127,14 +151,28 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = Field(None)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool = Field(False, description="a last chunk with empty choices and the usage, as OpenAI's")
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)  # temperature, top_p, ... are accepted and ignored (greedy)
+    model_config = ConfigDict(extra="allow", strict=True)  # other OpenAI fields (penalties, user, ...) are ignored
 
     model: str = Field(max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096, description="wins over max_tokens")
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or left out: greedy (exact)")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampled answers with one seed are the same; "
+                                                                   "left out: a random one")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the answer (left out of it)")
+    n: int | None = Field(None, ge=1, le=1, description="one choice per request (n > 1: 422)")
+    logprobs: bool | None = Field(None, description="not supported: true is a 422")
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
 
 
 class Evidence(BaseModel):
@@ -189,4 +227,3 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
-    streams: int

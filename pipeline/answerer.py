@@ -1,5 +1,5 @@
 """Answering over a stream's memory: retrieval pass per layer on the bare question, prefill of the
-templated prompt on [sinks | retrieved | recent], greedy decoding. It reads the memory, never
+templated prompt on [sinks | retrieved | recent], greedy decoding (or sampling: pipeline/sampling.py). It reads the memory, never
 changes it, so any replica of a stream's memory can answer."""
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import torch
 
 from pipeline.attention import AnswerPlan, ContextPlan
 from pipeline.config import EngineConfig
+from pipeline.conversation import MAX_HISTORY_TOKENS, Conversation
 from pipeline.errors import InvalidInputError, NoFramesError, UnsupportedModelError
 from pipeline.memory import StreamMemory
 from pipeline.model import VideoLLM
 from pipeline.retrieval import LayerView, Selection
+from pipeline.sampling import GREEDY, SamplingParams, TokenSampler, cut_at_stop, held_back
 
 MAX_NEW_TOKENS = 4096
 
@@ -37,6 +39,7 @@ class Answer:
     evidence: list[Evidence]
     prompt_tokens: int  # positions the first answer token attended to (see Generation)
     first_token_logits: torch.Tensor = field(repr=False)  # [vocab] fp32
+    stopped: bool = False  # a stop string ended it
 
 
 class Answerer:
@@ -46,21 +49,28 @@ class Answerer:
         self.system_prompt = system_prompt
         self.prefix_ids = model.prompt_parts(system_prompt, "").prefix_ids  # the stream's sinks
 
-    def check(self, question: str, max_new_tokens: int) -> tuple[list[int], list[int]]:
-        """Validate; return the bare question's ids and the prompt's ids after the video."""
+    def check(self, question: str | Conversation, max_new_tokens: int) -> tuple[list[int], list[int]]:
+        """Validate; return the bare question's ids and the prompt's ids after the video (the
+        earlier turns of a Conversation included: pipeline/conversation.py)."""
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise InvalidInputError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}]")
-        if not isinstance(question, str) or not question.strip():
+        conversation = question if isinstance(question, Conversation) else Conversation(question)
+        if not isinstance(conversation.question, str) or not conversation.question.strip():
             raise InvalidInputError("the question must be a non-empty string")
-        bare = self.model.tokenize(question)
+        bare = self.model.tokenize(conversation.question)
         if len(bare) > self.config.max_question_tokens:
             raise InvalidInputError(f"the question has {len(bare)} tokens; the limit is {self.config.max_question_tokens}")
-        parts = self.model.prompt_parts(self.system_prompt, question)
+        parts = self.model.prompt_parts(self.system_prompt, conversation)
         if parts.prefix_ids != self.prefix_ids:
             raise UnsupportedModelError("the chat template puts question text before the video")
+        limit = self.config.max_question_tokens + MAX_HISTORY_TOKENS
+        if len(parts.suffix_ids) > limit:
+            raise InvalidInputError(f"the conversation after the video has {len(parts.suffix_ids)} tokens; the limit "
+                                    f"is {limit}")
         return bare, parts.suffix_ids
 
-    def generation(self, memory: StreamMemory, question: str, max_new_tokens: int) -> "Generation":
+    def generation(self, memory: StreamMemory, question: str | Conversation, max_new_tokens: int,
+                   sampling: SamplingParams = GREEDY) -> "Generation":
         """Retrieve and prepare an answer; iterate the result for its tokens. Call check() first
         or let this do it; the memory is only read here, not during decoding."""
         bare_ids, suffix_ids = self.check(question, max_new_tokens)
@@ -68,13 +78,14 @@ class Answerer:
             raise NoFramesError("no frames have been ingested in this stream yet")
         selection = self.select(memory, bare_ids)
         contexts = [selection.context(layer, memory.sinks[layer]) for layer in range(self.model.dims.layers)]
-        return Generation(self.model, contexts, suffix_ids, max_new_tokens, _evidence(selection))
+        return Generation(self.model, contexts, suffix_ids, max_new_tokens, _evidence(selection), sampling)
 
-    def ask(self, memory: StreamMemory, question: str, max_new_tokens: int = 64) -> Answer:
-        generation = self.generation(memory, question, max_new_tokens)
+    def ask(self, memory: StreamMemory, question: str | Conversation, max_new_tokens: int = 64,
+            sampling: SamplingParams = GREEDY) -> Answer:
+        generation = self.generation(memory, question, max_new_tokens, sampling)
         token_ids = list(generation)
-        return Answer(self.model.decode(token_ids), token_ids, generation.evidence, generation.prompt_tokens,
-                      generation.first_token_logits)
+        return Answer(generation.text(), token_ids, generation.evidence, generation.prompt_tokens,
+                      generation.first_token_logits, generation.stopped)
 
     def select(self, memory: StreamMemory, question_ids: list[int]) -> Selection:
         """The retrieval pass: the bare question, layer by layer, each layer choosing its blocks."""
@@ -110,10 +121,15 @@ class Answerer:
 
 
 class Generation:
-    """Greedy tokens over a fixed per-layer context, as an iterator (once)."""
+    """Tokens over a fixed per-layer context (greedy unless `sampling` says otherwise), as an
+    iterator (once). A stop string ends it; the text leaves the stop string out."""
 
-    def __init__(self, model: VideoLLM, contexts, suffix_ids: list[int], max_new_tokens: int, evidence: list[Evidence]):
+    def __init__(self, model: VideoLLM, contexts, suffix_ids: list[int], max_new_tokens: int, evidence: list[Evidence],
+                 sampling: SamplingParams = GREEDY):
         self.model = model
+        self.sampling = sampling
+        self.sampler = TokenSampler(sampling, model.device)
+        self.stopped = False  # a stop string ended the answer
         self.suffix_ids = suffix_ids
         self.max_new_tokens = max_new_tokens
         self.evidence = evidence
@@ -131,21 +147,33 @@ class Generation:
             logits = self.model.logits(self.model.forward(embeds, self.plan)[-1])
             if step == 0:
                 self.first_token_logits = logits
-            token = int(logits.argmax())
+            token = self.sampler(logits)
             self.token_ids.append(token)
             yield token
             if token in self.model.eos_ids:
                 return
+            if self.sampling.stop and cut_at_stop(self.model.decode(self.token_ids), self.sampling.stop)[1]:
+                self.stopped = True
+                return
             embeds = self.model.embed([token])
 
+    def text(self) -> str:
+        """The answer so far, up to a stop string."""
+        return cut_at_stop(self.model.decode(self.token_ids), self.sampling.stop)[0]
+
     def text_pieces(self) -> Iterator[str]:
-        """The answer text, piece by piece as tokens are generated."""
-        emitted = ""
+        """The answer text, piece by piece as tokens are generated (what might begin a stop
+        string is held back until it is known not to)."""
+        emitted, hold = "", held_back(self.sampling.stop)
         for _ in self:
-            text = self.model.decode(self.token_ids)
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
+            text = self.text()
+            ready = text if self.stopped else text[: len(text) - hold]
+            if len(ready) > len(emitted):
+                yield ready[len(emitted) :]
+                emitted = ready
+        text = self.text()
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
 
 
 def _evidence(selection: Selection) -> list[Evidence]:

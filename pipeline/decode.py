@@ -52,11 +52,14 @@ import numpy as np
 from pipeline.errors import (
     ConfigError,
     InvalidInputError,
+    SourceRefusedError,
     SourceUnavailableError,
     StreamKVError,
     VideoDecodeError,
 )
 from pipeline.push_buffer import PushBuffer, PushReader, push_target
+from pipeline.source_guard import SourceGuard, pinned_rtsp
+from pipeline.source_policy import SourcePolicy
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,8 @@ class DecodeConfig:
     rate either: they take the codec's declared one.  max_bad_packets: undecodable packets in a
     row that fail the source (fewer are skipped; module docstring).  max_whole_upload_bytes:
     pushed MP4 whose index (moov) follows its media can only be decoded whole, once closed: the
-    most bytes buffered for that (`pipeline.upload_format`).
+    most bytes buffered for that (`pipeline.upload_format`).  source_policy: the SSRF guard for
+    network sources (pipeline/source_policy.py); None (the CLI's trusted sources) fetches anything.
     """
 
     fps: float | None = None
@@ -112,6 +116,7 @@ class DecodeConfig:
     probe_s: float = 0.5
     max_bad_packets: int = 50
     max_whole_upload_bytes: int = 512 * 2**20
+    source_policy: SourcePolicy | None = None
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -248,6 +253,7 @@ class FrameSource:
         self._clock = _Clock()
         self._sampler = _Sampler(config.fps)
         self._stop = threading.Event()
+        self._guard: SourceGuard | None = None  # the SSRF guard's proxy (http sources with a policy)
         self._frames = self._run()
 
     def __iter__(self) -> FrameSource:
@@ -280,6 +286,8 @@ class FrameSource:
         except ValueError:  # being iterated by another thread, which closes the container itself
             return
         self._close_container()
+        if self._guard is not None:
+            self._guard.close()
 
     def _open_with_retries(self) -> None:
         while True:
@@ -294,7 +302,10 @@ class FrameSource:
                 if self._container is None:
                     self._open_with_retries()
                 try:
-                    if (yield from self._decode_session()) or not self._end_is_drop():
+                    done = yield from self._decode_session()
+                    if self._guard is not None and self._guard.refused:  # cut off by the guard, not ended
+                        raise SourceRefusedError(self._guard.refused)
+                    if done or not self._end_is_drop():
                         return
                     failure: Exception = SourceUnavailableError(f"{self.name}: live stream ended")
                 except (av.FFmpegError, StreamKVError) as exc:
@@ -387,6 +398,12 @@ class FrameSource:
                 if cfg.read_timeout_s is not None:
                     options["timeout"] = str(int(cfg.read_timeout_s * 1e6))  # socket I/O, microseconds
         target = self._target
+        if cfg.source_policy is not None and self._kind in _NETWORK:  # checked at every (re)connection
+            if self._kind.startswith("rtsp"):
+                target = pinned_rtsp(target, cfg.source_policy)
+            else:
+                self._guard = self._guard or SourceGuard(cfg.source_policy)
+                options["http_proxy"] = self._guard.url
         if self._push is not None:
             target = self._reader = push_target(PushReader(self._push, cfg.read_timeout_s), cfg.max_whole_upload_bytes,
                                                 self.name)
@@ -441,6 +458,8 @@ class FrameSource:
             raise _Closed
 
     def _retryable(self, exc: Exception) -> bool:
+        if isinstance(exc, SourceRefusedError) or (self._guard is not None and self._guard.refused):
+            return False
         if self._kind not in _NETWORK or not self.config.reconnect:
             return False
         if isinstance(exc, (av.error.HTTPClientError, av.error.LookupError, VideoDecodeError)):
@@ -450,6 +469,8 @@ class FrameSource:
         return True
 
     def _typed(self, exc: Exception, retries: int = 0) -> StreamKVError:
+        if self._guard is not None and self._guard.refused:
+            return SourceRefusedError(f"{self.name}: {self._guard.refused}")
         if isinstance(exc, StreamKVError) and not retries:
             return exc
         transport = (OSError, EOFError, av.error.ExitError, av.error.HTTPError, av.error.HTTPClientError,

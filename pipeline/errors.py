@@ -55,3 +55,7 @@ class PageCorruptError(StreamKVError, ValueError):
 class IndexUnavailableError(StreamKVError, RuntimeError):
     """The segment index (Redis) cannot be reached, and what was asked of it is not held in the
     process either (e.g. a stream's segment list after its oldest records left the write journal)."""
+
+class SourceRefusedError(InvalidInputError):
+    """A source the server will not fetch: a scheme not allowed, a local file, or a host that
+    resolves to a loopback, private, link-local, multicast, reserved or metadata address."""

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 from pipeline.attention import ATTENTION_NAME, AttentionPlan, register_attention
+from pipeline.conversation import Conversation
 from pipeline.errors import InvalidInputError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llava_onevision",)
@@ -88,12 +89,9 @@ class VideoLLM:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_parts(self, system_prompt: str | None, question: str) -> PromptParts:
-        messages = []
-        if system_prompt is not None:
-            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-        messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]})
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+    def prompt_parts(self, system_prompt: str | None, question: str | Conversation) -> PromptParts:
+        conversation = question if isinstance(question, Conversation) else Conversation(question)
+        text = self.processor.apply_chat_template(conversation.messages(system_prompt), add_generation_prompt=True)
         ids = self.tokenizer(text)["input_ids"]
         video_id = self.processor.video_token_id
         if ids.count(video_id) != 1:

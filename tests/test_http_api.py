@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.plugins.serve_app import MAX_JSON, MAX_UPLOAD, MODEL_NAME, TOKEN_A, TOKEN_B, client
+from tests.plugins.serve_app import MAX_JSON, MAX_UPLOAD, METRICS_TOKEN, MODEL_NAME, TOKEN_A, TOKEN_B, client
 from tests.stages import scene_video as video
 
 CLIP_FRAMES = 24
@@ -243,9 +243,11 @@ def test_pull_source_and_one_shot_url(server, cam, clip_url):
 def test_metrics(server, cam):
     with client(server) as http:
         http.post("/v1/chat/completions", json=ask_body(cam))
-    text = httpx.get(f"{server}/metrics").text
+    with client(server) as http:
+        text = http.get("/metrics").text
     assert "streamkv_answer_latency_seconds_bucket" in text
-    lines = [line for line in text.splitlines() if line.startswith("streamkv_frames_ingested_total{") and ":cam" in line]
+    lines = [line for line in text.splitlines() if line.startswith("streamkv_frames_ingested_total{")
+             and 'stream="cam"' in line]
     assert lines and float(lines[0].rsplit(" ", 1)[1]) == CLIP_FRAMES
     assert any(line.startswith("streamkv_retained_kv_bytes{") for line in text.splitlines())
 
@@ -364,8 +366,9 @@ def test_a_lost_stream_says_so_and_answers_409(server, coordinator_name):
         assert status["retained_bytes"] is None
         # reading it again tries no restore (each would wait restore_timeout_s for a replica)
         assert http.get("/v1/streams/doomed").json()["recoveries"] == status["recoveries"]
-        metrics = httpx.get(f"{server}/metrics", timeout=120).text.splitlines()  # the other streams: lost too
-        assert [m.rsplit(" ", 1)[1] for m in metrics if m.startswith("streamkv_stream_lost{") and ':doomed"' in m] == ["1.0"]
+        metrics = http.get("/metrics").text.splitlines()  # the other streams: lost too
+        assert [m.rsplit(" ", 1)[1] for m in metrics if m.startswith("streamkv_stream_lost{")
+                and 'stream="doomed"' in m] == ["1.0"]
         assert http.post("/v1/chat/completions", json=ask_body("doomed")).status_code == 409
         assert http.delete("/v1/streams/doomed").status_code == 200
         assert http.post("/v1/streams", json={"stream_id": "doomed"}).status_code == 201  # created again

@@ -15,6 +15,7 @@ made are deleted at the end.
 """
 
 import os
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -26,8 +27,7 @@ from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deploy import auth
-from tests.plugins.serve_app import TOKEN_FUZZ, client
+from tests.plugins.serve_app import METRICS_TOKEN, TOKEN_FUZZ, client
 from tests.stages import scene_video as video
 from tests.test_http_api import ask_body, mpegts, wait_ingested
 
@@ -36,17 +36,20 @@ from tests.test_http_api import ask_body, mpegts, wait_ingested
 MAX_EXAMPLES = int(os.environ.get("STREAMKV_FUZZ_EXAMPLES", 15))
 QUESTIONS = max(12, MAX_EXAMPLES // 2)
 FRAMES = 12
-FUZZ_PREFIX = auth.owner_of(TOKEN_FUZZ) + auth.SEPARATOR
 STATUSES: dict[str, set[int]] = defaultdict(set)  # operation -> statuses the fuzzer got
 
 
-def frames_of_other_owners(base: str) -> dict[str, float]:
-    """streamkv_frames_ingested_total of every other owner's streams, from /metrics (no token)."""
-    text = httpx.get(f"{base}/metrics", timeout=120).text
-    prefix = 'streamkv_frames_ingested_total{stream="'
-    rows = {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line.startswith(prefix)}
-    return {name: frames for name, frames in rows.items() if not name.startswith(FUZZ_PREFIX)}
+def frames_of_other_owners(base: str, sentinel_id: str) -> dict[tuple[str, str], float]:
+    """streamkv_frames_ingested_total of every other owner's streams, from /metrics with the
+    metrics token, by (owner label, stream): the fuzzer's owner is the sentinel's (a unique name)."""
+    text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=120).text
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("streamkv_frames_ingested_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            rows[labels["owner"], labels["stream"]] = float(line.rsplit(" ", 1)[1])
+    (fuzzer,) = {owner for owner, stream in rows if stream == sentinel_id}
+    return {key: frames for key, frames in rows.items() if key[0] != fuzzer}
 
 
 def streams_with_frames(http: httpx.Client, *stream_ids: str) -> list[dict]:
@@ -97,7 +100,7 @@ def sentinel(server, fuzz_http):
     stream_id, target = f"sentinel-{uuid.uuid4().hex}", f"target-{uuid.uuid4().hex}"
     status, _ = streams_with_frames(fuzz_http, stream_id, target)
     return {"stream_id": stream_id, "status": status, "answer": ask(fuzz_http, stream_id),
-            "others": frames_of_other_owners(server), "target": target}
+            "others": frames_of_other_owners(server, stream_id), "target": target}
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +176,15 @@ def test_random_questions_about_a_stream_get_documented_answers(api_schema, sent
     assert 200 in statuses
 
 
-def test_one_shot_url_that_cannot_be_reached_is_a_422(fuzz_http):
-    """No internet here: a host that does not resolve is the client's problem, not the server's
-    (the decoder retries the connection for some 16 s first)."""
+def test_one_shot_url_whose_host_does_not_resolve_is_a_400(fuzz_http):
+    """No internet here: a host that does not resolve is the client's problem, not the server's;
+    the source guard refuses it before anything is connected."""
     body = ask_body("x")
     body["messages"][0]["content"][0]["video_url"]["url"] = "http://video.invalid/clip.mp4"
     start = time.monotonic()
     r = fuzz_http.post("/v1/chat/completions", json=body)
-    assert r.status_code == 422 and r.json()["error"]["type"] in ("VideoDecodeError", "SourceUnavailableError"), r.text
+    assert r.status_code == 400 and r.json()["error"]["type"] == "SourceRefusedError", r.text
+    assert "does not resolve" in r.json()["error"]["message"]
     assert time.monotonic() - start < 60
 
 
@@ -190,5 +194,5 @@ def test_fuzzing_left_the_streams_alone(server, fuzz_http, sentinel):
     assert r.status_code == 200, r.text
     assert r.json()["frames_ingested"] == sentinel["status"]["frames_ingested"]
     assert ask(fuzz_http, stream_id) == sentinel["answer"]  # greedy: the same answer and evidence
-    others = frames_of_other_owners(server)
+    others = frames_of_other_owners(server, stream_id)
     assert {name: others.get(name) for name in sentinel["others"]} == sentinel["others"]
