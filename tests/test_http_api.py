@@ -250,6 +250,10 @@ def test_metrics(server, cam):
              and 'stream="cam"' in line]
     assert lines and float(lines[0].rsplit(" ", 1)[1]) == CLIP_FRAMES
     assert any(line.startswith("streamkv_retained_kv_bytes{") for line in text.splitlines())
+    assert "streamkv_index_healthy 1.0" in text.splitlines()  # the segment index, written as it goes
+    with client(server) as http:
+        index = http.get("/v1/streams/cam").json()["index"]
+    assert index["state"] == "healthy" and index["pending_writes"] == 0, index
 
 
 def test_a_pushed_source_that_goes_quiet_ends_after_its_idle_timeout(server):
