@@ -421,7 +421,7 @@ async def memory_snapshot(state: State, client, ids: list[str], rss: str | None,
     rows = await asyncio.gather(*[call(state, client, f"status_{label}", "GET", f"/v1/streams/{sid}", i,
                                        ok=(200, 404)) for i, sid in enumerate(ids)])
     retained = [r.json().get("retained_bytes") for r in rows if r is not None and r.status_code == 200]
-    health = await call(state, client, f"healthz_{label}", "GET", "/healthz")
+    listed = await call(state, client, f"list_{label}", "GET", "/v1/streams")  # (/healthz says nothing of streams)
     metrics = await call(state, client, f"metrics_{label}", "GET", "/metrics")
     metric_retained = metric_rows = None
     if metrics is not None:
@@ -430,7 +430,7 @@ async def memory_snapshot(state: State, client, ids: list[str], rss: str | None,
         metric_retained = int(sum(float(ln.rsplit(" ", 1)[1]) for ln in lines))
     snap = {
         "t": state.now(), "streams": len(retained), "retained_kv_bytes": int(sum(r or 0 for r in retained)),
-        "server_streams": None if health is None else health.json().get("streams"),
+        "server_streams": None if listed is None else len(listed.json()["data"]),
         "metrics_streams": metric_rows, "metrics_retained_kv_bytes": metric_retained,
     }
     snap["object_store_bytes"] = object_store_used()
