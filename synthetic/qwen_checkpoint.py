@@ -99,6 +99,7 @@ def build_qwen_config(spec: QwenSpec, tokenizer) -> Qwen2_5_VLConfig:
         num_key_value_heads=spec.text_kv_heads, max_position_embeddings=1 << 20,
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": list(spec.mrope_section)},
         initializer_range=spec.init_std, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
 
