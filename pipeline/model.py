@@ -115,6 +115,11 @@ class VideoLLM:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- vision -----------------------------------------------------------------------------
+    @property
+    def frame_size(self) -> int:
+        """The square side (px) frames are encoded at."""
+        return self.model.config.vision_config.image_size
+
     def prepare_frames(self, frames: np.ndarray) -> np.ndarray:
         """Frames as the stream keeps them until encoded (LLaVA-OneVision: as given)."""
         return frames

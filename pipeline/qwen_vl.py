@@ -33,10 +33,14 @@ class QwenVL(VideoLLM):
     def __init__(self, model, processor, name: str):
         video = processor.video_processor
         self.patch, self.merge, self.temporal = video.patch_size, video.merge_size, video.temporal_patch_size
-        self.frame_size = smart_resize(NOMINAL_SIZE, NOMINAL_SIZE, factor=self.patch * self.merge,
-                                       min_pixels=video.size["shortest_edge"], max_pixels=video.size["longest_edge"])[0]
+        self._frame_size = smart_resize(NOMINAL_SIZE, NOMINAL_SIZE, factor=self.patch * self.merge,
+                                        min_pixels=video.size["shortest_edge"], max_pixels=video.size["longest_edge"])[0]
         super().__init__(model, processor, name)
         self._ropes: dict[float, MRope] = {}
+
+    @property
+    def frame_size(self) -> int:
+        return self._frame_size
 
     def _dims(self, text_config) -> ModelDims:
         side = self.frame_size // self.patch // self.merge  # merged tokens per side

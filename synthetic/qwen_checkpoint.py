@@ -52,6 +52,8 @@ class QwenSpec:
     vision_hidden: int = 32
     vision_layers: int = 2
     vision_heads: int = 2
+    vision_intermediate: int | None = None  # None: 2 x vision_hidden
+    window_size: int | None = None  # vision window attention (px); None: 4 patches
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 4
@@ -88,10 +90,12 @@ def build_qwen_config(spec: QwenSpec, tokenizer) -> Qwen2_5_VLConfig:
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in
            zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), QWEN_SPECIALS)}
     vision = dict(
-        depth=spec.vision_layers, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
+        depth=spec.vision_layers, hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate or spec.vision_hidden * 2,
         num_heads=spec.vision_heads, patch_size=spec.patch_size, spatial_merge_size=2, temporal_patch_size=2,
-        tokens_per_second=spec.tokens_per_second, window_size=spec.patch_size * 4, out_hidden_size=spec.text_hidden,
-        fullatt_block_indexes=[spec.vision_layers - 1], initializer_range=spec.init_std,
+        tokens_per_second=spec.tokens_per_second, window_size=spec.window_size or spec.patch_size * 4,
+        out_hidden_size=spec.text_hidden, initializer_range=spec.init_std,
+        fullatt_block_indexes=list(range(7, spec.vision_layers, 8)) or [spec.vision_layers - 1],  # 7B: 7, 15, 23, 31
     )
     text = dict(
         vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
