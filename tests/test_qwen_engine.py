@@ -130,3 +130,19 @@ def test_retrieved_units_take_temporal_positions_in_order_and_keep_spatial_ones(
     side = round(n**0.5)  # merged tokens per side of the square frame
     assert torch.equal(placed.new, torch.arange(5 + side, 5 + side + 3).expand(3, -1))
     assert placed.next == everything.next == 5 + side + 3
+
+
+def test_the_ray_pipeline_refuses_a_qwen_stream_clearly(ray_runtime, qwen_dirs, redis_server):
+    """Not yet hosted by the Ray pipeline (its coordinator counts frames one by one): creating a
+    stream is a typed error, not answers from mispaired frames."""
+    import ray
+
+    from actors.coordinator import StreamCoordinator
+    from pipeline.errors import UnsupportedModelError
+
+    handle = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(qwen_dirs["qwen-gqa"], index_url=redis_server.url)
+    try:
+        with pytest.raises(UnsupportedModelError, match="temporal patches"):
+            ray.get(handle.create_stream.remote("qwen", "rekv", {}))
+    finally:
+        ray.kill(handle)
