@@ -105,8 +105,15 @@ class MRope(Rope):
 
     def place(self, parts, new_tokens, new_units=None):
         walk = _Walk(self)
+        whole: list[int] = []  # uids of consecutive whole units, placed in one slice of the grid
         for part in parts:
+            if isinstance(part, Visual) and isinstance(part.uid, int) and part.token_index is None and part[0].shape[1] == self.n:
+                whole.append(part.uid)
+                continue
+            walk.units(whole)
+            whole = []
             walk.visual(part.units(), part.index()) if isinstance(part, Visual) else walk.text(part[0].shape[1])
+        walk.units(whole)
         context, count = walk.take(), sum(k.shape[1] for k, _ in parts)
         if new_units is not None:
             uids = torch.tensor(new_units).repeat_interleave(self.n)
@@ -149,6 +156,21 @@ class _Walk:
         self.rank, self.last_uid = int(ranks[-1]), int(uids[-1])
         grid = self.rope.grid(self.rank + 1)
         self.out.append(grid[:, ranks * self.rope.n + index] + self.video_start)
+
+    def units(self, uids: list[int]) -> None:
+        """Whole units, each its own uid in turn: consecutive ranks, one slice of the grid."""
+        if not uids:
+            return
+        if self.video_start is None:
+            self.video_start, self.rank, self.last_uid = self.cursor, -1, None
+        first = self.rank + (self.last_uid is None or uids[0] != self.last_uid)
+        distinct = all(a != b for a, b in zip(uids, uids[1:]))
+        if not distinct:  # the same unit twice in a row (not made by the engine): token by token
+            n = self.rope.n
+            return self.visual(torch.tensor(uids).repeat_interleave(n), torch.arange(n).repeat(len(uids)))
+        self.rank, self.last_uid = first + len(uids) - 1, uids[-1]
+        n = self.rope.n
+        self.out.append(self.rope.grid(self.rank + 1)[:, first * n : (self.rank + 1) * n] + self.video_start)
 
     def take(self) -> torch.Tensor:
         out = torch.cat(self.out, dim=1) if self.out else torch.empty(3, 0, dtype=torch.long)
