@@ -1,4 +1,5 @@
-"""The model adapter: a LLaVA-OneVision checkpoint seen as the pieces the streaming engine needs.
+"""The model adapter: a LLaVA-OneVision checkpoint seen as the pieces the streaming engine needs
+(Qwen2.5-VL's differences live in qwen_vl.py, positions in positions.py).
 
 Everything runs through the checkpoint's own modules: its processor and `get_video_features` for
 visual tokens, its decoder layers for every forward, its rotary embedding for positions. The one

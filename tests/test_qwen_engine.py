@@ -146,3 +146,13 @@ def test_the_ray_pipeline_refuses_a_qwen_stream_clearly(ray_runtime, qwen_dirs, 
             ray.get(handle.create_stream.remote("qwen", "rekv", {}))
     finally:
         ray.kill(handle)
+
+
+def test_uniform_baseline_is_the_base_model_on_sampled_patches(qwen_dirs, qwen_model):
+    """The baseline samples temporal patches: the base model on those patches' frames."""
+    frames = frames_for(qwen_model, 8, seed=5)  # 4 patches; top_k 2 picks the first and the last
+    session = StreamSession(qwen_model, method="uniform", top_k=2, system_prompt=SYSTEM)
+    stream(session, frames, [3, 5])
+    answer = session.ask(QUESTION, max_new_tokens=10)
+    assert_matches(answer, *reference(qwen_dirs[qwen_model.name], frames[[0, 1, 6, 7]]))
+    assert [e.frames for e in answer.evidence] == [(0, 2), (6, 8)]
