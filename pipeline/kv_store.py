@@ -22,7 +22,9 @@ class Visual(tuple):
     """(keys, values) of visual tokens, tagged with the unit each token comes from and its index
     there, so a placement can give them their unit's positions (M-RoPE). A plain KV is text.
 
-    uid: one unit for all tokens (index 0..n-1), or per-token uids [n] with `token_index` [n].
+    uid: one unit for all tokens (index 0..n-1), or per-token uids [n] with `token_index` [n];
+    either may be a callable giving the tensor, computed only by a placement that needs it (1-D
+    RoPE never does).
     """
 
     def __new__(cls, keys: torch.Tensor, values: torch.Tensor, uid: int | torch.Tensor, token_index=None):
@@ -32,10 +34,14 @@ class Visual(tuple):
 
     def units(self) -> torch.Tensor:
         n = self[0].shape[1]
-        return torch.full((n,), self.uid, dtype=torch.long) if isinstance(self.uid, int) else self.uid
+        if isinstance(self.uid, int):
+            return torch.full((n,), self.uid, dtype=torch.long)
+        return self.uid() if callable(self.uid) else self.uid
 
     def index(self) -> torch.Tensor:
-        return torch.arange(self[0].shape[1]) if self.token_index is None else self.token_index
+        if self.token_index is None:
+            return torch.arange(self[0].shape[1])
+        return self.token_index() if callable(self.token_index) else self.token_index
 
 
 @dataclass(frozen=True)

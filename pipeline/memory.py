@@ -54,9 +54,11 @@ class StreamMemory:
 
     def pool_part(self, layer: int, start: int, end: int) -> Visual:
         """Long-term tokens [start, end) of a layer, tagged with their units and places there."""
-        pool, first = self.pools[layer], self.sinks[0][0].shape[1]  # units are laid end to end after the sinks
-        index = (pool.positions[start:end] - first) % self.dims.tokens_per_unit
-        return Visual(pool.keys[:, start:end], pool.values[:, start:end], pool.uids[start:end], index)
+        pool, first, n = self.pools[layer], self.sinks[0][0].shape[1], self.dims.tokens_per_unit
+        uids, positions = pool.uids, pool.positions  # as they are now (compaction replaces them)
+        # units are laid end to end after the sinks; computed only if the placement asks (M-RoPE)
+        return Visual(pool.keys[:, start:end], pool.values[:, start:end], lambda: uids[start:end],
+                      lambda: (positions[start:end] - first) % n)
 
     def next_units(self, kinds_frames_times: list[tuple], segment: int) -> list[UnitInfo]:
         """UnitInfos for the next blocks of the stream (not yet registered: apply does that)."""

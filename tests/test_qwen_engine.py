@@ -156,3 +156,22 @@ def test_uniform_baseline_is_the_base_model_on_sampled_patches(qwen_dirs, qwen_m
     answer = session.ask(QUESTION, max_new_tokens=10)
     assert_matches(answer, *reference(qwen_dirs[qwen_model.name], frames[[0, 1, 6, 7]]))
     assert [e.frames for e in answer.evidence] == [(0, 2), (6, 8)]
+
+
+def test_long_term_tokens_keep_their_place_in_their_patch(qwen_model):
+    """LiveVLM's long-term memory keeps single tokens of many patches: placed, each keeps the
+    (h, w) of its index in its patch and takes its patch's time slot among those present."""
+    n = qwen_model.dims.tokens_per_unit
+    session = StreamSession(qwen_model, method="livevlm", n_local=2 * n, budget_tokens=3 * n, page_tokens=4,
+                            vsb_queries=4)
+    session.add_frames(frames_for(qwen_model, 16, seed=6))
+    session.flush()
+    memory, rope = session.store, qwen_model.rope(FPS)
+    pool, sinks = memory.pools[0], memory.sinks[0][0].shape[1]
+    assert len(pool) == 3 * n and len(torch.unique(pool.uids)) > 3  # tokens dropped across patches
+    placed = rope.place(memory.ingest_context(0), 0).context[:, sinks : sinks + len(pool)]
+    index = (pool.positions - sinks) % n
+    assert torch.equal(placed[1:], rope.grid(1)[1:, index] + sinks)
+    ranks = torch.unique_consecutive(pool.uids, return_inverse=True)[1]
+    interval = qwen_model.model.config.vision_config.tokens_per_second * 2 / FPS
+    assert torch.equal(placed[0], sinks + (ranks * interval).long())
