@@ -19,7 +19,7 @@ import numpy as np
 import ray
 
 from actors.spec import StreamSpec, lookup
-from pipeline.errors import UnknownStreamError
+from pipeline.errors import UnknownStreamError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from cache_store.envelope import Wire
@@ -68,6 +68,9 @@ class PrefillWorker:
         """Start a stream; returns the snapshot (sinks only) that answer replicas start from."""
         from cache_store.wire import pack_snapshot
 
+        if self.model.dims.frames_per_unit != 1:  # the coordinator sends frames, and counts tokens, one by one
+            raise UnsupportedModelError(f"{self.model.name}: the Ray pipeline does not pair frames into temporal "
+                                        "patches yet; Qwen-VL checkpoints run in StreamSession")
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model)
         return pack_snapshot(stream.memory, stream_id=spec.stream_id, model_id=self.model.name)
 

@@ -1,6 +1,7 @@
 """Engine benchmark: ingest speed, retained KV and answer latency per method as the stream grows.
 
     python -m bench.engine [--lengths 256 1024 4096] [--questions 5] [--out bench/results]
+    python -m bench.engine --model qwen2.5-vl   # the tiny Qwen2.5-VL (results: engine_qwen2.5-vl.*)
 
 One tiny checkpoint, one run, every preset side by side. Each preset streams frames in chunks up
 to each length, then answers `--questions` questions (p50 latency). The reference is transformers'
@@ -29,11 +30,16 @@ from transformers.cache_utils import DynamicCache
 from pipeline import StreamSession, load_model
 from pipeline.config import PRESETS, frame_scaled_options
 from synthetic.checkpoint import CheckpointSpec, build_checkpoint
+from synthetic.qwen_checkpoint import QwenSpec, build_qwen_checkpoint
 from synthetic.world import WorldConfig, generate_stream
 
 QUESTIONS = ["what color was the star?", "which shape was red?", "what is on screen now?", "how many circles?"]
 CHUNK = 8  # frames per add_frames call, as a camera feeding 16 s of video at 0.5 fps
 BENCH_SPEC = CheckpointSpec(image_size=64, patch_size=8, text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2)
+# the same sizes as a Qwen2.5-VL: 64 px frames, 16 tokens per temporal patch of 2 frames
+BENCH_QWEN_SPEC = QwenSpec(frame_size=64, patch_size=8, text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2)
+CHECKPOINTS = {"llava-ov": lambda root: build_checkpoint(root / "bench", BENCH_SPEC),
+               "qwen2.5-vl": lambda root: build_qwen_checkpoint(root / "bench", BENCH_QWEN_SPEC)}
 
 
 def frames_for(count: int, seed: int = 90_000) -> np.ndarray:
@@ -57,12 +63,12 @@ class PlainForward:
         self.model.lm(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True)
 
 
-def run(lengths: list[int], questions: int, out_dir: Path) -> dict:
+def run(lengths: list[int], questions: int, out_dir: Path, checkpoint: str = "llava-ov") -> dict:
     """Every preset and the plain forward advance in lockstep, chunk by chunk in rotating order, and
     answer in rotating order at each length: slow drift in machine load hits all of them alike."""
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(build_checkpoint(Path(tmp) / "bench", BENCH_SPEC))
+        model = load_model(CHECKPOINTS[checkpoint](Path(tmp)))
     frames = frames_for(max(lengths))
     presets = {m: frame_scaled_options(m, model.dims.tokens_per_frame) for m in PRESETS}
     for method, options in presets.items():  # warm-up, untimed: first calls pay one-off costs
@@ -90,11 +96,12 @@ def run(lengths: list[int], questions: int, out_dir: Path) -> dict:
             progress.update(task, completed=done + CHUNK)
             if done + CHUNK in lengths:
                 measure(sessions, rows, done + CHUNK, ingest, questions)
-    results = {"tokens_per_frame": model.dims.tokens_per_frame, "presets": presets, "methods": rows}
+    results = {"model": checkpoint, "tokens_per_frame": model.dims.tokens_per_frame, "presets": presets, "methods": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "engine.json").write_text(json.dumps(results, indent=1))
+    suffix = "" if checkpoint == "llava-ov" else f"_{checkpoint}"
+    (out_dir / f"engine{suffix}.json").write_text(json.dumps(results, indent=1))
     report(results, lengths, console)
-    plot(results, lengths, out_dir / "engine_latency.png")
+    plot(results, lengths, out_dir / f"engine{suffix}_latency.png")
     return results
 
 
@@ -116,7 +123,7 @@ def measure(sessions: dict, rows: dict, length: int, ingest: dict, questions: in
 
 
 def report(results: dict, lengths: list[int], console: Console) -> None:
-    table = Table(title=f"engine benchmark ({results['tokens_per_frame']} tokens/frame)")
+    table = Table(title=f"engine benchmark ({results['model']}, {results['tokens_per_frame']} tokens/frame)")
     for column in ("method", "frames", "ingest fps", "ingest / plain", "retained KV", "answer p50", "p50 / p50@first"):
         table.add_column(column, justify="right")
     for method, rows in results["methods"].items():
@@ -155,11 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--questions", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared CPU stable)")
+    parser.add_argument("--model", choices=sorted(CHECKPOINTS), default="llava-ov", help="which tiny random checkpoint")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if any(n % CHUNK for n in args.lengths):
         parser.error(f"lengths must be multiples of {CHUNK}")
-    run(sorted(args.lengths), args.questions, args.out)
+    run(sorted(args.lengths), args.questions, args.out, args.model)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def pack_snapshot(memory: StreamMemory, *, stream_id: str, model_id: str) -> Wir
 
 
 def unpack_snapshot(wire: Wire, dims: ModelDims, config: EngineConfig, device, dtype: torch.dtype) -> StreamMemory:
-    meta, n = wire.meta, dims.tokens_per_frame
+    meta, n = wire.meta, dims.tokens_per_unit
     by_tier = {(p.header.extra.get("tier"), p.header.unit_id): p for p in wire.pages if p.header.kind == "page"}
     sink_keys, sink_values = next(p for p in wire.pages if p.header.kind == "sink").to_tensors(device)
     memory = StreamMemory(dims, config, [(sink_keys[l], sink_values[l]) for l in range(dims.layers)])

@@ -14,8 +14,10 @@ from pipeline.attention import AnswerPlan, ContextPlan
 from pipeline.config import EngineConfig
 from pipeline.conversation import MAX_HISTORY_TOKENS, Conversation
 from pipeline.errors import InvalidInputError, NoFramesError, UnsupportedModelError
+from pipeline.kv_store import Visual
 from pipeline.memory import StreamMemory
 from pipeline.model import VideoLLM
+from pipeline.positions import Rope
 from pipeline.retrieval import LayerView, Selection
 from pipeline.sampling import GREEDY, SamplingParams, TokenSampler, cut_at_stop, held_back
 
@@ -48,6 +50,7 @@ class Answerer:
         self.config = config
         self.system_prompt = system_prompt
         self.prefix_ids = model.prompt_parts(system_prompt, "").prefix_ids  # the stream's sinks
+        self.rope = model.rope(config.frame_rate)
 
     def check(self, question: str | Conversation, max_new_tokens: int) -> tuple[list[int], list[int]]:
         """Validate; return the bare question's ids and the prompt's ids after the video (the
@@ -78,7 +81,7 @@ class Answerer:
             raise NoFramesError("no frames have been ingested in this stream yet")
         selection = self.select(memory, bare_ids)
         contexts = [selection.context(layer, memory.sinks[layer]) for layer in range(self.model.dims.layers)]
-        return Generation(self.model, contexts, suffix_ids, max_new_tokens, _evidence(selection), sampling)
+        return Generation(self.model, contexts, suffix_ids, max_new_tokens, _evidence(selection), self.rope, sampling)
 
     def ask(self, memory: StreamMemory, question: str | Conversation, max_new_tokens: int = 64,
             sampling: SamplingParams = GREEDY) -> Answer:
@@ -98,7 +101,7 @@ class Answerer:
                 selection.choose_layer(layer, query_mean)
                 return selection.context(layer, memory.sinks[layer])
 
-            self.model.forward(self.model.embed(question_ids), ContextPlan(self.model.rotate, retrieved))
+            self.model.forward(self.model.embed(question_ids), ContextPlan(self.rope, retrieved))
             selection.finalize()
         return selection
 
@@ -106,13 +109,14 @@ class Answerer:
         """The base model on top_k frames sampled uniformly from the stream, encoded afresh."""
         items = memory.features
         picks = sorted(set(np.linspace(0, len(items) - 1, min(self.config.top_k, len(items))).round().astype(int).tolist()))
-        plan = ContextPlan(self.model.rotate, lambda layer, _q: [memory.sinks[layer]])
+        plan = ContextPlan(self.rope, lambda layer, _q: [memory.sinks[layer]], new_units=list(range(len(picks))))
         self.model.forward(torch.cat([items[i].tokens for i in picks]), plan)
-        n = self.model.dims.tokens_per_frame
+        n = self.model.dims.tokens_per_unit
 
         def view(layer: int) -> LayerView:
             def gather(indices):
-                return [(plan.keys[layer][:, i * n : (i + 1) * n], plan.values[layer][:, i * n : (i + 1) * n]) for i in indices]
+                return [Visual(plan.keys[layer][:, i * n : (i + 1) * n], plan.values[layer][:, i * n : (i + 1) * n], i)
+                        for i in indices]
 
             return LayerView(reps=torch.empty(0), gather=gather, span=lambda i: (items[picks[i]].frames, items[picks[i]].times),
                              size=len(picks))
@@ -125,7 +129,7 @@ class Generation:
     iterator (once). A stop string ends it; the text leaves the stop string out."""
 
     def __init__(self, model: VideoLLM, contexts, suffix_ids: list[int], max_new_tokens: int, evidence: list[Evidence],
-                 sampling: SamplingParams = GREEDY):
+                 rope: Rope, sampling: SamplingParams = GREEDY):
         self.model = model
         self.sampling = sampling
         self.sampler = TokenSampler(sampling, model.device)
@@ -133,10 +137,10 @@ class Generation:
         self.suffix_ids = suffix_ids
         self.max_new_tokens = max_new_tokens
         self.evidence = evidence
-        self.plan = AnswerPlan(model.rotate, contexts, capacity=len(suffix_ids) + 1 + max_new_tokens)
+        self.plan = AnswerPlan(rope, contexts, capacity=len(suffix_ids) + 1 + max_new_tokens)
         # the prompt as the model sees it: [sinks | retrieved | recent] (layers may differ in
         # length under adaptive budgets: the longest counts), the newline, question and header
-        self.prompt_tokens = max(self.plan.lengths) + 1 + len(suffix_ids)
+        self.prompt_tokens = max(self.plan.lengths) + len(model.newline_embedding) + len(suffix_ids)
         self.token_ids: list[int] = []  # generated so far
         self.first_token_logits: torch.Tensor | None = None
 

@@ -5,16 +5,17 @@ so each layer hands this function PRE-RoPE queries and keys. A plan, passed thro
 kwargs as `streamkv_plan`, decides what each layer attends to and at which positions:
 
 - ContextPlan: new tokens attend to a per-layer context chosen by a callback (the local window for
-  ingest, retrieved blocks for the question pass, a segment for the guidance prompt), placed at
-  contiguous positions 0..C-1, then causally to themselves at C..C+T-1. It records the new tokens'
-  pre-RoPE keys/values and the mean query of each layer.
+  ingest, retrieved blocks for the question pass, a segment for the guidance prompt), placed by
+  the model's Rope (positions.py: contiguous from 0 for 1-D RoPE, M-RoPE's grid for Qwen-VL), then
+  causally to themselves after it. It records the new tokens' pre-RoPE keys/values and the mean
+  query of each layer.
 - AnswerPlan: prefill and greedy decoding over a fixed per-layer context, whose rotated keys are
   computed once and kept with the answer's own growing cache.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+if TYPE_CHECKING:
+    from pipeline.positions import Rope
 
 ATTENTION_NAME = "streamkv"
 
@@ -64,17 +68,19 @@ def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 
 class ContextPlan:
-    """New tokens attend to [context(layer) | themselves] at contiguous positions from 0.
+    """New tokens attend to [context(layer) | themselves], placed by `rope`.
 
+    new_units: the uids of the visual units the new tokens are (ingest), None for text.
     After the forward: `keys[l]`, `values[l]` hold the new tokens' pre-RoPE KV [Hkv, T, d],
     `query_means[l]` their mean pre-RoPE query [Hq, d] (fp32), `last_queries[l]` the last
     `keep_queries` pre-RoPE queries [Hq, r, d].
     """
 
-    def __init__(self, rotate: Callable, context: ContextFn, keep_queries: int = 0):
-        self.rotate = rotate
+    def __init__(self, rope: "Rope", context: ContextFn, keep_queries: int = 0, new_units: list[int] | None = None):
+        self.rope = rope
         self.context = context
         self.keep_queries = keep_queries
+        self.new_units = new_units
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.query_means: dict[int, torch.Tensor] = {}
@@ -85,8 +91,8 @@ class ContextPlan:
         parts = self.context(layer, query_mean)
         keys = torch.cat([k for k, _ in parts] + [key], dim=1)
         values = torch.cat([v for _, v in parts] + [value], dim=1)
-        n_ctx = keys.shape[1] - query.shape[1]
-        out = causal_attention(self.rotate(query, n_ctx), self.rotate(keys), values, scaling)
+        place = self.rope.place(parts, query.shape[1], self.new_units)
+        out = causal_attention(self.rope.rotate(query, place.new), self.rope.rotate(keys, place.joined()), values, scaling)
         self.keys[layer], self.values[layer], self.query_means[layer] = key, value, query_mean
         if self.keep_queries:
             self.last_queries[layer] = query[:, -self.keep_queries :]
@@ -94,17 +100,19 @@ class ContextPlan:
 
 
 class AnswerPlan:
-    """Prefill then decode over a fixed context per layer: [context (positions 0..C-1) | answer].
+    """Prefill then decode over a fixed context per layer: [context (placed by `rope`) | answer],
+    the answer's text at consecutive positions after the context.
 
     The rotated context and the answer's own KV live in one buffer per layer, preallocated for
     `capacity` answer tokens, so a decode step writes one slot instead of copying the context.
     """
 
-    def __init__(self, rotate: Callable, contexts: list[list[KV]], capacity: int):
-        self.rotate = rotate
+    def __init__(self, rope: "Rope", contexts: list[list[KV]], capacity: int):
+        self.rope = rope
         self.keys: list[torch.Tensor] = []  # per layer [Hkv, C + capacity, d], rotated
         self.values: list[torch.Tensor] = []
         self.lengths: list[int] = []
+        self.positions: list[int] = []  # per layer, the position of the next answer token
         for parts in contexts:  # per layer, the context's parts in order
             first = parts[0][0]
             n_ctx = sum(k.shape[1] for k, _ in parts)
@@ -115,14 +123,17 @@ class AnswerPlan:
                 keys[:, offset : offset + k.shape[1]] = k
                 values[:, offset : offset + k.shape[1]] = v
                 offset += k.shape[1]
-            keys[:, :n_ctx] = rotate(keys[:, :n_ctx])
+            place = rope.place(parts, 0)
+            keys[:, :n_ctx] = rope.rotate(keys[:, :n_ctx], place.context)
             self.keys.append(keys)
             self.values.append(values)
             self.lengths.append(n_ctx)
+            self.positions.append(place.next)
 
     def attend(self, layer, query, key, value, scaling):
         start, end = self.lengths[layer], self.lengths[layer] + query.shape[1]
-        self.keys[layer][:, start:end] = self.rotate(key, start)
+        position = self.positions[layer]
+        self.keys[layer][:, start:end] = self.rope.rotate(key, position)
         self.values[layer][:, start:end] = value
-        self.lengths[layer] = end
-        return causal_attention(self.rotate(query, start), self.keys[layer][:, :end], self.values[layer][:, :end], scaling)
+        self.lengths[layer], self.positions[layer] = end, position + query.shape[1]
+        return causal_attention(self.rope.rotate(query, position), self.keys[layer][:, :end], self.values[layer][:, :end], scaling)

@@ -16,7 +16,7 @@ import torch
 from pipeline.attention import ContextPlan
 from pipeline.budget import adaptive_budgets
 from pipeline.config import EngineConfig
-from pipeline.kv_store import KV, mean_key
+from pipeline.kv_store import KV, Visual, mean_key
 from pipeline.memory import SegmentUpdate, StreamMemory
 from pipeline.model import VideoLLM
 from pipeline.retrieval import block_scores, choose
@@ -48,9 +48,9 @@ class Guidance(KeepAll):
             return  # keep everything
 
         def segment_context(layer: int, _query_mean) -> list[KV]:  # the prompt sees only the segment
-            return [kv[i][layer] for i in range(len(units))]
+            return [Visual(*kv[i][layer], units[i].uid) for i in range(len(units))]
 
-        plan = ContextPlan(self.model.rotate, segment_context)
+        plan = ContextPlan(self.model.rope(self.config.frame_rate), segment_context)
         self.model.forward(self.prompt, plan)
         scores = [
             block_scores(torch.stack([mean_key(kv[i][layer][0]) for i in frames]), plan.query_means[layer])
@@ -90,12 +90,15 @@ class VSB(KeepAll):
         """
         pool = memory.pools[layer]
         sinks = memory.sinks[layer][0]
-        keys = torch.cat([sinks, pool.keys] + [k for k, _ in memory.window.parts(layer)], dim=1)
+        parts = memory.ingest_context(layer)  # [sinks | long-term | short-term]
+        keys = torch.cat([k for k, _ in parts], dim=1)
         queries = memory.recent_queries[layer]  # [Hq, r, d]
         n_all, r = keys.shape[1], queries.shape[1]
         positions = torch.arange(n_all, device=keys.device)
-        rotated_q = self.model.rotate(queries, n_all - r).float()
-        rotated_k = self.model.rotate(keys).float()
+        rope = self.model.rope(self.config.frame_rate)
+        place = rope.place(parts, 0)
+        rotated_q = rope.rotate(queries, place.context_slice(n_all - r, n_all)).float()
+        rotated_k = rope.rotate(keys, place.context).float()
         rotated_k = rotated_k.repeat_interleave(self.model.dims.group, dim=0)  # [Hq, N_all, d]
         logits = rotated_q @ rotated_k.transpose(1, 2) * self.model.scaling  # [Hq, r, N_all]
         causal = positions[None, :] <= positions[n_all - r :, None]  # [r, N_all]

@@ -137,31 +137,41 @@ PRESETS: dict[str, dict] = {
 
 PAPER_TOKENS_PER_FRAME = 196  # LLaVA-OneVision-7B at 384 px: the unit of the papers' token knobs
 TOKEN_KNOBS = ("n_local", "budget_tokens")  # token-valued knobs the presets state in the papers' unit
+BLOCK_KNOBS = ("top_k", "recent_blocks")  # counted in stored units: one frame in the papers
 
 
-def frame_scaled_options(method: str, tokens_per_frame: int) -> dict:
+def frame_scaled_options(method: str, tokens_per_frame: int, frames_per_unit: int = 1) -> dict:
     """The preset's options with token-valued knobs (n_local, budget_tokens) rescaled so they keep
     the same number of frames' worth as in the papers, for a model with `tokens_per_frame`
-    (ReKV's 15,000-token window is 76 frames of 196 tokens: 76 frames on every model)."""
+    (ReKV's 15,000-token window is 76 frames of 196 tokens: 76 frames on every model), and
+    block counts (top_k, recent_blocks) divided by the frames one stored unit holds (Qwen-VL's
+    temporal patch: 2), so ReKV's top 64 frames are 32 patches there."""
     options = dict(PRESETS[method])
     for knob in TOKEN_KNOBS:
         if options.get(knob):
             options[knob] = max(tokens_per_frame, round(options[knob] * tokens_per_frame / PAPER_TOKENS_PER_FRAME))
+    for knob in BLOCK_KNOBS:
+        if options.get(knob):
+            options[knob] = max(1, round(options[knob] / frames_per_unit))
     return options
 
 
-def make_config(method: str = "rekv", tokens_per_frame: int = PAPER_TOKENS_PER_FRAME, **overrides) -> EngineConfig:
-    """The preset `method` for a model with `tokens_per_frame` visual tokens per frame, with
-    `overrides` applied; unknown knobs and bad values are ConfigErrors.
+def make_config(method: str = "rekv", tokens_per_frame: int = PAPER_TOKENS_PER_FRAME, frames_per_unit: int = 1,
+                **overrides) -> EngineConfig:
+    """The preset `method` for a model with `tokens_per_frame` visual tokens per frame and
+    `frames_per_unit` frames per stored block, with `overrides` applied; unknown knobs and bad
+    values are ConfigErrors.
 
     Presets mean the same number of frames on every model: their token-valued knobs are scaled from
-    the papers' 196 tokens per frame to the model's. Overrides are taken as given (tokens)."""
+    the papers' 196 tokens per frame to the model's, their block counts from the papers' one frame
+    per block. Overrides are taken as given (tokens, blocks)."""
     if method not in PRESETS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(PRESETS)}")
-    if not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
-        raise ConfigError(f"tokens_per_frame must be a positive integer, got {tokens_per_frame!r}")
+    for name, value in (("tokens_per_frame", tokens_per_frame), ("frames_per_unit", frames_per_unit)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return EngineConfig(**{**frame_scaled_options(method, tokens_per_frame), **overrides}).validate()
+    return EngineConfig(**{**frame_scaled_options(method, tokens_per_frame, frames_per_unit), **overrides}).validate()

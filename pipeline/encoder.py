@@ -22,7 +22,7 @@ class SegmentEncoder:
         """Per-layer pre-RoPE KV of the prompt prefix (system turn, user-turn header)."""
         dims = self.model.dims
         empty = torch.empty(dims.kv_heads, 0, dims.head_dim, device=self.model.device, dtype=self.model.dtype)
-        plan = ContextPlan(self.model.rotate, lambda layer, _q: [(empty, empty)])
+        plan = ContextPlan(self.model.rope(self.config.frame_rate), lambda layer, _q: [(empty, empty)])
         self.model.forward(self.model.embed(prefix_ids), plan)
         return [(plan.keys[layer], plan.values[layer]) for layer in range(dims.layers)]
 
@@ -35,11 +35,12 @@ class SegmentEncoder:
             mean = torch.stack([item.tokens for item in segment.items]).mean(dim=0)
             items.append(("summary", mean, segment.frames, segment.times))
         keep_queries = self.config.vsb_queries if self.config.compression == "vsb" else 0
-        plan = ContextPlan(self.model.rotate, lambda layer, _q: memory.ingest_context(layer), keep_queries)
+        units = memory.next_units([(kind, frames, times) for kind, _, frames, times in items], segment.index)
+        plan = ContextPlan(self.model.rope(self.config.frame_rate), lambda layer, _q: memory.ingest_context(layer),
+                           keep_queries, new_units=[unit.uid for unit in units])
         self.model.forward(torch.cat([tokens for _, tokens, _, _ in items]), plan)
-        n, layers = self.model.dims.tokens_per_frame, range(self.model.dims.layers)
+        n, layers = self.model.dims.tokens_per_unit, range(self.model.dims.layers)
         # clone: each block owns its storage, so dropping it frees exactly its bytes
         kv = [[(plan.keys[l][:, i * n : (i + 1) * n].clone(), plan.values[l][:, i * n : (i + 1) * n].clone())
                for l in layers] for i in range(len(items))]
-        units = memory.next_units([(kind, frames, times) for kind, _, frames, times in items], segment.index)
         return SegmentUpdate(segment.index, units, kv, recent_queries=plan.last_queries)

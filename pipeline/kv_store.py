@@ -18,6 +18,32 @@ import torch
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values [Hkv, n, d]
 
 
+class Visual(tuple):
+    """(keys, values) of visual tokens, tagged with the unit each token comes from and its index
+    there, so a placement can give them their unit's positions (M-RoPE). A plain KV is text.
+
+    uid: one unit for all tokens (index 0..n-1), or per-token uids [n] with `token_index` [n];
+    either may be a callable giving the tensor, computed only by a placement that needs it (1-D
+    RoPE never does).
+    """
+
+    def __new__(cls, keys: torch.Tensor, values: torch.Tensor, uid: int | torch.Tensor, token_index=None):
+        part = super().__new__(cls, (keys, values))
+        part.uid, part.token_index = uid, token_index
+        return part
+
+    def units(self) -> torch.Tensor:
+        n = self[0].shape[1]
+        if isinstance(self.uid, int):
+            return torch.full((n,), self.uid, dtype=torch.long)
+        return self.uid() if callable(self.uid) else self.uid
+
+    def index(self) -> torch.Tensor:
+        if self.token_index is None:
+            return torch.arange(self[0].shape[1])
+        return self.token_index() if callable(self.token_index) else self.token_index
+
+
 @dataclass(frozen=True)
 class UnitInfo:
     """What one block of KV covers in the stream."""
@@ -76,7 +102,7 @@ class LayerBlocks:
 
     def gather(self, indices: list[int]) -> list[KV]:
         """The selected blocks' KV, in the given order."""
-        return [(self.keys[i], self.values[i]) for i in indices]
+        return [Visual(self.keys[i], self.values[i], self.uids[i]) for i in indices]
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values]
@@ -110,7 +136,7 @@ class Window:
 
     def parts(self, layer: int) -> list[KV]:
         """One layer's window KV, unit by unit, oldest first."""
-        return [kv[layer] for _, kv in self.entries]
+        return [Visual(*kv[layer], uid) for uid, kv in self.entries]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for _, per_layer in self.entries for kv in per_layer for t in kv]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import EngineConfig
-from pipeline.kv_store import KV, LayerBlocks, TokenPool, UnitInfo, Window, tensor_bytes
+from pipeline.kv_store import KV, LayerBlocks, TokenPool, UnitInfo, Visual, Window, tensor_bytes
 from pipeline.model import ModelDims
 from pipeline.retrieval import LayerView
 from pipeline.segmenter import FrameFeature
@@ -38,7 +38,7 @@ class StreamMemory:
         # fifo (recent-N) with no explicit window: new frames see exactly the N frames it keeps
         limit = config.n_local
         if limit is None and config.compression == "fifo":
-            limit = config.recent_blocks * dims.tokens_per_frame
+            limit = config.recent_blocks * dims.tokens_per_unit
         self.window = Window(dims.layers, limit)
         self.pools = [TokenPool() for _ in range(dims.layers)] if config.compression == "vsb" else None
         self.units: dict[int, UnitInfo] = {}
@@ -50,18 +50,26 @@ class StreamMemory:
     def ingest_context(self, layer: int) -> list[KV]:
         """What new tokens attend to: sinks, LiveVLM's long-term memory, the local window."""
         pool = self.pools[layer] if self.pools is not None and len(self.pools[layer]) else None
-        return [self.sinks[layer], *([(pool.keys, pool.values)] if pool else []), *self.window.parts(layer)]
+        return [self.sinks[layer], *([self.pool_part(layer, 0, len(pool))] if pool else []), *self.window.parts(layer)]
+
+    def pool_part(self, layer: int, start: int, end: int) -> Visual:
+        """Long-term tokens [start, end) of a layer, tagged with their units and places there."""
+        pool, first, n = self.pools[layer], self.sinks[0][0].shape[1], self.dims.tokens_per_unit
+        uids, positions = pool.uids, pool.positions  # as they are now (compaction replaces them)
+        # units are laid end to end after the sinks; computed only if the placement asks (M-RoPE)
+        return Visual(pool.keys[:, start:end], pool.values[:, start:end], lambda: uids[start:end],
+                      lambda: (positions[start:end] - first) % n)
 
     def next_units(self, kinds_frames_times: list[tuple], segment: int) -> list[UnitInfo]:
         """UnitInfos for the next blocks of the stream (not yet registered: apply does that)."""
-        n, first_uid, first_position = self.dims.tokens_per_frame, len(self.units), self.next_position
+        n, first_uid, first_position = self.dims.tokens_per_unit, len(self.units), self.next_position
         return [UnitInfo(first_uid + i, kind, frames, times, segment, first_position + i * n)
                 for i, (kind, frames, times) in enumerate(kinds_frames_times)]
 
     def apply(self, update: SegmentUpdate) -> None:
         for unit in update.units:
             self.units[unit.uid] = unit
-        self.next_position += len(update.units) * self.dims.tokens_per_frame
+        self.next_position += len(update.units) * self.dims.tokens_per_unit
         self.features.extend(update.features)
         if update.recent_queries:
             self.recent_queries = update.recent_queries
@@ -109,7 +117,7 @@ class StreamMemory:
             return (first.frames[0], last.frames[1]), (first.times[0], last.times[1])
 
         def gather(indices: list[int]) -> list[KV]:
-            return [(pool.keys[:, slice(*pages[i])], pool.values[:, slice(*pages[i])]) for i in indices]
+            return [self.pool_part(layer, *pages[i]) for i in indices]
 
         return LayerView(reps=reps, gather=gather, span=span, size=len(pages), tail=self.window.parts(layer))
 

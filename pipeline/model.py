@@ -1,4 +1,5 @@
-"""The model adapter: a LLaVA-OneVision checkpoint seen as the pieces the streaming engine needs.
+"""The model adapter: a LLaVA-OneVision checkpoint seen as the pieces the streaming engine needs
+(Qwen2.5-VL's differences live in qwen_vl.py, positions in positions.py).
 
 Everything runs through the checkpoint's own modules: its processor and `get_video_features` for
 visual tokens, its decoder layers for every forward, its rotary embedding for positions. The one
@@ -10,20 +11,20 @@ over the engine's KV; without one it is plain SDPA, so the model stays an ordina
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaOnevisionForConditionalGeneration
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 from pipeline.attention import ATTENTION_NAME, AttentionPlan, register_attention
 from pipeline.conversation import Conversation
 from pipeline.errors import InvalidInputError, UnsupportedModelError
+from pipeline.positions import Rope
 
-SUPPORTED_MODEL_TYPES = ("llava_onevision",)
+SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_5_vl")
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,17 @@ class ModelDims:
     kv_heads: int
     head_dim: int
     hidden: int
-    tokens_per_frame: int
+    tokens_per_unit: int  # tokens of one stored unit (block): a frame, or Qwen-VL's temporal patch
+    frames_per_unit: int = 1  # frames one unit encodes (Qwen-VL: 2, its temporal patch)
 
     @property
     def group(self) -> int:
         return self.q_heads // self.kv_heads
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per frame (rounded up): the unit the presets' token knobs scale by."""
+        return math.ceil(self.tokens_per_unit / self.frames_per_unit)
 
 
 @dataclass(frozen=True)
@@ -56,34 +63,38 @@ class PromptParts:
 class VideoLLM:
     """A loaded checkpoint: model, processor and the operations the engine performs with them."""
 
+    family = "llava_onevision"
+
     def __init__(self, model: LlavaOnevisionForConditionalGeneration, processor, name: str):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.name = name
-        text_config = model.config.text_config
         self.lm = model.model.language_model
         self.device = model.device
         self.dtype = model.dtype
-        vision = model.config.vision_config
-        patches = vision.image_size // vision.patch_size
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        self.dims = ModelDims(
-            layers=text_config.num_hidden_layers,
-            q_heads=text_config.num_attention_heads,
-            kv_heads=text_config.num_key_value_heads,
-            head_dim=head_dim,
-            hidden=text_config.hidden_size,
-            tokens_per_frame=math.ceil(patches / 2) ** 2,
-        )
-        # The rotary helper of the text model's own modeling file (Qwen2's for LLaVA-OneVision).
-        attention_module = self.lm.layers[0].self_attn
-        self._rotate_half = sys.modules[type(attention_module).__module__].rotate_half
-        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [positions, d]
-        self.scaling = attention_module.scaling
+        self.dims = self._dims(model.config.text_config)
+        self.scaling = self.lm.layers[0].self_attn.scaling
+        self._rope = Rope(self.lm)
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
+
+    def _dims(self, text_config) -> ModelDims:
+        vision = self.model.config.vision_config
+        patches = vision.image_size // vision.patch_size
+        return ModelDims(
+            layers=text_config.num_hidden_layers,
+            q_heads=text_config.num_attention_heads,
+            kv_heads=text_config.num_key_value_heads,
+            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads,
+            hidden=text_config.hidden_size,
+            tokens_per_unit=math.ceil(patches / 2) ** 2,
+        )
+
+    def rope(self, frame_rate: float) -> Rope:
+        """Positions and rotation for a stream sampled at `frame_rate` (1-D RoPE ignores it)."""
+        return self._rope
 
     # ---- text -------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -103,6 +114,15 @@ class VideoLLM:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- vision -----------------------------------------------------------------------------
+    @property
+    def frame_size(self) -> int:
+        """The square side (px) frames are encoded at."""
+        return self.model.config.vision_config.image_size
+
+    def prepare_frames(self, frames: np.ndarray) -> np.ndarray:
+        """Frames as the stream keeps them until encoded (LLaVA-OneVision: as given)."""
+        return frames
+
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray, batch_size: int = 32) -> torch.Tensor:
         """uint8 frames [T, H, W, 3] -> visual tokens [T, tokens_per_frame, hidden] (LM input space).
@@ -158,23 +178,10 @@ class VideoLLM:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
-    @torch.inference_mode()
-    def rotate(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """The model's RoPE on x [..., heads, T, d] at positions start..start+T-1.
-
-        The model's own apply_rotary_pos_emb, written for one tensor (it rotates two), over a
-        cos/sin table computed by the model's rotary module and kept for reuse.
-        """
-        end = start + x.shape[-2]
-        if self._rope_table is None or self._rope_table[0].shape[0] < end:
-            size = max(end, 2 * (0 if self._rope_table is None else self._rope_table[0].shape[0]), 4096)
-            cos, sin = self.lm.rotary_emb(x, torch.arange(size, device=x.device)[None])
-            self._rope_table = (cos[0], sin[0])  # [positions, d]
-        cos, sin = (t[start:end].to(x.dtype) for t in self._rope_table)
-        return x * cos + self._rotate_half(x) * sin
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None) -> VideoLLM:
-    """Load a LLaVA-OneVision checkpoint (model + processor) from a local directory, offline.
+    """Load a LLaVA-OneVision or Qwen2.5-VL checkpoint (model + its own processor and chat
+    template) from a local directory, offline.
 
     dtype defaults to float32 on CPU and bfloat16 on CUDA.
     """
@@ -193,13 +200,16 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
         if not isinstance(dtype, torch.dtype):
             raise InvalidInputError("dtype must be a torch dtype name such as 'float32' or 'bfloat16'")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return wrap_model(model.to(device), processor, name=path.name)
 
 
-def wrap_model(model: LlavaOnevisionForConditionalGeneration, processor, name: str) -> VideoLLM:
+def wrap_model(model, processor, name: str) -> VideoLLM:
     """A VideoLLM over an already built model (e.g. random weights for a benchmark)."""
+    from pipeline.qwen_vl import QwenVL  # it builds on VideoLLM
+
     register_attention()
     model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
-    return VideoLLM(model.eval(), processor, name=name)
+    family = QwenVL if model.config.model_type == "qwen2_5_vl" else VideoLLM
+    return family(model.eval(), processor, name=name)

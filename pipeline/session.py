@@ -26,7 +26,7 @@ from pipeline.segmenter import FrameFeature, Segment, Segmenter
 
 class StreamSession:
     def __init__(self, model: VideoLLM, method: str = "rekv", system_prompt: str | None = "You are a helpful assistant.", **options):
-        self.config: EngineConfig = make_config(method, model.dims.tokens_per_frame, **options)
+        self.config: EngineConfig = make_config(method, model.dims.tokens_per_frame, model.dims.frames_per_unit, **options)
         self.method = method
         self.model = model
         self._lock = threading.RLock()
@@ -37,6 +37,8 @@ class StreamSession:
         self.store = StreamMemory(model.dims, self.config, self.encoder.encode_sinks(self.answerer.prefix_ids))
         self.frames_seen = 0
         self.last_time: float | None = None
+        # frames short of a whole unit (Qwen-VL's temporal patch: 2 frames), with index and time
+        self._pending: list[tuple[np.ndarray, int, float]] = []
 
     # ---- ingest -----------------------------------------------------------------------------
     def add_frames(self, frames, timestamps=None) -> int:
@@ -44,15 +46,27 @@ class StreamSession:
         frames = check_frames(frames)
         with self._lock:
             times = check_times(timestamps, len(frames), self.frames_seen, self.last_time, self.config.frame_rate)
-            features = self.model.encode_frames(frames, self.config.vision_batch)  # [T, n, hidden]
-            for i, tokens in enumerate(features):
-                index = self.frames_seen + i
-                item = FrameFeature(tokens=tokens, frames=(index, index + 1), times=(times[i], times[i]))
-                for segment in self.segmenter.push(item):
-                    self._encode_segment(segment)
+            frames = self.model.prepare_frames(frames)
+            pending = self._pending + [(frame, self.frames_seen + i, times[i]) for i, frame in enumerate(frames)]
+            whole = len(pending) // self.model.dims.frames_per_unit * self.model.dims.frames_per_unit
+            self._encode_units(pending[:whole])
+            self._pending = pending[whole:]  # a temporal patch waits for its second frame
             self.frames_seen += len(frames)
             self.last_time = times[-1]
             return self.frames_seen
+
+    def _encode_units(self, frames: list[tuple[np.ndarray, int, float]]) -> None:
+        """Encode frames (with index and time) unit by unit into the segmenter; a last partial unit
+        is padded by the model's processor (repeating its last frame)."""
+        if not frames:
+            return
+        per_unit = self.model.dims.frames_per_unit
+        features = self.model.encode_frames(np.stack([f for f, _, _ in frames]), self.config.vision_batch)  # [U, n, hidden]
+        for i, tokens in enumerate(features):
+            unit = frames[i * per_unit : (i + 1) * per_unit]
+            item = FrameFeature(tokens=tokens, frames=(unit[0][1], unit[-1][1] + 1), times=(unit[0][2], unit[-1][2]))
+            for segment in self.segmenter.push(item):
+                self._encode_segment(segment)
 
     def _encode_segment(self, segment: Segment) -> SegmentUpdate:
         update = self.encoder.encode(self.store, segment)
@@ -62,8 +76,12 @@ class StreamSession:
         return update
 
     def flush(self) -> None:
-        """Encode the open partial segment now (done before every question)."""
+        """Encode the open partial segment now (done before every question), with a lone last frame
+        as a unit of its own, padded the way the processor pads a video (chosen: the next frame
+        then starts a new temporal patch)."""
         with self._lock:
+            self._encode_units(self._pending)
+            self._pending = []
             segment = self.segmenter.flush()
             if segment is not None:
                 self._encode_segment(segment)

@@ -72,11 +72,16 @@ class CheckpointSpec:
         return math.ceil(self.image_size / self.patch_size / 2) ** 2
 
 
-def build_tokenizer(words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """A lowercase word-level tokenizer: words, single punctuation marks and newlines are tokens."""
+def build_tokenizer(words: tuple[str, ...] = (), specials: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE
+                    ) -> PreTrainedTokenizerFast:
+    """A lowercase word-level tokenizer: words, single punctuation marks and newlines are tokens.
+
+    `specials`: further special tokens (a model family's vision markers), kept whole and unlowered.
+    """
     vocab: dict[str, int] = {}
-    for token in [*SPECIAL_TOKENS, *BASE_WORDS, *words]:
-        vocab.setdefault(token.lower() if token not in SPECIAL_TOKENS else token, len(vocab))
+    specials = (*SPECIAL_TOKENS, *specials)
+    for token in [*specials, *BASE_WORDS, *words]:
+        vocab.setdefault(token.lower() if token not in specials else token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -91,8 +96,8 @@ def build_tokenizer(words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         pad_token="<pad>",
         eos_token="<|im_end|>",
-        extra_special_tokens=["<|im_start|>", "<image>", "<video>"],
-        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens=[t for t in specials if t not in ("<pad>", "<unk>", "<|im_end|>")],
+        chat_template=chat_template,
         model_max_length=1 << 20,
     )
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pipeline import StreamSession
 
@@ -11,16 +11,17 @@ SYSTEM = "You are a helpful assistant."
 QUESTION = "What color was the star?"
 
 
-def reference(checkpoint_dir, frames, question=QUESTION, system=SYSTEM, max_new_tokens=10):
-    """First-token logits and greedy tokens of transformers' forward/generate on the whole video."""
+def reference(checkpoint_dir, frames, question=QUESTION, system=SYSTEM, max_new_tokens=10, **video_kwargs):
+    """First-token logits and greedy tokens of transformers' forward/generate on the whole video
+    (`video_kwargs`: further processor arguments, such as Qwen-VL's video_metadata)."""
     processor = AutoProcessor.from_pretrained(checkpoint_dir)
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint_dir).eval()
     messages = [
         {"role": "system", "content": [{"type": "text", "text": system}]},
         {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]},
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=text, videos=[frames], return_tensors="pt")
+    inputs = processor(text=text, videos=[frames], return_tensors="pt", **video_kwargs)
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1]
         tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0]

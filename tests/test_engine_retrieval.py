@@ -100,7 +100,7 @@ def test_pages_are_repositioned_so_attention_equals_a_direct_computation(gqa_mod
     q = torch.randn(dims.q_heads, 3, dims.head_dim, generator=rng)
     k = torch.randn(dims.kv_heads, 3, dims.head_dim, generator=rng)
     v = torch.randn(dims.kv_heads, 3, dims.head_dim, generator=rng)
-    out = AnswerPlan(gqa_model.rotate, [parts], capacity=3).attend(0, q, k, v, gqa_model.scaling)
+    out = AnswerPlan(gqa_model.rope(0.5), [parts], capacity=3).attend(0, q, k, v, gqa_model.scaling)
 
     keys, values = torch.cat([ctx_k, k], 1), torch.cat([ctx_v, v], 1)
     n = keys.shape[1]

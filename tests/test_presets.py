@@ -27,6 +27,14 @@ def test_presets_keep_the_same_frames_worth_on_every_model(method):
     assert make_config("rekv").n_local == 15000 and make_config("livevlm").budget_tokens == 12000
 
 
+def test_block_counts_mean_frames_where_a_block_holds_two():
+    """Qwen-VL stores temporal patches of 2 frames: ReKV's top 64 frames are 32 patches there,
+    StreamKV's 8 recent frames 4, recent-32 keeps 16 patches."""
+    assert (make_config("rekv", 128, 2).top_k, make_config("rekv", 196, 1).top_k) == (32, 64)
+    assert make_config("streamkv", 128, 2).recent_blocks == 4 and make_config("recent", 128, 2).recent_blocks == 16
+    assert make_config("rekv", 128, 2, top_k=64).top_k == 64  # an override is a count of blocks, as given
+
+
 def test_explicit_token_overrides_are_taken_as_given(gqa_model):
     assert make_config("rekv", 4, n_local=100).n_local == 100
     assert make_config("livevlm", 4, budget_tokens=7, n_local=9).budget_tokens == 7

@@ -1,8 +1,9 @@
-"""Tiny LLaVA-OneVision checkpoints built on disk once per test session."""
+"""Tiny LLaVA-OneVision and Qwen2.5-VL checkpoints built on disk once per test session."""
 
 import pytest
 
 from synthetic.checkpoint import CheckpointSpec, build_checkpoint
+from synthetic.qwen_checkpoint import QwenSpec, build_qwen_checkpoint
 
 # Two shapes: grouped-query attention with head_dim 16, and plain multi-head with head_dim 32.
 TINY_SPECS = {
@@ -31,3 +32,26 @@ def gqa_model(checkpoint_dirs):
     from pipeline import load_model
 
     return load_model(checkpoint_dirs["gqa"])
+
+
+# Tiny Qwen2.5-VL checkpoints: grouped-query (head_dim 16, M-RoPE sections 2/3/3) and multi-head
+# (head_dim 24, sections 4/4/4); 16 and 9 tokens per temporal patch.
+QWEN_SPECS = {
+    "qwen-gqa": QwenSpec(text_hidden=64, text_heads=4, text_kv_heads=2, text_layers=3, mrope_section=(2, 3, 3),
+                         init_std=0.15, words=("red", "green", "circle", "star"), seed=3),
+    "qwen-mha": QwenSpec(text_hidden=72, text_heads=3, text_kv_heads=3, text_layers=2, mrope_section=(4, 4, 4),
+                         frame_size=48, patch_size=8, init_std=0.15, words=("red", "green", "circle", "star"), seed=4),
+}
+
+
+@pytest.fixture(scope="session")
+def qwen_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("qwen_checkpoints")
+    return {name: str(build_qwen_checkpoint(root / name, spec)) for name, spec in QWEN_SPECS.items()}
+
+
+@pytest.fixture(scope="session", params=sorted(QWEN_SPECS))
+def qwen_model(request, qwen_dirs):
+    from pipeline import load_model
+
+    return load_model(qwen_dirs[request.param])
