@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench redis-server
+.PHONY: install demo test bench redis-server browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ redis-server:
 demo: install
 	$(PY) -m synthetic.demo
 
-test: install redis-server
+# The web console's tests drive Debian's headless chromium through chromium-driver (selenium).
+browser:
+	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
+test: install redis-server browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install

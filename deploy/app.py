@@ -486,6 +486,13 @@ def stream_status(stream_id: str, status: dict, retained_bytes: int | None) -> d
     ).model_dump()
 
 
+# the web console's page and its routes (after the helpers they use)
+from deploy import console  # noqa: E402
+
+app.include_router(console.router)
+ROUTE_ERRORS.update(console.ROUTE_ERRORS)
+
+
 @serve.deployment(name="StreamKVAPI", ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=64)
 @serve.ingress(app)
 class StreamKVAPI:
