@@ -147,9 +147,12 @@ def test_a_deep_link_shows_the_apis_answer_with_its_evidence_thumbnails(server, 
     assert answer.get_property("textContent") == api["choices"][0]["message"]["content"]
     assert not browser.execute_script("return document.getElementById('token-dialog').open")
 
+    evidence = sorted(evidence, key=lambda e: -e["score"])  # the page shows the best first
+    thumbs = [thumbs[i] for i in sorted(range(len(middles)), key=lambda i: -api["evidence"][i]["score"])]
     cards = browser.find_elements("css selector", ".evidence-item")
     assert [c.get_attribute("data-frames") for c in cards] == [",".join(map(str, e["frames"])) for e in evidence]
     assert [float(c.get_attribute("data-score")) for c in cards] == pytest.approx([e["score"] for e in evidence])
+    assert sum(c.is_displayed() for c in cards) == min(6, len(evidence))  # the rest behind "show all"
     assert all(browser.execute_script("return arguments[0].naturalWidth", img) > 0
                for img in browser.find_elements("css selector", ".evidence-item img"))
     assert shows(browser, ".evidence-item img", [r.content for r in thumbs])  # the API's thumbnails

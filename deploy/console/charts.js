@@ -15,6 +15,9 @@ export class Sparkline {
     this.area.setAttribute("class", "area");
     this.line = svg.appendChild(document.createElementNS(NS, "path"));
     this.line.setAttribute("class", "line");
+    this.dot = svg.appendChild(document.createElementNS(NS, "circle"));
+    this.dot.setAttribute("class", "dot");
+    this.dot.setAttribute("r", 2.5);
     this.top = svg.appendChild(document.createElementNS(NS, "text"));
     this.top.setAttribute("class", "scale");
     this.top.setAttribute("x", W - PAD);
@@ -41,5 +44,10 @@ export class Sparkline {
     this.line.setAttribute("d", n ? `M${points.join("L")}` : "");
     this.area.setAttribute("d", n ? `M${x(0)},${H - PAD}L${points.join("L")}L${x(n - 1)},${H - PAD}Z` : "");
     this.top.textContent = n ? this.format(max) : "";
+    this.dot.setAttribute("visibility", n ? "visible" : "hidden");
+    if (n) {
+      this.dot.setAttribute("cx", x(n - 1));
+      this.dot.setAttribute("cy", y(this.values[n - 1]));
+    }
   }
 }

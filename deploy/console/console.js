@@ -28,8 +28,8 @@ function bytes(n) {
 }
 
 // ---- the token -------------------------------------------------------------------------------
-function askForToken(message) {
-  token.clear();
+function askForToken(message, refused = token.get()) {
+  if (token.get() === refused) token.clear();  // (not one stored meanwhile, by another tab)
   $("token-error").textContent = message || "";
   $("token-input").value = "";
   const dialog = $("token-dialog");
@@ -38,6 +38,7 @@ function askForToken(message) {
 }
 
 async function signIn() {
+  const tried = token.get();
   try {
     const models = await api.models();
     detail ??= new StreamDetail(models.data[0].id, notify);
@@ -47,7 +48,7 @@ async function signIn() {
     return true;
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) {
-      askForToken(token.get() ? "That token was refused." : "");
+      askForToken(tried ? "That token was refused." : "", tried);
       return false;
     }
     throw error;

@@ -13,7 +13,10 @@ function el(tag, className, text) {
   return node;
 }
 
+const SHOWN_EVIDENCE = 6;  // the best-scored first; the rest behind "show all"
 const seconds = (t) => (t >= 60 ? `${Math.floor(t / 60)}:${(t % 60).toFixed(1).padStart(4, "0")}` : `${t.toFixed(1)} s`);
+const span = ([a, b], show) => (a === b ? show(a) : `${show(a)}–${show(b)}`);
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 
 export class StreamDetail {
   constructor(model, notify) {
@@ -66,7 +69,7 @@ export class StreamDetail {
     this.previous = { at: now, frames: status.frames_ingested };
     const lag = status.frames_pending ?? 0;
     this.charts.lag.push(lag);
-    $("lag-now").textContent = `${lag} frames`;
+    $("lag-now").textContent = plural(lag, "frame");
     const state = status.state === "lost" ? "lost" : status.source_state || "no source";
     $("detail-state").textContent = state;
     $("detail-state").className = `badge ${state.replace(" ", "-")}`;
@@ -147,6 +150,7 @@ export class StreamDetail {
     $("answer-box").hidden = false;
     $("answer-meta").textContent = "thinking…";
     $("evidence").replaceChildren();
+    $("evidence").classList.remove("all");
     this.evidence = [];
     this.markEvidence();
     const start = performance.now();
@@ -184,15 +188,17 @@ export class StreamDetail {
   async showEvidence(id, run) {
     const box = $("evidence");
     const best = Math.max(1e-9, ...this.evidence.map((e) => Math.abs(e.score ?? 0)));
-    const cards = this.evidence.map((e) => {
-      const card = el("div", "evidence-item");
+    const ranked = [...this.evidence].sort((a, b) => (b.score ?? -Infinity) - (a.score ?? -Infinity));
+    const cards = ranked.map((e, rank) => {
+      const card = el("div", rank < SHOWN_EVIDENCE ? "evidence-item" : "evidence-item more");
       card.dataset.frames = e.frames.join(",");
       card.dataset.score = e.score ?? "";
       const img = card.appendChild(el("img"));
-      img.alt = `frames ${e.frames[0]}–${e.frames[1] - 1}`;
+      const frames = span([e.frames[0], e.frames[1] - 1], String);
+      img.alt = `frames ${frames}`;
       const text = card.appendChild(el("div", "ev-text"));
-      text.append(el("div", "ev-time", `${seconds(e.times[0])}–${seconds(e.times[1])}`));
-      text.append(el("div", "muted", `frames ${e.frames[0]}–${e.frames[1] - 1}`));
+      text.append(el("div", "ev-time", span(e.times, seconds)));
+      text.append(el("div", "muted", `${e.frames[1] - e.frames[0] === 1 ? "frame" : "frames"} ${frames}`));
       if (e.score != null) {
         const bar = text.appendChild(el("div", "score"));
         bar.append(el("span", "score-fill"));
@@ -202,6 +208,11 @@ export class StreamDetail {
       box.append(card);
       return [card, img, Math.floor((e.frames[0] + e.frames[1] - 1) / 2)];
     });
+    if (ranked.length > SHOWN_EVIDENCE) {
+      const all = box.appendChild(el("button", "ghost show-all", `show all ${ranked.length}`));
+      all.type = "button";
+      all.addEventListener("click", () => { box.classList.add("all"); all.remove(); });
+    }
     await Promise.all(cards.map(async ([card, img, frame]) => {
       try {
         const thumb = await thumbnailURL(id, frame);
