@@ -3,6 +3,7 @@ redis-server), and the coordinator's thumbnailer (actors/thumbnailer.py) on a re
 
 import asyncio
 import io
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +127,39 @@ def test_thumbnailer_skips_a_chunk_when_behind_and_survives_a_failing_store():
         assert first.exception() is None and keeper.pending["cam"] == 0
 
     asyncio.run(run())
+
+
+def test_the_coordinator_keeps_each_streams_thumbnails_in_redis_and_frees_them_with_it(
+        ray_runtime, checkpoint_dirs, redis_server):
+    """A real coordinator on Ray with its index in the real redis-server: ingested frames get
+    thumbnails (the frames' pictures), kept in Redis beside the index, and gone with the stream."""
+    import ray
+
+    from actors.coordinator import StreamCoordinator
+    from tests.stages import scene_video
+
+    redis = redis_server.client()
+    coordinator = ray.remote(StreamCoordinator).options(num_cpus=0.05).remote(
+        checkpoint_dirs["gqa"], index_url=redis_server.url)
+    try:
+        frames = scene_video(20, seed=3)
+        ray.get(coordinator.create_stream.remote("thumbs", "rekv", {"n_local": 24}))
+        ray.get(coordinator.ingest.remote("thumbs", frames[:12]))
+        ray.get(coordinator.ingest.remote("thumbs", frames[12:]))
+        found = []
+        for _ in range(200):  # written just after each chunk is ingested (up to ~10 s)
+            found = ray.get(coordinator.thumbnails.remote("thumbs", list(range(20))))
+            if all(t is not None and t.frame == i for i, t in enumerate(found)):
+                break
+            time.sleep(0.05)
+        assert [t.frame for t in found] == list(range(20))
+        for frame, thumb in zip(frames, found):  # each the picture of its frame (a few JPEG levels off)
+            picture = np.asarray(Image.open(io.BytesIO(thumb.jpeg)).convert("RGB"), np.int16)
+            assert picture.shape == frame.shape and np.abs(picture.mean((0, 1)) - frame.mean((0, 1))).max() < 8
+        assert len(list(redis.scan_iter("streamkv:thumbs:{thumbs}:f:*"))) == 20
+        with pytest.raises(Exception, match="UnknownStreamError|unknown stream"):
+            ray.get(coordinator.thumbnails.remote("nope", [0]))
+        ray.get(coordinator.delete_stream.remote("thumbs"))
+        assert list(redis.scan_iter("streamkv:thumbs:*")) == []
+    finally:
+        ray.kill(coordinator)
