@@ -208,3 +208,31 @@ def test_another_token_never_sees_the_first_tokens_streams(server, browser, lobb
     assert r.status_code == 404 and r.json()["error"]["type"] == "UnknownStreamError"
     assert httpx.get(f"{server}/v1/streams/{lobby}/thumbnails/0").status_code == 401
     assert MODEL_NAME in browser.find_element("id", "model").text
+
+
+def test_create_by_uploading_a_file_and_a_bad_source_is_a_clear_error(server, browser, lobby, tmp_path):
+    browser.get(f"{server}/console")
+    if browser.execute_script("return localStorage.getItem('streamkv.token')") != TOKEN_A:
+        sign_in(browser, server, TOKEN_A)
+    until(browser, lambda d: lobby in stream_rows(d), "listed")
+    browser.find_element("id", "new-id").send_keys("console-bad")
+    browser.find_element("id", "new-source").send_keys("ftp://example.invalid/clip.ts")
+    browser.find_element("css selector", "#create button[type=submit]").click()
+    until(browser, lambda d: "invalid_source" in d.find_element("id", "create-status").text, "the API's error shown")
+    assert "console-bad" not in stream_rows(browser)
+
+    clip = tmp_path / "clip.ts"
+    clip.write_bytes(mpegts(video(12, seed=9)))
+    browser.find_element("id", "new-id").clear()
+    browser.find_element("id", "new-id").send_keys("console-upload")
+    browser.find_element("id", "new-source").clear()
+    browser.find_element("id", "new-file").send_keys(str(clip))
+    browser.find_element("css selector", "#create button[type=submit]").click()
+    until(browser, lambda d: stream_rows(d).get("console-upload", ["", "", ""])[2] == "12", "its frames, uploaded")
+    assert stream_rows(browser)["console-upload"][4] == "finished"
+    assert browser.find_element("id", "detail-title").text == "console-upload"  # opened
+    with client(server, TOKEN_A) as http:
+        status = http.get("/v1/streams/console-upload").json()
+        assert status["frames_ingested"] == 12 and status["mode"] == "push"
+        assert http.get("/v1/streams/console-bad").status_code == 404
+        http.delete("/v1/streams/console-upload")

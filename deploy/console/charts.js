@@ -20,7 +20,7 @@ export class Sparkline {
     this.dot.setAttribute("r", 2.5);
     this.top = svg.appendChild(document.createElementNS(NS, "text"));
     this.top.setAttribute("class", "scale");
-    this.top.setAttribute("x", W - PAD);
+    this.top.setAttribute("x", PAD);
     this.top.setAttribute("y", 11);
   }
 
