@@ -486,10 +486,10 @@ def stream_status(stream_id: str, status: dict, retained_bytes: int | None) -> d
     ).model_dump()
 
 
-# the web console's page and its routes (after the helpers they use)
+# the web console's page and its routes (deploy/console.py), with this app's auth
 from deploy import console  # noqa: E402
 
-app.include_router(console.router)
+app.include_router(console.router(_owner))
 ROUTE_ERRORS.update(console.ROUTE_ERRORS)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from fastapi import APIRouter, Depends, Path as PathParam, Query
 from fastapi.responses import FileResponse, Response
@@ -27,7 +27,6 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from deploy import auth
-from deploy.app import APIError, _check_id, _over_restarts, _owner
 
 ASSETS = Path(__file__).with_name("console")
 _MEDIA = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -45,9 +44,6 @@ ROUTE_ERRORS = {
     ("get", "/v1/streams/{stream_id}/timeline"): (401, 404, 422, 503),
     ("get", "/v1/streams/{stream_id}/thumbnails/{frame}"): (401, 404, 422, 503),
 }
-
-router = APIRouter()
-
 
 class Thumbnail(BaseModel):
     frame: int = Field(description="the frame shown: the kept thumbnail nearest the one asked for")
@@ -73,50 +69,67 @@ def _coordinator():
     return serve.get_replica_context().servable_object.coord
 
 
+def _api():
+    """deploy.app, which includes this router (imported when called: no import cycle)."""
+    import deploy.app
+
+    return deploy.app
+
+
 def _asset(name: str) -> Response:
     path = _FILES.get(name)
     if path is None:
-        raise APIError(404, "not_found", f"no console asset {name!r}")
+        raise _api().APIError(404, "not_found", f"no console asset {name!r}")
     return FileResponse(path, media_type=_MEDIA[path.suffix], headers=_PAGE_HEADERS)
 
 
-@router.get("/console", include_in_schema=False)
-async def page():
-    return _asset("index.html")
+def _thumbnail(found) -> Thumbnail | None:
+    return found and Thumbnail(frame=found.frame, jpeg_base64=base64.b64encode(found.jpeg).decode())
 
 
-@router.get("/console/{name}", include_in_schema=False)
-async def asset(name: str):
-    return _asset(name)
+_JPEG = {200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+               "description": "the JPEG of the kept thumbnail nearest the frame",
+               "headers": {"X-Thumbnail-Frame": {"schema": {"type": "integer"}, "description": "the frame it shows"}}}}
 
 
-@router.get("/v1/streams/{stream_id}/timeline", response_model=Timeline, tags=["console"])
-async def timeline(stream_id: str, after: int = Query(-1, ge=-1, le=MAX_FRAME, description="segments after this one"),
-                   limit: int = Query(100, ge=1, le=500), owner: str = Depends(_owner)):
-    """The stream's closed segments, each with a thumbnail: the web console's timeline."""
-    internal = auth.internal_id(owner, _check_id(stream_id))
-    coord = _coordinator()
-    segments = [s for s in await _over_restarts(lambda: coord.segments.remote(internal)) if s["segment"] > after]
-    page = segments[:limit]
-    middles = [(s["frames"][0] + s["frames"][1] - 1) // 2 for s in page]
-    thumbs = await _over_restarts(lambda: coord.thumbnails.remote(internal, middles)) if page else []
-    data = [TimelineSegment(segment=s["segment"], frames=list(s["frames"]), times=list(s["times"]),
-                            thumbnail=t and Thumbnail(frame=t.frame, jpeg_base64=base64.b64encode(t.jpeg).decode()))
-            for s, t in zip(page, thumbs)]
-    return Timeline(stream_id=stream_id, data=data, has_more=len(segments) > limit)
+def router(caller: Callable) -> APIRouter:
+    """The console's routes; `caller`: the app's auth dependency (the caller's owner id)."""
+    routes = APIRouter()
 
+    @routes.get("/console", include_in_schema=False)
+    async def page():
+        return _asset("index.html")
 
-@router.get("/v1/streams/{stream_id}/thumbnails/{frame}", tags=["console"], response_class=Response,
-            responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
-                             "description": "the JPEG of the kept thumbnail nearest the frame",
-                             "headers": {"X-Thumbnail-Frame": {"schema": {"type": "integer"},
-                                                               "description": "the frame it shows"}}}})
-async def thumbnail(stream_id: str, frame: int = PathParam(ge=0, le=MAX_FRAME), owner: str = Depends(_owner)):
-    """The thumbnail nearest a frame of the stream (404 while the stream has none)."""
-    internal = auth.internal_id(owner, _check_id(stream_id))
-    coord = _coordinator()
-    [found] = await _over_restarts(lambda: coord.thumbnails.remote(internal, [frame]))
-    if found is None:
-        raise APIError(404, "not_found", f"stream {stream_id!r} has no thumbnails yet")
-    return Response(found.jpeg, media_type="image/jpeg",
-                    headers={"X-Thumbnail-Frame": str(found.frame), "Cache-Control": "private, max-age=30"})
+    @routes.get("/console/{name}", include_in_schema=False)
+    async def asset(name: str):
+        return _asset(name)
+
+    @routes.get("/v1/streams/{stream_id}/timeline", response_model=Timeline, tags=["console"])
+    async def timeline(stream_id: str, after: int = Query(-1, ge=-1, le=MAX_FRAME, description="segments after this one"),
+                       limit: int = Query(100, ge=1, le=500), owner: str = Depends(caller)):
+        """The stream's closed segments, each with a thumbnail: the web console's timeline."""
+        api = _api()
+        internal = auth.internal_id(owner, api._check_id(stream_id))
+        coord = _coordinator()
+        segments = [s for s in await api._over_restarts(lambda: coord.segments.remote(internal)) if s["segment"] > after]
+        page = segments[:limit]
+        middles = [(s["frames"][0] + s["frames"][1] - 1) // 2 for s in page]
+        thumbs = await api._over_restarts(lambda: coord.thumbnails.remote(internal, middles)) if page else []
+        data = [TimelineSegment(segment=s["segment"], frames=list(s["frames"]), times=list(s["times"]),
+                                thumbnail=_thumbnail(t)) for s, t in zip(page, thumbs)]
+        return Timeline(stream_id=stream_id, data=data, has_more=len(segments) > limit)
+
+    @routes.get("/v1/streams/{stream_id}/thumbnails/{frame}", tags=["console"], response_class=Response,
+                responses=_JPEG)
+    async def thumbnail(stream_id: str, frame: int = PathParam(ge=0, le=MAX_FRAME), owner: str = Depends(caller)):
+        """The thumbnail nearest a frame of the stream (404 while the stream has none)."""
+        api = _api()
+        internal = auth.internal_id(owner, api._check_id(stream_id))
+        coord = _coordinator()
+        [found] = await api._over_restarts(lambda: coord.thumbnails.remote(internal, [frame]))
+        if found is None:
+            raise api.APIError(404, "not_found", f"stream {stream_id!r} has no thumbnails yet")
+        return Response(found.jpeg, media_type="image/jpeg",
+                        headers={"X-Thumbnail-Frame": str(found.frame), "Cache-Control": "private, max-age=30"})
+
+    return routes

@@ -71,15 +71,23 @@ def lobby(server):
     return "console-lobby"
 
 
-def sign_in(driver, server: str, token: str) -> None:
-    """A fresh page without a token: the dialog asks for one, once."""
+def dialog_open(driver) -> bool:
+    return driver.execute_script("return document.getElementById('token-dialog').open")
+
+
+def enter_token(driver, server: str, token: str) -> None:
+    """A fresh page without a token: the dialog asks for one; it is entered."""
     driver.get(f"{server}/console")
     driver.execute_script("localStorage.clear()")
     driver.get(f"{server}/console")
-    until(driver, lambda d: d.execute_script("return document.getElementById('token-dialog').open"), "token dialog")
+    until(driver, dialog_open, "token dialog")
     driver.find_element("id", "token-input").send_keys(token)
     driver.find_element("id", "token-submit").click()
-    until(driver, lambda d: not d.execute_script("return document.getElementById('token-dialog').open"), "signed in")
+
+
+def sign_in(driver, server: str, token: str) -> None:
+    enter_token(driver, server, token)
+    until(driver, lambda d: not dialog_open(d) and d.find_element("id", "token-state").text == "token set", "signed in")
 
 
 def stream_rows(driver) -> dict[str, list[str]]:
@@ -102,7 +110,7 @@ def test_the_token_is_entered_once_and_the_console_lists_a_live_stream(server, b
         assert stream_rows(browser)["console-live"][4] == "finished"
         browser.refresh()  # kept in the browser: no second prompt
         until(browser, lambda d: "console-live" in stream_rows(d), "listed after a reload")
-        assert not browser.execute_script("return document.getElementById('token-dialog').open")
+        assert not dialog_open(browser)
         assert TOKEN_A not in browser.current_url and "console-b" not in stream_rows(browser)
         http.delete("/v1/streams/console-live")
 
@@ -145,7 +153,7 @@ def test_a_deep_link_shows_the_apis_answer_with_its_evidence_thumbnails(server, 
     browser.get(link)
     answer = until(browser, lambda d: d.find_element("css selector", "#answer[data-state=done]"), "the answer")
     assert answer.get_property("textContent") == api["choices"][0]["message"]["content"]
-    assert not browser.execute_script("return document.getElementById('token-dialog').open")
+    assert not dialog_open(browser)
 
     evidence = sorted(evidence, key=lambda e: -e["score"])  # the page shows the best first
     thumbs = [thumbs[i] for i in sorted(range(len(middles)), key=lambda i: -api["evidence"][i]["score"])]
@@ -191,9 +199,8 @@ def test_delete_in_the_console_removes_the_stream(server, browser, lobby):
 
 
 def test_another_token_never_sees_the_first_tokens_streams(server, browser, lobby):
-    sign_in(browser, server, "not-a-token")
-    until(browser, lambda d: d.execute_script("return document.getElementById('token-dialog').open"), "refused")
-    assert "refused" in browser.find_element("id", "token-error").text
+    enter_token(browser, server, "not-a-token")
+    until(browser, lambda d: dialog_open(d) and "refused" in d.find_element("id", "token-error").text, "refused")
     browser.find_element("id", "token-input").send_keys(TOKEN_B)
     browser.find_element("id", "token-submit").click()
     until(browser, lambda d: "console-b" in stream_rows(d), "B's own stream")
