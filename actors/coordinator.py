@@ -55,7 +55,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 
 from actors.decoder import TERMINAL_STATES, DecoderActor
 from actors.spec import ReplicaGapError, StreamSpec
+from actors.thumbnailer import ThumbnailKeeper
 from cache_store.envelope import features_wire
+from cache_store.thumbnails import open_thumbnails
 from pipeline.decode import DecodeConfig
 from pipeline.errors import AnswerResumeError, InvalidInputError, StreamLostError, UnknownStreamError
 from pipeline.frames import check_frames, check_times
@@ -288,6 +290,7 @@ class StreamCoordinator:
         self.name = ray.get_runtime_context().get_actor_name() or None  # see the module doc
         self.prefill = self._spawn("prefill", "prefill", model_dir, device)
         self.compressor = self._spawn("compressor", "compressor", model_dir, device, index_url)
+        self.thumbnailer = ThumbnailKeeper(open_thumbnails(index_url), spawn=_detached)  # (the web console's)
         kept = self._named_answerers()  # a previous process's, if any
         self._answerer_names = (f"answerer{i}" for i in itertools.count(max(kept, default=-1) + 1))
         self.answerers = [self._new_answerer(ready=True, name=f"answerer{i}") for i in kept]
@@ -614,6 +617,7 @@ class StreamCoordinator:
             await self._published(stream)
             stream.deleted = True
             index_keys = await self.compressor.close.remote(stream_id)
+            await self.thumbnailer.drop(stream_id)
             await self.prefill.close.remote(stream_id)
             await asyncio.gather(*[r.handle.close.remote(stream_id) for r in self.answerers])
             for replica in self.answerers:
@@ -635,6 +639,11 @@ class StreamCoordinator:
             ray.kill(handle, no_restart=True)
         count, self.streams, self.answerers = len(self.streams), {}, []
         return count
+
+    async def thumbnails(self, stream_id: str, frames: list[int]) -> list:
+        """The kept thumbnail nearest each frame (a cache_store.thumbnails.Thumbnail, or None)."""
+        self._stream(stream_id)
+        return await self.thumbnailer.nearest(stream_id, [int(f) for f in frames])
 
     def workers(self) -> dict:
         """Actor handles, for operations (and fault-injection tests)."""
@@ -671,7 +680,10 @@ class StreamCoordinator:
         # the chunk's work runs detached (_segment_batch): a caller that goes away must not leave
         # frames half-appended (in the segmenter, not in the stream's count) or cancel a commit
         # later ones follow
-        return await asyncio.shield(ingested)
+        ingested_now = await asyncio.shield(ingested)
+        if not stream.deleted and not (seq is not None and seq < stream.resent_below):  # (a resent chunk: some skipped)
+            self.thumbnailer.keep(stream_id, ingested_now - len(frames), frames)
+        return ingested_now
 
     async def _segment_batch(self, stream: _Stream, batch: list[_Chunk]) -> None:
         """Segment queued chunks in stream order, in one compressor call, and queue the segments

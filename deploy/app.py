@@ -65,7 +65,7 @@ from dataclasses import asdict
 from fastapi import FastAPI
 from ray import serve
 
-from deploy import context, errors
+from deploy import console, context, errors
 from deploy.client import CoordinatorClient, stream_status  # noqa: F401 - stream_status: the API's view of a status
 from deploy.limits import BodyLimitMiddleware
 from deploy.metrics import Metrics
@@ -79,8 +79,9 @@ app = FastAPI(
     description="Questions about live video streams over a bounded Video-LLM KV cache. "
                 "OpenAI-compatible /v1/chat/completions with stream:// video parts.",
 )
-for router in (service_routes, stream_routes, chat_routes):
+for router in (service_routes, stream_routes, chat_routes, console.router()):
     app.include_router(router)
+errors.ROUTE_ERRORS.update(console.ROUTE_ERRORS)
 errors.install(app)
 app.add_middleware(BodyLimitMiddleware)
 
