@@ -54,12 +54,23 @@ class ThumbnailKeeper:
             self.store.add(stream_id, {f: encode_jpeg(frames[f - first]) for f in wanted})
 
     async def nearest(self, stream_id: str, frames: list[int]) -> list[Thumbnail | None]:
-        return await asyncio.to_thread(self.store.nearest, stream_id, frames)
+        """The kept thumbnails nearest `frames` (None each while the store cannot be read)."""
+        try:
+            return await asyncio.to_thread(self.store.nearest, stream_id, frames)
+        except Exception as error:  # noqa: BLE001 - a view only (Redis down: the console shows none)
+            log.warning("thumbnails of stream %r unreadable: %s: %s", stream_id, type(error).__name__, error)
+            return [None] * len(frames)
 
     async def drop(self, stream_id: str) -> int:
-        """Free the stream's thumbnails once its work in flight is done; how many there were."""
+        """Free the stream's thumbnails once its work in flight is done; how many there were. A
+        store that cannot be reached (Redis down) never fails the deletion: its keys stay behind
+        (bounded per stream) and the count is 0."""
         tail = self.tails.pop(stream_id, None)
         if tail is not None:
             await asyncio.wait([tail])
         self.pending.pop(stream_id, None)
-        return await asyncio.to_thread(self.store.delete_stream, stream_id)
+        try:
+            return await asyncio.to_thread(self.store.delete_stream, stream_id)
+        except Exception as error:  # noqa: BLE001 - a view only, as in _write
+            log.warning("thumbnails of stream %r not deleted: %s: %s", stream_id, type(error).__name__, error)
+            return 0
