@@ -130,3 +130,21 @@ def test_an_rtsp_source_over_its_time_cap_is_stopped_across_reconnects(rtsp_serv
         with open_source(url, config) as source:
             frames.extend(source)
     assert N < len(frames) < 3 * N  # into the second session, not to its end
+
+
+@pytest.mark.parametrize("cap, match", [(dict(max_bytes=50_000), "more than its limit of 50000 bytes"),
+                                        (dict(max_seconds=1.0), "longer than its limit of 1.0 s")])
+def test_the_decode_loop_enforces_the_caps_behind_the_relay(rtsp_serve, monkeypatch, cap, match):
+    """The second line of defence: with the relay's own count switched off (a proxy that misses
+    bytes: the one fault here that cannot be caused for real), the demuxed packets' bytes and the
+    time since the first open still stop the source."""
+    from pipeline.source_guard import SourceGuard
+
+    monkeypatch.setattr(SourceGuard, "_over_limits", lambda self: False)
+    url = rtsp_serve(ts_bytes(textured(), gop=30))
+    config = DecodeConfig(source_policy=SourcePolicy(allow_private=True, **cap), **LIVE_GUARDED)
+    frames = []
+    with pytest.raises(SourceRefusedError, match=match):
+        with open_source(url, config) as source:
+            frames.extend(source)
+    assert len(frames) < N
