@@ -78,6 +78,27 @@ def test_an_rtsp_redirect_is_not_followed(redirect_to_loopback):
     assert not target.connected()
 
 
+def test_an_rtsp_redirect_over_the_api_is_a_refusal(strict_server, redirect_to_loopback):
+    """The strict Serve app (loopback refused except 127.0.0.2/32): the first hop is allowed, so the
+    stream is created (201) and then fails with the redirect's refusal; a one-shot question is a 400."""
+    from tests.plugins.serve_app import client
+    from tests.test_http_api import ask_body, wait_ingested
+
+    server, target = redirect_to_loopback
+    with client(strict_server) as http:
+        r = http.post("/v1/streams", json={"stream_id": "rtsp-redirected", "source": server.url})
+        assert r.status_code == 201, r.text
+        status = wait_ingested(http, "rtsp-redirected")
+        assert status["source_state"] == "failed" and "SourceRefusedError" in status["last_error"], status
+        assert "not followed" in status["last_error"] and status["frames_ingested"] == 0
+        assert http.delete("/v1/streams/rtsp-redirected").status_code == 200
+        body = ask_body("x")
+        body["messages"][0]["content"][0]["video_url"]["url"] = server.url
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "SourceRefusedError", r.text
+    assert not target.connected()
+
+
 def test_unguarded_ffmpeg_follows_the_rtsp_redirect(redirect_to_loopback):
     """The fault the guard stops, shown: without a policy (the CLI's trusted sources) FFmpeg
     connects to the redirect's target."""
