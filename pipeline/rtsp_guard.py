@@ -11,7 +11,9 @@ over that one connection. The server's side is read as FFmpeg reads it (`_RtspRe
 redirect is refused, never forwarded, so FFmpeg sees the connection end and connects nowhere
 else; the source fails with SourceRefusedError saying so. A redirect to an allowed address is
 refused too: following it would let FFmpeg resolve and connect on its own, outside the guard.
-Bytes and time count against the policy's caps as in the HTTP proxy.
+Bytes and time count against the policy's caps as in the HTTP proxy. The server sees request
+URLs with the relay's host and port (path, query and credentials as given; Digest auth covers
+the URL FFmpeg sent): RTSP servers route on the path.
 """
 
 from __future__ import annotations
