@@ -425,7 +425,12 @@ class FrameSource:
                                                 self.name)
         elif isinstance(target, bytes):
             target = io.BytesIO(target)
-        container = av.open(target, "r", format=self._format, options=options, timeout=timeout)
+        try:
+            container = av.open(target, "r", format=self._format, options=options, timeout=timeout)
+        except av.FFmpegError:
+            if isinstance(self._guard, RtspGuard) and self._guard.unreachable:  # not "invalid data": retried
+                raise SourceUnavailableError(f"{self.name}: {self._guard.unreachable}") from None
+            raise
         problem = None
         if VIDEO_CONTAINERS.isdisjoint(container.format.name.split(",")):
             problem = f"not a video container (FFmpeg reads it as {container.format.name!r})"

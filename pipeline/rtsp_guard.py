@@ -36,6 +36,7 @@ class RtspGuard(SourceGuard):
 
     def __init__(self, policy: SourcePolicy, source_url: str):
         self.source_url = source_url
+        self.unreachable: str | None = None  # why the last connection found no server (FFmpeg only sees it closed)
         super().__init__(policy)
         parts = urlsplit(source_url)
         userinfo = parts.netloc.rpartition("@")[0]
@@ -55,7 +56,9 @@ class RtspGuard(SourceGuard):
         try:
             upstream = socket.create_connection((checked.address, checked.port), timeout=CONNECT_TIMEOUT_S)
         except OSError:
+            self.unreachable = "the RTSP server cannot be reached"  # one text whatever the cause
             return
+        self.unreachable = None
         opened.append(upstream)
         self._relay(client, upstream, _RtspReplies().feed)
 

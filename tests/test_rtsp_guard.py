@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from pipeline.decode import DecodeConfig, open_source
-from pipeline.errors import SourceRefusedError, StreamKVError
+from pipeline.errors import SourceRefusedError, SourceUnavailableError, StreamKVError
 from pipeline.source_policy import SourcePolicy
 from tests.test_http_sources import _Listener
 from tests.test_live_sources import N, check_whole, clip, rtsp_serve, textured, ts_bytes  # noqa: F401
@@ -118,6 +118,18 @@ def test_an_rtsp_redirect_to_an_allowed_address_is_refused_too():
             open_source(server.url, config)
     finally:
         server.close()
+
+
+def test_an_unreachable_rtsp_server_behind_the_relay_is_unavailable_and_retried():
+    """FFmpeg only sees the relay close; the relay says why, so it is a transport failure
+    (retried), not "invalid data"."""
+    closed = _Listener()
+    closed.sock.close()
+    url = f"rtsp://user:secret@127.0.0.1:{closed.port}/cam"
+    config = DecodeConfig(source_policy=SourcePolicy(allow_private=True), max_retries=2, backoff_s=0.05)
+    with pytest.raises(SourceUnavailableError, match="cannot be reached .gave up after 2 retries") as info:
+        open_source(url, config)
+    assert "secret" not in str(info.value)
 
 
 LIVE_GUARDED = dict(reconnect=False, open_timeout_s=30, read_timeout_s=30)
