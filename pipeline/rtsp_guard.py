@@ -23,12 +23,15 @@ import socket
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import SourceRefusedError
-from pipeline.source_guard import _HEAD_LIMIT, CONNECT_TIMEOUT_S, SourceGuard
+from pipeline.source_guard import CONNECT_TIMEOUT_S, SourceGuard
 from pipeline.source_policy import SourcePolicy, check_url
 
-_INTERLEAVED = 0x24  # "$": an RTP/RTCP packet on the RTSP connection: "$", channel, 16-bit length, data
-_HEAD_END = re.compile(rb"\n\r?\n")
-_STATUS = re.compile(rb"[^ \t\r\n]+[ \t]+(\d+)")  # FFmpeg takes a reply's second word as its status
+_INTERLEAVED = ord("$")  # an RTP/RTCP packet on the RTSP connection: "$", channel, 16-bit length, data
+_MAX_LINE = 4095  # FFmpeg's line buffer (MAX_URL_SIZE - 1): longer lines are refused, not cut as it cuts them
+_HELD_LIMIT = 256 * 2**10  # a reply's head (with any packets inside it) held back at most
+_STATUS = re.compile(rb"[ \t]*[^ \t]+[ \t]+\+?(\d+)")  # FFmpeg: atoi() of a reply's second word
+_LENGTH = re.compile(rb"content-length:[ \t\n\v\f]*([+-]?\d+)", re.IGNORECASE)  # FFmpeg: strtol()
+_LOCATION = re.compile(rb"location:[ \t]*(.*)", re.IGNORECASE)
 
 
 class RtspGuard(SourceGuard):
@@ -64,49 +67,68 @@ class RtspGuard(SourceGuard):
 
 
 class _RtspReplies:
-    """The server's side of an RTSP connection, split as FFmpeg splits it: interleaved packets
-    ("$" frames) and messages (lines up to an empty one, then Content-Length bytes of body).
-    `feed` returns the bytes that may go on to FFmpeg: whole units only, so a redirect is seen
-    before any of it is forwarded."""
+    """The server's side of an RTSP connection, read as FFmpeg's `ff_rtsp_read_reply` reads it:
+    lines end at "\\n" and "\\r" is dropped; a "$" at the start of a line is an interleaved
+    packet (3 header bytes, then its length), skipped; an empty line ends a reply's head, which
+    Content-Length bytes of body follow. `feed` returns the bytes that may go on to FFmpeg: a
+    reply's head is held back until it is whole and checked, so a redirect never reaches it."""
 
     def __init__(self) -> None:
-        self._pending = bytearray()
-        self._passing = 0  # bytes of the current frame or body still to forward unread
+        self._held = bytearray()  # received, not yet forwarded
+        self._at = 0  # how much of _held is read
+        self._passing = 0  # bytes of a packet or body to pass unread
+        self._line = bytearray()  # the line being read, without "\\r"
+        self._lines: list[bytes] = []  # the head being read
 
     def feed(self, data: bytes) -> bytes:
-        self._pending += data
-        out = bytearray()
-        while self._pending:
+        held = self._held
+        held += data
+        safe = 0 if self._in_head() else self._at  # what can be forwarded
+        while self._at < len(held):
             if self._passing:
-                n = min(self._passing, len(self._pending))
-                out += self._pending[:n]
-                del self._pending[:n]
-                self._passing -= n
-            elif self._pending[0] == _INTERLEAVED:
-                if len(self._pending) < 4:
+                step = min(self._passing, len(held) - self._at)
+                self._at += step
+                self._passing -= step
+            elif not self._line and held[self._at] == _INTERLEAVED:
+                if len(held) - self._at < 4:
                     break
-                self._passing = 4 + int.from_bytes(self._pending[2:4], "big")
+                self._passing = 4 + int.from_bytes(held[self._at + 2 : self._at + 4], "big")
             else:
-                end = _HEAD_END.search(self._pending)
-                if end is None:
-                    if len(self._pending) > _HEAD_LIMIT:
-                        raise SourceRefusedError("the RTSP server sent a reply without an end to its header")
-                    break
-                self._passing = end.end() + _check_head(bytes(self._pending[: end.end()]))
-        return bytes(out)
+                self._read(held[self._at])
+                self._at += 1
+            if not self._in_head():
+                safe = self._at
+        if len(held) - safe > _HELD_LIMIT:
+            raise SourceRefusedError("the RTSP server sent a reply head without an end")
+        out = bytes(held[:safe])
+        del held[:safe]
+        self._at -= safe
+        return out
+
+    def _in_head(self) -> bool:
+        return bool(self._line or self._lines)
+
+    def _read(self, byte: int) -> None:
+        if byte == ord("\r"):
+            return
+        if byte != ord("\n"):
+            if len(self._line) >= _MAX_LINE:
+                raise SourceRefusedError("the RTSP server sent an over-long line")
+            self._line.append(byte)
+        elif self._line:
+            self._lines.append(bytes(self._line))
+            self._line.clear()
+        else:  # an empty line: the head is whole
+            lines, self._lines = self._lines, []
+            self._passing = max(_check_head(lines), 0)
 
 
-def _check_head(head: bytes) -> int:
-    """The body length of a message head; raises SourceRefusedError for a redirect."""
-    lines = head.split(b"\n")
-    status = _STATUS.match(lines[0])
-    fields = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        fields[name.strip().lower()] = value.strip()
+def _check_head(lines: list[bytes]) -> int:
+    """The body length of a reply's head (its lines); raises SourceRefusedError for a redirect."""
+    status = _STATUS.match(lines[0]) if lines else None
     if status and 300 <= int(status.group(1)) < 400:
-        location = fields.get(b"location", b"").decode("latin-1")[:200]
-        raise SourceRefusedError(f"the RTSP server answered {int(status.group(1))}, a redirect to {location!r}; "
-                                 "redirects of RTSP sources are not followed")
-    length = re.match(rb"\d*", fields.get(b"content-length", b""))
-    return int(length.group() or 0)
+        location = next((m.group(1) for line in lines[1:] if (m := _LOCATION.match(line))), b"")
+        raise SourceRefusedError(f"the RTSP server answered {int(status.group(1))}, a redirect to "
+                                 f"{location.decode('latin-1')[:200]!r}; redirects of RTSP sources are not followed")
+    lengths = [int(m.group(1)) for line in lines[1:] if (m := _LENGTH.match(line))]
+    return lengths[-1] if lengths else 0

@@ -181,3 +181,36 @@ def test_the_decode_loop_enforces_the_caps_behind_the_relay(rtsp_serve, monkeypa
         with open_source(url, config) as source:
             frames.extend(source)
     assert len(frames) < N
+
+
+OK_REPLY = b"RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Length: 5\r\n\r\nv=0\r\n"
+PACKET = b"$\x00\x00\x06RTSP/1"  # an interleaved packet whose payload looks like a reply
+
+
+@pytest.mark.parametrize("before, redirect", [
+    (b"", b"RTSP/1.0 302 Found\r\nLocation: rtsp://127.0.0.1/x\r\n\r\n"),
+    (b"", b"RTSP/1.0 +301 Moved\nLocation: rtsp://127.0.0.1/x\n\r\r\n"),  # FFmpeg: atoi, "\r" dropped
+    (b"\r\n", b"XX 303\r\n\r\n"),  # an empty reply first, then a redirect
+    (b"RTSP/1.0 200 OK\r\n" + PACKET + b"Content-Length: +4\r\n\r\nabcd", b"RTSP/1.0 307 x\r\n\r\n"),
+])
+def test_the_reply_reader_finds_redirects_however_framed(before, redirect):
+    """As FFmpeg frames the server's side (libavformat/rtsp.c ff_rtsp_read_reply), fed whole and
+    byte by byte: the redirect is refused and nothing of its reply is passed on."""
+    from pipeline.rtsp_guard import _RtspReplies
+
+    stream = PACKET + OK_REPLY + before + redirect
+    for step in (len(stream), 1):
+        reader, passed = _RtspReplies(), b""
+        with pytest.raises(SourceRefusedError, match="redirect"):
+            for i in range(0, len(stream), step):
+                passed += reader.feed(stream[i : i + step])
+        assert stream.startswith(passed) and len(passed) <= len(stream) - len(redirect)
+
+
+def test_the_reply_reader_passes_a_session_whole():
+    from pipeline.rtsp_guard import _RtspReplies
+
+    stream = OK_REPLY + PACKET * 3 + b"RTSP/1.0 200 OK\r\nCSeq: 3\r\n\r\n" + b"$\x01\x01\x00" + bytes(256)
+    for step in (len(stream), 1, 7):
+        reader = _RtspReplies()
+        assert b"".join(reader.feed(stream[i : i + step]) for i in range(0, len(stream), step)) == stream
