@@ -41,6 +41,7 @@ import io
 import logging
 import math
 import threading
+import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,8 @@ from pipeline.errors import (
     VideoDecodeError,
 )
 from pipeline.push_buffer import PushBuffer, PushReader, push_target
-from pipeline.source_guard import SourceGuard, pinned_rtsp
+from pipeline.rtsp_guard import RtspGuard
+from pipeline.source_guard import SourceGuard, cap_exceeded
 from pipeline.source_policy import SourcePolicy
 
 log = logging.getLogger(__name__)
@@ -253,7 +255,9 @@ class FrameSource:
         self._clock = _Clock()
         self._sampler = _Sampler(config.fps)
         self._stop = threading.Event()
-        self._guard: SourceGuard | None = None  # the SSRF guard's proxy (http sources with a policy)
+        self._guard: SourceGuard | None = None  # the SSRF guard's proxy or relay (network sources with a policy)
+        self._demuxed_bytes = 0  # packet bytes of a guarded source, counted against its caps as well
+        self._opened_at: float | None = None  # time.monotonic() of its first open (caps, reconnects included)
         self._frames = self._run()
 
     def __iter__(self) -> FrameSource:
@@ -344,6 +348,7 @@ class FrameSource:
         try:
             for packet in self._container.demux(self._stream):
                 packets += packet.size > 0
+                self._check_caps(packet.size)
                 try:
                     frames = packet.decode()
                 except av.error.InvalidDataError as exc:
@@ -369,6 +374,14 @@ class FrameSource:
         # MP4 cut inside its sample data can end without an error: its index says what is missing.
         if 0 < packets < self._stream.frames:
             raise VideoDecodeError(f"{self.name}: truncated, {packets} of {self._stream.frames} packets present")
+
+    def _check_caps(self, nbytes: int) -> None:
+        """The policy's byte and time caps in the decode loop, behind the proxies' own count."""
+        if self._guard is not None:
+            self._demuxed_bytes += nbytes
+            reason = cap_exceeded(self.config.source_policy, self._demuxed_bytes, self._opened_at)
+            if reason:
+                raise SourceRefusedError(f"{self.name}: {reason}")
 
     def _skip_packet(self, packet: av.Packet, exc: av.FFmpegError) -> None:
         """Count an undecodable packet and go on, unless too many came in a row (module docstring)."""
@@ -400,16 +413,24 @@ class FrameSource:
         target = self._target
         if cfg.source_policy is not None and self._kind in _NETWORK:  # checked at every (re)connection
             if self._kind.startswith("rtsp"):
-                target = pinned_rtsp(target, cfg.source_policy)
+                self._guard = self._guard or RtspGuard(cfg.source_policy, target)
+                target = self._guard.url
             else:
                 self._guard = self._guard or SourceGuard(cfg.source_policy)
                 options["http_proxy"] = self._guard.url
+            self._opened_at = self._opened_at or time.monotonic()
+            self._check_caps(0)
         if self._push is not None:
             target = self._reader = push_target(PushReader(self._push, cfg.read_timeout_s), cfg.max_whole_upload_bytes,
                                                 self.name)
         elif isinstance(target, bytes):
             target = io.BytesIO(target)
-        container = av.open(target, "r", format=self._format, options=options, timeout=timeout)
+        try:
+            container = av.open(target, "r", format=self._format, options=options, timeout=timeout)
+        except av.FFmpegError:
+            if isinstance(self._guard, RtspGuard) and self._guard.unreachable:  # not "invalid data": retried
+                raise SourceUnavailableError(f"{self.name}: {self._guard.unreachable}") from None
+            raise
         problem = None
         if VIDEO_CONTAINERS.isdisjoint(container.format.name.split(",")):
             problem = f"not a video container (FFmpeg reads it as {container.format.name!r})"

@@ -11,8 +11,9 @@ the source. A refused request gets a 403 and `refused` says why (FrameSource rai
 SourceRefusedError with it); an upstream that cannot be reached gets the same 502 whatever the
 cause, so answers do not tell open ports from closed ones.
 
-RTSP has no proxy in FFmpeg: `pinned_rtsp` checks the host at every (re)connection and connects
-to the checked address instead.
+RTSP has no proxy in FFmpeg: pipeline/rtsp_guard.py relays an RTSP source's connections the same
+way. `cap_exceeded` is the caps' text, also checked in the decode loop (pipeline/decode.py) as a
+second line behind both proxies.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import SourceRefusedError
@@ -42,7 +44,7 @@ class SourceGuard:
         self.policy = policy
         self.refused: str | None = None
         self.bytes_read = 0
-        self._deadline: float | None = None
+        self._started: float | None = None  # time.monotonic() of the source's first request
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -69,59 +71,67 @@ class SourceGuard:
             self.refused = self.refused or reason
 
     def _serve(self, client: socket.socket) -> None:
-        upstream = None
+        opened = [client]  # closed at the end, whatever happens
         try:
-            client.settimeout(CONNECT_TIMEOUT_S)
-            head = _read_head(client)
-            if head is None:
-                return
-            method, target, rest = _split_request(head)
-            with self._lock:
-                if self._deadline is None and self.policy.max_seconds is not None:
-                    self._deadline = time.monotonic() + self.policy.max_seconds
-            try:
-                if self._over_limits():
-                    raise SourceRefusedError(self.refused or "the source is over its limits")
-                if method == "CONNECT":
-                    host, _, port = target.rpartition(":")
-                    host, port = host.strip("[]"), int(port)
-                    address = check_host(host, port, self.policy)
-                else:
-                    checked = check_url(target, self.policy)
-                    if checked.scheme != "http":
-                        raise SourceRefusedError(f"a proxied request for {checked.scheme}")
-                    host, port, address = checked.host, checked.port, checked.address
-            except (SourceRefusedError, ValueError) as exc:
-                self._refuse(str(exc))
-                client.sendall(_REFUSED)
-                return
-            try:
-                upstream = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT_S)
-            except OSError:
-                client.sendall(_UNREACHABLE)
-                return
-            if method == "CONNECT":
-                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            else:
-                upstream.sendall(_origin_request(method, target, rest))
-            self._relay(client, upstream)
+            self._handle(client, opened)
         except OSError:
             pass
         finally:
-            for sock in (client, upstream):
-                if sock is not None:
-                    sock.close()
+            for sock in opened:
+                sock.close()
+
+    def _handle(self, client: socket.socket, opened: list[socket.socket]) -> None:
+        """One proxied HTTP request (or CONNECT tunnel): checked, connected, relayed."""
+        client.settimeout(CONNECT_TIMEOUT_S)
+        head = _read_head(client)
+        if head is None:
+            return
+        method, target, rest = _split_request(head)
+        self._start_clock()
+        try:
+            if self._over_limits():
+                raise SourceRefusedError(self.refused or "the source is over its limits")
+            if method == "CONNECT":
+                host, _, port = target.rpartition(":")
+                host, port = host.strip("[]"), int(port)
+                address = check_host(host, port, self.policy)
+            else:
+                checked = check_url(target, self.policy)
+                if checked.scheme != "http":
+                    raise SourceRefusedError(f"a proxied request for {checked.scheme}")
+                host, port, address = checked.host, checked.port, checked.address
+        except (SourceRefusedError, ValueError) as exc:
+            self._refuse(str(exc))
+            client.sendall(_REFUSED)
+            return
+        try:
+            upstream = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT_S)
+        except OSError:
+            client.sendall(_UNREACHABLE)
+            return
+        opened.append(upstream)
+        if method == "CONNECT":
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            upstream.sendall(_origin_request(method, target, rest))
+        self._relay(client, upstream)
+
+    def _start_clock(self) -> None:
+        """The source's time starts at its first request."""
+        with self._lock:
+            if self._started is None:
+                self._started = time.monotonic()
 
     def _over_limits(self) -> bool:
-        if self.policy.max_bytes is not None and self.bytes_read > self.policy.max_bytes:
-            self._refuse(f"the source read more than its limit of {self.policy.max_bytes} bytes")
-        elif self._deadline is not None and time.monotonic() > self._deadline:
-            self._refuse(f"the source ran longer than its limit of {self.policy.max_seconds} s")
-        else:
-            return False
-        return True
+        reason = cap_exceeded(self.policy, self.bytes_read, self._started)
+        if reason:
+            self._refuse(reason)
+        return reason is not None
 
-    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _relay(self, client: socket.socket, upstream: socket.socket,
+               watch: Callable[[bytes], bytes] | None = None) -> None:
+        """Copy both ways until either side closes; upstream's bytes are counted and, with `watch`,
+        passed through it first (it returns what to forward, or raises SourceRefusedError)."""
         peers = {client: upstream, upstream: client}
         while not self._closed.is_set() and not self._over_limits():
             readable, _, _ = select.select(list(peers), [], [], 0.5)
@@ -132,17 +142,23 @@ class SourceGuard:
                 if sock is upstream:
                     with self._lock:
                         self.bytes_read += len(data)
+                    if watch is not None:
+                        try:
+                            data = watch(data)
+                        except SourceRefusedError as exc:
+                            self._refuse(str(exc))
+                            return
                 peers[sock].sendall(data)
 
 
-def pinned_rtsp(url: str, policy: SourcePolicy) -> str:
-    """The rtsp URL with its host replaced by the checked address (checked now, at each connection)."""
-    checked = check_url(url, policy)
-    parts = urlsplit(url)
-    host = f"[{checked.address}]" if ":" in checked.address else checked.address
-    userinfo = parts.netloc.rpartition("@")[0]
-    netloc = (userinfo + "@" if userinfo else "") + f"{host}:{checked.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+def cap_exceeded(policy: SourcePolicy, nbytes: int, started: float | None) -> str | None:
+    """Which of the policy's caps a source that read `nbytes` since `started` (time.monotonic) is
+    over, as the refusal's text, or None."""
+    if policy.max_bytes is not None and nbytes > policy.max_bytes:
+        return f"the source read more than its limit of {policy.max_bytes} bytes"
+    if started is not None and policy.max_seconds is not None and time.monotonic() - started > policy.max_seconds:
+        return f"the source ran longer than its limit of {policy.max_seconds} s"
+    return None
 
 
 def _read_head(sock: socket.socket) -> bytes | None:

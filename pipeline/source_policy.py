@@ -11,9 +11,10 @@ chosen networks through (a camera VLAN). Refusals are `SourceRefusedError`, befo
 connected; their texts never depend on whether a port is open.
 
 The check is made where the connection is made as well: pipeline/source_guard.py proxies every
-HTTP(S) request FFmpeg makes for a source (redirects, HLS segments and reconnects included),
-re-checks each one, connects to the very address it checked (no DNS rebinding) and counts the
-source's bytes and time against `max_bytes` and `max_seconds`.
+HTTP(S) request FFmpeg makes for a source (redirects, HLS segments and reconnects included) and
+pipeline/rtsp_guard.py relays every RTSP connection (refusing RTSP redirects); both re-check each
+one, connect to the very address they checked (no DNS rebinding) and count the source's bytes and
+time against `max_bytes` and `max_seconds`, which the decode loop checks again.
 """
 
 from __future__ import annotations
