@@ -46,7 +46,7 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -90,6 +90,9 @@ START_TIMEOUT_S = 30.0
 # How long undoing (closing a half-made stream, stopping a decoder) waits for each actor; calls
 # not answered by then still run in order after the ones they undo
 UNDO_TIMEOUT_S = 10.0
+# Until the model actors have answered a creation once, they may still be loading the model (more
+# than START_TIMEOUT_S on a busy node): the first creations wait this long for them instead
+MODEL_LOAD_TIMEOUT_S = 600.0
 log = logging.getLogger(__name__)
 
 
@@ -317,6 +320,8 @@ class StreamCoordinator:
         self._idle_watch: asyncio.Task | None = None
         self.streams: dict[str, _Stream] = {}
         self._creating: set[str] = set()  # ids of streams being created
+        self._frame_size: int | None = None  # the model's input side (px), asked once (_sized)
+        self._models_up = False  # the model actors answered a creation (loaded): START_TIMEOUT_S from then on
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0, "coordinator": 0}
         self.scaling_events = {"answerers_added": 0, "answerers_removed": 0, "answerers_unplaced": 0}
         self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
@@ -463,7 +468,7 @@ class StreamCoordinator:
                             system_prompt: str | None = "You are a helpful assistant.", *,
                             max_streams: int | None = None, start_timeout_s: float = START_TIMEOUT_S) -> dict:
         """Open a stream on every model actor. Never waits on placement for longer than
-        `start_timeout_s` (CapacityError); past `max_streams` streams (those being created
+        `start_timeout_s` (CapacityError; MODEL_LOAD_TIMEOUT_S until they first answer); past `max_streams` streams (those being created
         included) CapacityError(at_limit=True). On any failure, a timeout or the call's
         cancellation, the half-made stream is closed everywhere and its id is free again."""
         if not isinstance(stream_id, str) or not stream_id or stream_id in self.streams or stream_id in self._creating:
@@ -481,7 +486,9 @@ class StreamCoordinator:
                 await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])  # (open's errors)
                 await self.compressor.open.remote(spec)
 
-            await _bounded(open_everywhere(), start_timeout_s, "the model actors did not answer")
+            bound = start_timeout_s if self._models_up else max(start_timeout_s, MODEL_LOAD_TIMEOUT_S)
+            await _bounded(open_everywhere(), bound, "the model actors did not answer")
+            self._models_up = True
             for replica in replicas:
                 replica.streams.add(stream_id)
             self._register(_Stream(spec, config.frame_rate))
@@ -530,7 +537,8 @@ class StreamCoordinator:
         stream = self._live_stream(stream_id)
         if max_in_flight is None:
             max_in_flight = DEFAULT_IN_FLIGHT.get(policy, 2)  # an unknown policy is the decoder's error
-        arguments = (source, decode or DecodeConfig(), policy, chunk_frames, max_in_flight)
+        decode = await self._sized(decode or DecodeConfig(), start_timeout_s)
+        arguments = (source, decode, policy, chunk_frames, max_in_flight)
         async with stream.lock:  # one attach at a time
             previous = stream.decoder and await stream.decoder.status.remote()
             if previous and previous["state"] not in TERMINAL_STATES:
@@ -548,6 +556,17 @@ class StreamCoordinator:
             self._attached(stream, decoder, name, arguments)
             await self._note_source(stream)
         return await self.status(stream_id)
+
+    async def _sized(self, decode: DecodeConfig, timeout_s: float) -> DecodeConfig:
+        """`decode` with the model's input size (S x S, as its processor resizes every frame; frames
+        already no larger are left to the processor) unless the caller set a size: no actor after
+        the decoder handles more pixels than the model reads. The prefill actor is asked once."""
+        if decode.size is not None:
+            return decode
+        if self._frame_size is None:
+            self._frame_size = await _bounded(self.prefill.frame_size.remote(), timeout_s,
+                                              "the prefill actor did not answer")
+        return replace(decode, size=(self._frame_size, self._frame_size), shrink_only=True)
 
     def _new_decoder(self, stream: _Stream, source, decode: DecodeConfig, policy: str, chunk_frames: int,
                      max_in_flight: int, first_seq: int | None = 0) -> tuple[Any, str | None]:
