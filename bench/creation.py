@@ -120,11 +120,12 @@ async def _creations(url: str, count: int) -> dict:
         for i, (code, *_rest) in enumerate(results):
             if code == 201:
                 await http.delete(f"/v1/streams/c{i}")
+        left = len((await http.get("/v1/streams")).json()["data"])  # none: nothing half-made
     by_code = defaultdict(list)
     for code, seconds, retry, _ in results:
         by_code[code].append(seconds)
     latencies = sorted(s for _, s in health)
-    return {"codes": dict(Counter(c for c, *_ in results)),
+    return {"streams_left": left, "codes": dict(Counter(c for c, *_ in results)),
             "answer_s": {c: {"max": max(v), "median": float(np.median(v))} for c, v in by_code.items()},
             "retry_after": sorted({r for _, _, r, _ in results if r}),
             "error_types": sorted({b["error"]["type"] for c, _, _, b in results if c >= 400}),
