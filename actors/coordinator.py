@@ -46,7 +46,7 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ from actors.thumbnailer import ThumbnailKeeper
 from cache_store.envelope import features_wire
 from cache_store.thumbnails import open_thumbnails
 from pipeline.decode import DecodeConfig
-from pipeline.errors import AnswerResumeError, InvalidInputError, StreamLostError, UnknownStreamError
+from pipeline.errors import AnswerResumeError, CapacityError, InvalidInputError, StreamLostError, UnknownStreamError
 from pipeline.frames import check_frames, check_times
 
 ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -85,6 +85,16 @@ DECODER_RECONNECT_S = 300.0
 # How long status() waits for the compressor actor to say how the index stands (it answers on a
 # thread of its own, so only while the actor is restarting)
 INDEX_HEALTH_TIMEOUT_S = 5.0
+# How long creating a stream (or attaching a source) waits for the actors it needs to answer: a
+# decoder the cluster cannot place, a model actor that is restarting or unplaceable. Past it the
+# half-made stream is undone and the caller gets CapacityError (HTTP 503 with Retry-After).
+START_TIMEOUT_S = 30.0
+# How long undoing (closing a half-made stream, stopping a decoder) waits for each actor; calls
+# not answered by then still run in order after the ones they undo
+UNDO_TIMEOUT_S = 10.0
+# Until the model actors have answered a creation once, they may still be loading the model (more
+# than START_TIMEOUT_S on a busy node): the first creations wait this long for them instead
+MODEL_LOAD_TIMEOUT_S = 600.0
 log = logging.getLogger(__name__)
 
 
@@ -116,6 +126,20 @@ async def _settled(refs) -> list[tuple[ray.ObjectRef, Any]]:
     Ray recovers the object from if the maker's node is lost while the copy is held."""
     refs = list(refs) if isinstance(refs, list) else [refs]
     return list(zip(refs, await asyncio.gather(*refs)))
+
+
+async def _awaited(ref):
+    """`await ref` as a coroutine (for asyncio.wait_for / wait)."""
+    return await ref
+
+
+async def _bounded(awaitable, timeout_s: float, what: str):
+    """`awaitable` within `timeout_s`; past it CapacityError (`what`: why, for the caller)."""
+    try:
+        return await asyncio.wait_for(_awaited(awaitable), timeout_s)
+    except asyncio.TimeoutError:
+        raise CapacityError(f"{what} within {timeout_s:g} s: the cluster has no room now; retry later",
+                            retry_after_s=max(1.0, min(timeout_s, 30.0))) from None
 
 
 def _snapshot_refs(handle, stream_id: str) -> list[ray.ObjectRef]:
@@ -299,6 +323,8 @@ class StreamCoordinator:
         self._idle_watch: asyncio.Task | None = None
         self.streams: dict[str, _Stream] = {}
         self._creating: set[str] = set()  # ids of streams being created
+        self._frame_size: int | None = None  # the model's input side (px), asked once (_sized)
+        self._models_up = False  # the model actors answered a creation (loaded): START_TIMEOUT_S from then on
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0, "coordinator": 0}
         self.scaling_events = {"answerers_added": 0, "answerers_removed": 0, "answerers_unplaced": 0}
         self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
@@ -442,23 +468,53 @@ class StreamCoordinator:
 
     # ---- streams --------------------------------------------------------------------------
     async def create_stream(self, stream_id: str, method: str = "rekv", options: dict | None = None,
-                            system_prompt: str | None = "You are a helpful assistant.") -> dict:
+                            system_prompt: str | None = "You are a helpful assistant.", *,
+                            max_streams: int | None = None, start_timeout_s: float = START_TIMEOUT_S) -> dict:
+        """Open a stream on every model actor. Never waits on placement for longer than
+        `start_timeout_s` (CapacityError; MODEL_LOAD_TIMEOUT_S until they first answer); past `max_streams` streams (those being created
+        included) CapacityError(at_limit=True). On any failure, a timeout or the call's
+        cancellation, the half-made stream is closed everywhere and its id is free again."""
         if not isinstance(stream_id, str) or not stream_id or stream_id in self.streams or stream_id in self._creating:
             raise InvalidInputError(f"stream id {stream_id!r} is empty or already in use")
+        if max_streams is not None and len(self.streams) + len(self._creating) >= max_streams:
+            raise CapacityError(f"the server holds its maximum of {max_streams} streams: delete one or retry later",
+                                at_limit=True)
         spec = StreamSpec(stream_id, method, dict(options or {}), system_prompt)
         config = spec.config()  # ConfigError here, before any actor holds state
         self._creating.add(stream_id)  # taken from here: a concurrent create of the id would undo this one
+        replicas = list(self.answerers)
         try:
-            snapshot = self.prefill.open.remote(spec)  # (by reference, as _snapshot_refs)
-            replicas = list(self.answerers)
-            await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])  # (open's errors)
-            await self.compressor.open.remote(spec)
+            async def open_everywhere():
+                snapshot = self.prefill.open.remote(spec)  # (by reference, as _snapshot_refs)
+                await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])  # (open's errors)
+                await self.compressor.open.remote(spec)
+
+            bound = start_timeout_s if self._models_up else max(start_timeout_s, MODEL_LOAD_TIMEOUT_S)
+            await _bounded(open_everywhere(), bound, "the model actors did not answer")
+            self._models_up = True
             for replica in replicas:
                 replica.streams.add(stream_id)
-            stream = self._register(_Stream(spec, config.frame_rate))
+            self._register(_Stream(spec, config.frame_rate))
+        except BaseException:  # a timeout, an actor's error, or this call cancelled: undo, detached
+            await asyncio.shield(_detached(self._close_everywhere(stream_id, replicas)))
+            raise
+        self._creating.discard(stream_id)
+        return await self.status(stream_id)
+
+    async def _close_everywhere(self, stream_id: str, replicas: list[_AnswerReplica]) -> None:
+        """Close a half-made stream on the model actors (each call bounded: an actor that does not
+        answer runs it after the open it undoes), then free its id."""
+        try:
+            calls = [self.compressor.close.remote(stream_id), self.prefill.close.remote(stream_id),
+                     *[r.handle.close.remote(stream_id) for r in replicas]]
+            done, pending = await asyncio.wait([asyncio.ensure_future(_awaited(c)) for c in calls],
+                                               timeout=UNDO_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+            if pending or any(t.exception() for t in done):
+                log.warning("stream %r: a half-made stream was not closed on every actor", stream_id)
         finally:
             self._creating.discard(stream_id)
-        return await self.status(stream_id)
 
     def _register(self, stream: _Stream) -> _Stream:
         stream.chunks = _Coalescer(functools.partial(self._segment_batch, stream))
@@ -470,18 +526,22 @@ class StreamCoordinator:
         return sorted(self.streams)
 
     async def attach_source(self, stream_id: str, source: str | None, decode: DecodeConfig | None = None,
-                            policy: str = "block", chunk_frames: int = 8, max_in_flight: int | None = None) -> dict:
+                            policy: str = "block", chunk_frames: int = 8, max_in_flight: int | None = None,
+                            *, start_timeout_s: float = START_TIMEOUT_S) -> dict:
         """Read the stream's frames from `source` (file path, http(s) or rtsp URL) with a decoder
         actor, or, with source None, from bytes pushed with `push` (the read timeout of a pushed
         source runs from its first byte). Backpressure: "block" loses nothing (files, uploads);
         "drop" drops the newest frames while `max_in_flight` chunks are unfinished (live
         sources), and the stream's status counts them. max_in_flight defaults by policy
         (DEFAULT_IN_FLIGHT). A stream whose source has ended (or was detached by a coordinator
-        restart) takes a new one: its frames and times continue the stream's."""
+        restart) takes a new one: its frames and times continue the stream's. A decoder the
+        cluster cannot place within `start_timeout_s` is removed (CapacityError), as on any
+        failure or cancellation."""
         stream = self._live_stream(stream_id)
         if max_in_flight is None:
             max_in_flight = DEFAULT_IN_FLIGHT.get(policy, 2)  # an unknown policy is the decoder's error
-        arguments = (source, decode or DecodeConfig(), policy, chunk_frames, max_in_flight)
+        decode = await self._sized(decode or DecodeConfig(), start_timeout_s)
+        arguments = (source, decode, policy, chunk_frames, max_in_flight)
         async with stream.lock:  # one attach at a time
             previous = stream.decoder and await stream.decoder.status.remote()
             if previous and previous["state"] not in TERMINAL_STATES:
@@ -489,9 +549,9 @@ class StreamCoordinator:
                                         "close it or wait until it ends")
             decoder, name = self._new_decoder(stream, *arguments)
             try:
-                await decoder.start.remote()
+                await _bounded(decoder.start.remote(), start_timeout_s, "no room for the stream's decoder")
             except BaseException:
-                ray.kill(decoder, no_restart=True)
+                ray.kill(decoder, no_restart=True)  # placed or not: no orphan
                 raise
             if previous:
                 ray.kill(stream.decoder, no_restart=True)
@@ -499,6 +559,17 @@ class StreamCoordinator:
             self._attached(stream, decoder, name, arguments)
             await self._note_source(stream)
         return await self.status(stream_id)
+
+    async def _sized(self, decode: DecodeConfig, timeout_s: float) -> DecodeConfig:
+        """`decode` with the model's input size (S x S, as its processor resizes every frame; frames
+        already no larger are left to the processor) unless the caller set a size: no actor after
+        the decoder handles more pixels than the model reads. The prefill actor is asked once."""
+        if decode.size is not None:
+            return decode
+        if self._frame_size is None:
+            self._frame_size = await _bounded(self.prefill.frame_size.remote(), timeout_s,
+                                              "the prefill actor did not answer")
+        return replace(decode, size=(self._frame_size, self._frame_size), shrink_only=True)
 
     def _new_decoder(self, stream: _Stream, source, decode: DecodeConfig, policy: str, chunk_frames: int,
                      max_in_flight: int, first_seq: int | None = 0) -> tuple[Any, str | None]:
@@ -610,7 +681,8 @@ class StreamCoordinator:
     async def delete_stream(self, stream_id: str) -> dict:
         stream = self._stream(stream_id)
         if stream.decoder is not None:
-            await stream.decoder.stop.remote()
+            with contextlib.suppress(asyncio.TimeoutError, *ACTOR_LOST):  # one not answering is killed anyway
+                await asyncio.wait_for(_awaited(stream.decoder.stop.remote()), UNDO_TIMEOUT_S)
             # its process goes now, even while other handles to it (a caller's) are alive
             ray.kill(stream.decoder, no_restart=True)
         async with stream.lock:

@@ -250,6 +250,7 @@ class StreamDecoder:
         self._chunks_sent = 0
         self._chunks_dropped = 0
         self._max_seen_in_flight = 0
+        self._frame_shape: tuple[int, int] | None = None  # (height, width) of the frames sent
         self._last_error: dict | None = None
         self._started_at: float | None = None
         self._ended_at: float | None = None
@@ -311,7 +312,8 @@ class StreamDecoder:
         failure. chunks_in_flight: un-finished ingest calls now (<= max_in_flight);
         max_chunks_in_flight: the most seen. waiting_for_sink: a sink call was lost with the
         sink's process and no resync came yet; resyncs: how many came. chunks_skipped: numbered
-        pushes given up (push). last_error: None or {"type", "message", "where":
+        pushes given up (push). frame_shape: [height, width] of the last chunk sent (its
+        DecodeConfig.size, else the source's). last_error: None or {"type", "message", "where":
         "source" | "sink"}. packets_skipped: undecodable (corrupt) packets the decoder skipped;
         late_frames: frames it dropped as put out of order after them (pipeline.decode).
         warning: None, or why the frames sent are not the whole video (packets skipped, decoding
@@ -332,6 +334,7 @@ class StreamDecoder:
                 "frames_sent": self._frames_sent,
                 "frames_delivered": self._frames_delivered,
                 "frames_dropped": self._frames_dropped,
+                "frame_shape": None if self._frame_shape is None else list(self._frame_shape),
                 "chunks_sent": self._chunks_sent,
                 "chunks_dropped": self._chunks_dropped,
                 "chunks_in_flight": len(self._pending),
@@ -592,6 +595,7 @@ class StreamDecoder:
         stamps = np.asarray(times, dtype=np.float64) + self._time_offset
         with self._lock:
             self._submit(self._chunks_sent, np.stack(images), stamps)
+            self._frame_shape = images[0].shape[:2]
             self._frames_sent += len(images)
             self._chunks_sent += 1
 

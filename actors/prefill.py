@@ -157,6 +157,10 @@ class PrefillWorker:
     def close(self, stream_id: str) -> bool:
         return self.streams.pop(stream_id, None) is not None
 
+    def frame_size(self) -> int:
+        """The square side (px) the model encodes frames at: decoders resize to it (coordinator)."""
+        return self.model.frame_size
+
     def ping(self) -> int:
         return len(self.streams)
 

@@ -3,6 +3,7 @@ process (`over_restarts`, the one retry helper), statuses as the API shows them,
 and streamed), sources checked before they are attached, and one-shot streams."""
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -17,7 +18,7 @@ from deploy.schemas import SourceSpec, StreamStatus
 from deploy.settings import Settings
 from pipeline.decode import DecodeConfig
 from pipeline.conversation import Conversation
-from pipeline.errors import StreamKVError
+from pipeline.errors import CapacityError, StreamKVError
 from pipeline.sampling import GREEDY, SamplingParams
 from pipeline.source_policy import CheckedURL, check_source
 
@@ -92,6 +93,7 @@ class CoordinatorClient:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.s, self.metrics = settings, metrics
         self.coord = get_or_create_coordinator(settings)
+        self._creating = 0  # creations this replica waits on (creating())
 
     # ---- streams ----
     async def status(self, owner: str, stream_id: str) -> dict:
@@ -119,6 +121,43 @@ class CoordinatorClient:
             raise APIError(422, "invalid_source", "no such file")
         return checked
 
+    def creating(self) -> contextlib.AbstractContextManager:
+        """A slot among the creations this replica waits on (Settings.max_creating); none free:
+        CapacityError (503) at once."""
+        if self._creating >= self.s.max_creating:
+            raise CapacityError(f"{self._creating} stream creations are waiting for room; retry later")
+
+        @contextlib.contextmanager
+        def slot():
+            self._creating += 1
+            try:
+                yield
+            finally:
+                self._creating -= 1
+
+        return slot()
+
+    async def create(self, internal: str, method: str, options: dict | None, system_prompt: str | None) -> dict:
+        """Create the stream, bounded (CapacityError: no room, or max_streams reached). A caller
+        cancelled meanwhile leaves nothing: the call may still run to the end, and what it made is
+        deleted then."""
+        ref = self.coord.create_stream.remote(internal, method, options, system_prompt,
+                                              max_streams=self.s.max_streams, start_timeout_s=self.s.start_timeout_s)
+        try:
+            return await ref
+        except asyncio.CancelledError:
+            async def undo():
+                with contextlib.suppress(Exception):
+                    await ref
+                await self.delete_quietly(internal)
+
+            asyncio.ensure_future(undo())
+            raise
+
+    async def delete_after_failure(self, internal: str) -> None:
+        """delete_quietly, run to the end even if the caller is cancelled meanwhile."""
+        await asyncio.shield(asyncio.ensure_future(self.delete_quietly(internal)))
+
     def attach(self, internal: str, spec: SourceSpec):
         """Check the source now; returns the call that attaches it to the stream."""
         source = self.source(spec.source) if spec.source is not None else None
@@ -126,7 +165,8 @@ class CoordinatorClient:
         decode = DecodeConfig(fps=spec.fps, read_timeout_s=spec.idle_timeout_s if live else DecodeConfig.read_timeout_s,
                               source_policy=self.s.source_policy())
         policy = spec.policy or ("drop" if live and source else "block")
-        return lambda: self.coord.attach_source.remote(internal, source, decode, policy)
+        return lambda: self.coord.attach_source.remote(internal, source, decode, policy,
+                                                       start_timeout_s=self.s.start_timeout_s)
 
     async def delete_quietly(self, internal: str) -> None:
         try:
@@ -141,7 +181,7 @@ class CoordinatorClient:
         warning when its frames are not the whole video (damaged or cut short)."""
         checked = self.source(source) if isinstance(source, str) else None
         internal = auth.internal_id(owner, f"oneshot-{uuid.uuid4().hex[:12]}")
-        await self.coord.create_stream.remote(internal, "rekv", {}, system_prompt or DEFAULT_SYSTEM_PROMPT)
+        await self.create(internal, "rekv", {}, system_prompt or DEFAULT_SYSTEM_PROMPT)
         try:
             if isinstance(source, InlineMedia) and source.images:
                 frames = await asyncio.to_thread(decode_images, source.images)  # [T, H, W, 3]
@@ -149,14 +189,16 @@ class CoordinatorClient:
                 return internal, None
             if checked is not None:  # a whole file: no reconnects (an unreachable URL is an error at once)
                 await self.coord.attach_source.remote(internal, checked, DecodeConfig(
-                    reconnect=False, max_retries=0, source_policy=self.s.source_policy()))
+                    reconnect=False, max_retries=0, source_policy=self.s.source_policy()),
+                    start_timeout_s=self.s.start_timeout_s)
             else:  # an inline video file, pushed whole
-                await self.coord.attach_source.remote(internal, None, DecodeConfig(read_timeout_s=None), "block")
+                await self.coord.attach_source.remote(internal, None, DecodeConfig(read_timeout_s=None), "block",
+                                                      start_timeout_s=self.s.start_timeout_s)
                 await self.coord.push.remote(internal, source.video, 0)
                 await self.coord.close_source.remote(internal, self.s.oneshot_timeout_s)
             warning = await self._decoded(internal)
         except BaseException:
-            await self.delete_quietly(internal)
+            await self.delete_after_failure(internal)
             raise
         return internal, warning
 

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deploy import auth
 from deploy.schemas import ErrorResponse
 from pipeline.errors import (
-    ConfigError, IndexUnavailableError, InvalidInputError, NoFramesError, PushBufferTimeout, SourceRefusedError, SourceUnavailableError,
+    CapacityError, ConfigError, IndexUnavailableError, InvalidInputError, NoFramesError, PushBufferTimeout, SourceRefusedError, SourceUnavailableError,
     StreamKVError, StreamLostError, UnknownStreamError, VideoDecodeError,
 )
 
@@ -55,6 +55,8 @@ def typed_status(exc: BaseException) -> int:
             return status
     if isinstance(exc, PushBufferTimeout):
         return 503
+    if isinstance(exc, CapacityError):  # past max_streams: 429; no room in the cluster now: 503
+        return 429 if getattr(cause(exc), "at_limit", False) else 503
     return 500  # UnsupportedModelError, PageCorruptError: the server's fault, not the request's
 
 
@@ -65,19 +67,20 @@ def error_name(exc: BaseException) -> str:
     return type(cause(exc)).__name__
 
 
-RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503, 504)}
+RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503, 504)}
 # The error statuses each operation answers with, as its OpenAPI entry lists them (an operation
 # left out lists all of RESPONSES). 400: a source the server refuses to fetch; 401: no or a wrong
 # token; 404: no such stream (or another token's), unknown model; 409: no frames yet, the source
 # does not take chunks (anymore), the stream has a source still running (a new one), or the
 # stream was lost (delete it and create it again); 413: a body over the limit; 415: a chunk that
 # is not video; 422: an invalid request; 503: the coordinator is unavailable, or a pushed chunk
-# waited too long; 504: a one-shot video URL that did not finish decoding in time.
+# waited too long, or no room for a new stream now (Retry-After); 429: the server holds its
+# max_streams streams (Retry-After); 504: a one-shot video URL that did not finish decoding in time.
 ROUTE_ERRORS = {
     ("get", "/healthz"): (503,),
     ("get", "/metrics"): (401, 503),
     ("get", "/v1/models"): (401,),
-    ("post", "/v1/streams"): (400, 401, 413, 422, 503),
+    ("post", "/v1/streams"): (400, 401, 413, 422, 429, 503),
     ("get", "/v1/streams"): (401, 503),
     ("get", "/v1/streams/{stream_id}"): (401, 404, 503),
     ("delete", "/v1/streams/{stream_id}"): (401, 404, 503),
@@ -85,7 +88,7 @@ ROUTE_ERRORS = {
     ("post", "/v1/streams/{stream_id}/chunks"): (400, 401, 404, 409, 413, 415, 422, 503),
     ("post", "/v1/streams/{stream_id}/close"): (401, 404, 409, 422, 503),
     ("post", "/v1/streams/{stream_id}/source"): (400, 401, 404, 409, 413, 422, 503),
-    ("post", "/v1/chat/completions"): (400, 401, 404, 409, 413, 422, 503, 504),
+    ("post", "/v1/chat/completions"): (400, 401, 404, 409, 413, 422, 429, 503, 504),
 }
 
 
@@ -118,7 +121,9 @@ async def _api_error(request: Request, exc: APIError):
 
 
 async def _typed_error(request: Request, exc: StreamKVError):
-    return error_json(typed_status(exc), error_name(exc), message(exc))
+    retry = getattr(cause(exc), "retry_after_s", None) if isinstance(exc, CapacityError) else None
+    headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else None
+    return error_json(typed_status(exc), error_name(exc), message(exc), headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):

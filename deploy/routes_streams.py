@@ -19,15 +19,18 @@ router = APIRouter(tags=["streams"])
 
 @router.post("/v1/streams", status_code=201, response_model=StreamStatus)
 async def create_stream(body: CreateStream, caller: str = Depends(owner), api: Service = Depends(service)):
+    """Create and attach, or nothing: whatever fails (no room: 503 with Retry-After; max_streams:
+    429; a bad source; the request cancelled) leaves no stream and no decoder behind."""
     stream_id = body.stream_id or f"s-{uuid.uuid4().hex[:12]}"
     internal = auth.internal_id(caller, stream_id)
     attach = api.client.attach(internal, body)  # the source is checked before the stream is created
-    await api.client.coord.create_stream.remote(internal, body.method, body.options, body.system_prompt)
-    try:
-        await attach()
-    except Exception:  # no half-made stream left behind
-        await api.client.coord.delete_stream.remote(internal)
-        raise
+    with api.client.creating():
+        await api.client.create(internal, body.method, body.options, body.system_prompt)
+        try:
+            await attach()
+        except BaseException:  # no half-made stream left behind
+            await api.client.delete_after_failure(internal)
+            raise
     return await api.client.status(caller, stream_id)
 
 

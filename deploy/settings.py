@@ -40,6 +40,15 @@ class Settings:
     coordinator_name: str = "streamkv-coordinator"
     default_max_tokens: int = 64
     oneshot_timeout_s: float = 120.0
+    # Stream creation never hangs (issue 23): at most max_streams streams (one-shot ones included;
+    # past it 429). 64: today every stream holds a decoder process (130-180 MB), so 64 streams take
+    # ~10 GB for decoders alone; raise it on nodes with more memory. start_timeout_s bounds each
+    # wait for an actor a creation needs (past it 503 with Retry-After, the stream undone);
+    # max_creating bounds the creations one HTTP replica waits on at once (past it 503 at once), so
+    # they never fill its request slots (max_ongoing_requests) ahead of reads and questions.
+    max_streams: int | None = 64
+    start_timeout_s: float = 30.0
+    max_creating: int = 16
 
     def __post_init__(self):
         if self.placement not in ("local", "cluster"):
@@ -47,6 +56,8 @@ class Settings:
         self.source_policy()  # a bad network is a ConfigError at start
         if not self.owner_secret:
             raise ConfigError("owner_secret is required (build_app makes one)")
+        if (self.max_streams is not None and self.max_streams < 1) or self.start_timeout_s <= 0 or self.max_creating < 1:
+            raise ConfigError("max_streams and max_creating must be >= 1, start_timeout_s > 0")
         if not self.model_name:
             self.model_name = Path(self.model_dir).name or "streamkv"
 
@@ -110,4 +121,7 @@ def settings_from_args(args: dict | None) -> Settings:
         coordinator_name=str(get("coordinator_name", "streamkv-coordinator")),
         default_max_tokens=int(get("default_max_tokens", 64)),
         oneshot_timeout_s=float(get("oneshot_timeout_s", 120.0)),
+        max_streams=None if str(get("max_streams", 64)).lower() in ("", "none", "0") else int(get("max_streams", 64)),
+        start_timeout_s=float(get("start_timeout_s", 30.0)),
+        max_creating=int(get("max_creating", 16)),
     )

@@ -91,7 +91,8 @@ class DecodeConfig:
     """How to decode and sample a source (times in seconds).
 
     fps: sampling rate; None keeps every decoded frame.  size: (height, width) to resize to; None
-    keeps the source size.  max_frames: stop after emitting this many.  reconnect: retry dropped
+    keeps the source size; with shrink_only, a frame no larger than size in both sides keeps its
+    own (the model's processor resizes it as before).  max_frames: stop after emitting this many.  reconnect: retry dropped
     network sources.  max_retries: failed attempts in a row before giving up.  backoff_s: first
     wait between attempts, doubled each time up to max_backoff_s.  open_timeout_s: connecting and
     probing a network source.  read_timeout_s: waiting for more data from a network or pushed
@@ -108,6 +109,7 @@ class DecodeConfig:
 
     fps: float | None = None
     size: tuple[int, int] | None = None
+    shrink_only: bool = False
     max_frames: int | None = None
     reconnect: bool = True
     max_retries: int = 5
@@ -505,7 +507,8 @@ class FrameSource:
         return error
 
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
-        if self.config.size is None:
+        size = self.config.size
+        if size is None or (self.config.shrink_only and frame.height <= size[0] and frame.width <= size[1]):
             image = frame.to_ndarray(format="rgb24")
         else:
             height, width = self.config.size

@@ -59,3 +59,13 @@ class IndexUnavailableError(StreamKVError, RuntimeError):
 class SourceRefusedError(InvalidInputError):
     """A source the server will not fetch: a scheme not allowed, a local file, or a host that
     resolves to a loopback, private, link-local, multicast, reserved or metadata address."""
+
+
+class CapacityError(StreamKVError, RuntimeError):
+    """No room for a new stream: the cluster could not place its actors (or they did not answer)
+    within the bound (`at_limit` False: a 503), or the server holds its configured maximum of
+    streams (`at_limit` True: a 429). Nothing of the stream is left; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 5.0, at_limit: bool = False):
+        super().__init__(message)
+        self.retry_after_s, self.at_limit = retry_after_s, at_limit
