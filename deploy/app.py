@@ -106,7 +106,9 @@ def build_app(args: dict | None = None) -> serve.Application:
     answer_idle_s, answer_start_timeout_s, restore_timeout_s, api_token (one, comma-separated, or a
     list), allow_local_files, max_upload_bytes, max_json_bytes, model_name, device, placement
     (local | cluster), actor_cpus, coordinator_cpus, coordinator_name, api_cpus (the HTTP
-    replica's CPUs, default 0.05), replicas (a fixed number of HTTP replicas; left out: one, or
+    replica's CPUs, default 0.05), max_streams (past it a create is a 429), max_creating (creations
+    one replica waits on at once; past it a 503), start_timeout_s (the longest a create waits for an
+    actor to be placed, then a 503 with Retry-After), replicas (a fixed number of HTTP replicas; left out: one, or
     what the Serve config's autoscaling_config says).
     Missing args come from STREAMKV_<NAME> environment variables.
     """
