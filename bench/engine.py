@@ -70,7 +70,7 @@ def run(lengths: list[int], questions: int, out_dir: Path, checkpoint: str = "ll
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(CHECKPOINTS[checkpoint](Path(tmp)))
     frames = frames_for(max(lengths))
-    presets = {m: frame_scaled_options(m, model.dims.tokens_per_frame) for m in PRESETS}
+    presets = {m: frame_scaled_options(m, model.dims.tokens_per_frame, model.dims.frames_per_unit) for m in PRESETS}
     for method, options in presets.items():  # warm-up, untimed: first calls pay one-off costs
         warm = StreamSession(model, method=method, **options)
         warm.add_frames(frames[:CHUNK])

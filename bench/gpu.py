@@ -88,7 +88,8 @@ def stream(model, method: str, frames: int, chunk: int, console: Console) -> dic
     """Stream `frames` random frames into a fresh session of `method`, then ask QUESTIONS."""
     cuda = model.device.type == "cuda"
     size = model.frame_size
-    session = StreamSession(model, method=method, **frame_scaled_options(method, model.dims.tokens_per_frame))
+    session = StreamSession(model, method=method, **frame_scaled_options(method, model.dims.tokens_per_frame,
+                                                                                 model.dims.frames_per_unit))
     rng = np.random.default_rng(0)
     if cuda:
         torch.cuda.empty_cache()

@@ -33,7 +33,6 @@ from actors.coordinator import DEFAULT_IN_FLIGHT, StreamCoordinator
 from bench.engine import BENCH_SPEC, CHUNK, QUESTIONS, frames_for
 from bench.procs import cpu_seconds
 from pipeline import StreamSession, load_model
-from pipeline.config import frame_scaled_options
 from synthetic.checkpoint import CheckpointSpec, build_checkpoint
 
 IN_FLIGHT = DEFAULT_IN_FLIGHT["block"]  # a decoder actor's, for a file
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     frames = frames_for(args.frames)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_checkpoint(Path(tmp) / "bench", SIZES[args.size])
-        options = frame_scaled_options(args.method, load_model(model_dir).dims.tokens_per_frame)
+        options = {}  # the preset as it is: the actors scale it to their model (make_config)
         repo = str(Path(__file__).resolve().parent.parent)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": str(args.threads)}})

@@ -34,8 +34,6 @@ from bench.engine import CHUNK, QUESTIONS, frames_for
 from bench.pipeline import SIZES
 from actors.coordinator import StreamCoordinator
 from cache_store.index import RedisIndex
-from pipeline import load_model
-from pipeline.config import frame_scaled_options
 from synthetic.checkpoint import build_checkpoint
 from tests.plugins.redis_server import RedisServer, free_port
 
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = build_checkpoint(tmp / "bench", SIZES[args.size])
-        options = frame_scaled_options(args.method, load_model(model_dir).dims.tokens_per_frame)
+        options = {}  # the preset as it is: the actors scale it to their model (make_config)
         server = RedisServer(binary, tmp / "redis-0", "aof")
         server.dir.mkdir()
         server.start(free_port())

@@ -32,8 +32,6 @@ from bench.engine import CHUNK, QUESTIONS, frames_for
 from bench.figure import single_plot
 from bench.pipeline import SIZES
 from deploy.ingest import named_coordinator, stop_coordinator
-from pipeline import load_model
-from pipeline.config import frame_scaled_options
 from synthetic.checkpoint import build_checkpoint
 
 
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                "runs": {n: [] for n in args.streams}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_checkpoint(Path(tmp) / "bench", SIZES[args.size])
-        options = frame_scaled_options(args.method, load_model(model_dir).dims.tokens_per_frame)
+        options = {}  # the preset as it is: the actors scale it to their model (make_config)
         repo = str(Path(__file__).resolve().parent.parent)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}})

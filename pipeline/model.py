@@ -37,6 +37,19 @@ class ModelDims:
     tokens_per_unit: int  # tokens of one stored unit (block): a frame, or Qwen-VL's temporal patch
     frames_per_unit: int = 1  # frames one unit encodes (Qwen-VL: 2, its temporal patch)
 
+    @classmethod
+    def of(cls, text_config, tokens_per_unit: int, frames_per_unit: int = 1) -> "ModelDims":
+        """The language model's shape from its transformers config, with the visual unit's size."""
+        return cls(
+            layers=text_config.num_hidden_layers,
+            q_heads=text_config.num_attention_heads,
+            kv_heads=text_config.num_key_value_heads,
+            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads,
+            hidden=text_config.hidden_size,
+            tokens_per_unit=tokens_per_unit,
+            frames_per_unit=frames_per_unit,
+        )
+
     @property
     def group(self) -> int:
         return self.q_heads // self.kv_heads
@@ -83,14 +96,7 @@ class VideoLLM:
     def _dims(self, text_config) -> ModelDims:
         vision = self.model.config.vision_config
         patches = vision.image_size // vision.patch_size
-        return ModelDims(
-            layers=text_config.num_hidden_layers,
-            q_heads=text_config.num_attention_heads,
-            kv_heads=text_config.num_key_value_heads,
-            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads,
-            hidden=text_config.hidden_size,
-            tokens_per_unit=math.ceil(patches / 2) ** 2,
-        )
+        return ModelDims.of(text_config, tokens_per_unit=math.ceil(patches / 2) ** 2)
 
     def rope(self, frame_rate: float) -> Rope:
         """Positions and rotation for a stream sampled at `frame_rate` (1-D RoPE ignores it)."""

@@ -44,15 +44,7 @@ class QwenVL(VideoLLM):
 
     def _dims(self, text_config) -> ModelDims:
         side = self.frame_size // self.patch // self.merge  # merged tokens per side
-        return ModelDims(
-            layers=text_config.num_hidden_layers,
-            q_heads=text_config.num_attention_heads,
-            kv_heads=text_config.num_key_value_heads,
-            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads,
-            hidden=text_config.hidden_size,
-            tokens_per_unit=side * side,
-            frames_per_unit=self.temporal,
-        )
+        return ModelDims.of(text_config, tokens_per_unit=side * side, frames_per_unit=self.temporal)
 
     def rope(self, frame_rate: float) -> MRope:
         if frame_rate not in self._ropes:
