@@ -1,7 +1,10 @@
-"""The segmenter/compressor actor: per stream, which frames form a segment (with StreamKV's
-merges), the compression decisions that need only the segment (guidance), and the segment's
-entry in the summary index (Redis, or embedded in this actor). Index writes never fail the
-call that makes them: an IndexWriter journals them and catches the index up when it is
+"""The segmenter/compressor actor, CPU-only: per stream, which frames form a segment (with
+StreamKV's merges), and the segment's entry in the summary index (Redis, or embedded in this
+actor). It loads no model (only the checkpoint's shapes, pipeline.model.load_dims): the
+compression decisions that run the language model (StreamKV's guidance scoring) are made in the
+prefill actor, where the model already is, so a GPU node holds one model copy per role.
+
+Index writes never fail the call that makes them: an IndexWriter journals them and catches the index up when it is
 unreachable or comes back empty (cache_store/index_writer.py); `index_health` says how it stands,
 on a thread of its own so that it does not wait behind segment work.
 
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
+from actors.messages import HeldSegments, SegmenterState, SourceNote
 from actors.spec import StreamSpec, lookup
 from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
 from cache_store.index_writer import IndexHealth, IndexWriter
@@ -35,10 +39,9 @@ if TYPE_CHECKING:
 class _Stream:
     spec: StreamSpec
     segmenter: Segmenter
-    compressor: object  # pipeline.compression strategy
     frames: int = 0  # frames pushed so far
     last_time: float | None = None  # of the last frame pushed
-    source: dict | None = None  # the coordinator's note of the stream's source, kept here for a restarted one
+    source: SourceNote | None = None  # the coordinator's note of the stream's source, kept here for a restarted one
     # closed segments not recorded as committed yet, numbered segmenter.closed - len .. - 1: a
     # restarted coordinator commits those its previous process did not
     closed: list[Wire] = field(default_factory=list)
@@ -47,30 +50,28 @@ class _Stream:
 class CompressorWorker:
     CONCURRENCY_GROUPS = {"health": 1}
 
-    def __init__(self, model_dir: str, device: str = "cpu", index_url: str | None = None):
-        from pipeline.model import load_model
+    def __init__(self, model_dir: str, index_url: str | None = None):
+        from pipeline.model import load_dims
 
-        self.model = load_model(model_dir, device=device)  # guidance runs the language model
+        self.dims = load_dims(model_dir)  # shapes only: presets scale with the tokens per frame
         self.index: SegmentIndex = RedisIndex(index_url) if index_url else EmbeddedIndex()
         self.writer = IndexWriter(self.index)
         self.streams: dict[str, _Stream] = {}
 
-    def open(self, spec: StreamSpec, state: dict | None = None) -> None:
-        """Start a stream, or host it again after a restart with `state` as `held` gives it:
-        frames pushed and segments closed so far, the last frame's time, its live source."""
-        from pipeline.compression import make_compressor
+    def open(self, spec: StreamSpec, state: SegmenterState | None = None) -> None:
+        """Start a stream, or host it again after a restart from `state`: frames pushed and
+        segments closed so far, the last frame's time, its source."""
         from pipeline.segmenter import Segmenter
 
-        config = spec.config(self.model.dims.tokens_per_frame)
-        state = state or {}
-        stream = _Stream(spec, Segmenter(config), make_compressor(self.model, config), state.get("frames", 0),
-                         state.get("last_time"), state.get("source"))
-        stream.segmenter.closed = state.get("segments", 0)
+        config = spec.config(self.dims.tokens_per_frame)
+        state = state or SegmenterState()
+        stream = _Stream(spec, Segmenter(config), state.frames, state.last_time, state.source)
+        stream.segmenter.closed = state.segments
         self.streams[spec.stream_id] = stream
         if stream.segmenter.closed:  # recorded by this actor's previous process: not in the journal
             self.writer.note_incomplete(spec.stream_id)
 
-    def note_source(self, stream_id: str, source: dict | None) -> None:
+    def note_source(self, stream_id: str, source: SourceNote | None) -> None:
         lookup(self.streams, stream_id).source = source
 
     def push(self, stream_id: str, features: Wire) -> list[Wire]:
@@ -99,15 +100,7 @@ class CompressorWorker:
         stream.closed.append(pack_segment(segment))
         return stream.closed[-1]
 
-    def decide(self, stream_id: str, update: Wire) -> list[list[int]] | None:
-        """Compression decisions about one encoded segment (guidance): per layer, blocks to keep."""
-        from cache_store.wire import unpack_update
-
-        decoded = unpack_update(update, self.model.device, self.model.dtype)
-        lookup(self.streams, stream_id).compressor.decide(decoded)
-        return decoded.keep
-
-    def held(self) -> dict[str, dict]:
+    def held(self) -> dict[str, HeldSegments]:
         """Every stream held here, for a restarted coordinator: open's state, the open segment's
         frames as pack_features' meta and tokens (plain values: the coordinator does not import
         the wire formats), and the closed segments not known to be committed (by reference)."""
@@ -116,9 +109,9 @@ class CompressorWorker:
         held = {}
         for sid, s in self.streams.items():
             features = pack_features(s.segmenter.open.items if s.segmenter.open else [])
-            held[sid] = {"frames": s.frames, "last_time": s.last_time, "segments": s.segmenter.closed,
-                         "source": s.source, "open": (features.meta["features"], features.arrays.get("features")),
-                         "closed": [ray.put(segment) for segment in s.closed]}
+            held[sid] = HeldSegments(s.frames, s.last_time, s.segmenter.closed, s.source,
+                                     open_ranges=features.meta["features"], open_tokens=features.arrays.get("features"),
+                                     closed=[ray.put(segment) for segment in s.closed])
         return held
 
     def record(self, stream_id: str, committed: int, *updates: Wire) -> None:

@@ -61,6 +61,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from actors.messages import SourceState
 from pipeline.decode import DecodeConfig, FrameSource, PushBuffer, open_source
 from pipeline.errors import ConfigError, InvalidInputError, PushBufferTimeout
 
@@ -68,14 +69,12 @@ log = logging.getLogger(__name__)
 
 Policy = Literal["block", "drop"]
 POLICIES = ("block", "drop")
-STATES = ("starting", "running", "finished", "failed", "stopped")
-TERMINAL_STATES = frozenset({"finished", "failed", "stopped"})
 _POLL_S = 0.1  # how often a blocked decode thread re-checks stop()
 
 # a sink call lost with the sink's process (a restarting sink may take it over: see resync)
 SINK_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
-__all__ = ["FrameSink", "StreamDecoder", "DecoderActor", "POLICIES", "STATES", "TERMINAL_STATES"]
+__all__ = ["FrameSink", "StreamDecoder", "DecoderActor", "POLICIES"]
 
 
 @runtime_checkable
@@ -128,7 +127,7 @@ def _error_info(exc: BaseException, where: str) -> dict:
     return {"type": type(exc).__name__, "message": str(exc), "where": where}
 
 
-def _warning(state: str, damage: tuple[int, int], chunks_skipped: int, frames: int, error: dict | None) -> str | None:
+def _warning(state: SourceState, damage: tuple[int, int], chunks_skipped: int, frames: int, error: dict | None) -> str | None:
     """Why the frames of a stream are not the whole video, in a sentence; None when they are.
     damage: (undecodable packets skipped, frames dropped as out of order after them)."""
     notes = []
@@ -137,7 +136,7 @@ def _warning(state: str, damage: tuple[int, int], chunks_skipped: int, frames: i
                      "order dropped")
     if chunks_skipped:
         notes.append(f"{chunks_skipped} numbered upload chunk(s) never arrived and were skipped")
-    if state == "failed" and frames and error is not None and error["where"] == "source":
+    if state is SourceState.FAILED and frames and error is not None and error["where"] == "source":
         notes.append(f"decoding stopped early ({error['message']}): only the first {frames} sampled frames were read")
     return "; ".join(notes) or None
 
@@ -230,7 +229,7 @@ class StreamDecoder:
         self._push = PushBuffer(push_buffer_bytes) if source is None else None
 
         self._lock = threading.Lock()  # counters and state, for consistent status snapshots
-        self._state = "starting"
+        self._state = SourceState.STARTING
         self._started = False
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -288,7 +287,7 @@ class StreamDecoder:
         with self._lock:
             source, thread = self._frame_source, self._thread
         if thread is None:  # never started
-            self._end("stopped")
+            self._end(SourceState.STOPPED)
         if self._push is not None:
             self._push.abort("decoder stopped")
         if source is not None:
@@ -299,14 +298,13 @@ class StreamDecoder:
         if thread is not None:
             thread.join(timeout_s)
             if thread.is_alive():  # e.g. still inside a network open with retries: it exits later
-                self._end("stopped")
+                self._end(SourceState.STOPPED)
         return self.status()
 
     def status(self) -> dict:
         """A snapshot; never blocks on decoding or on the sink.
 
-        state: "starting" (created, or opening / waiting for pushed bytes), "running",
-        "finished", "failed", "stopped". frames_decoded: sampled frames the source yielded;
+        state: a SourceState's value (actors/messages.py). frames_decoded: sampled frames the source yielded;
         frames_sent: frames in submitted ingest calls; frames_delivered: frames in calls that
         completed successfully; frames_dropped: by the "drop" policy, or left unsent by a stop or
         failure. chunks_in_flight: un-finished ingest calls now (<= max_in_flight);
@@ -326,7 +324,7 @@ class StreamDecoder:
             damage = (getattr(src, "packets_skipped", 0), getattr(src, "late_frames", 0))
             return {
                 "stream_id": self.stream_id,
-                "state": self._state,
+                "state": self._state.value,
                 "policy": self._policy,
                 "chunk_frames": self._chunk_frames,
                 "max_in_flight": self._max_in_flight,
@@ -407,7 +405,7 @@ class StreamDecoder:
         if self._push is None:
             raise InvalidInputError(f"stream {self.stream_id!r} is not in push mode (it has a source)")
         if self._stop.is_set() or self._done.is_set():
-            raise InvalidInputError(f"stream {self.stream_id!r} has ended ({self._state}); push() refused")
+            raise InvalidInputError(f"stream {self.stream_id!r} has ended ({self._state.value}); push() refused")
         data = bytes(chunk)
         with self._push_cond:
             if self._close_at is not None and (seq is None or seq >= self._close_at):
@@ -520,7 +518,7 @@ class StreamDecoder:
             with self._lock:
                 self._frame_source = source
                 if self._push is None and not self._stop.is_set():
-                    self._state = "running"
+                    self._state = SourceState.RUNNING
             if self._stop.is_set():
                 source.close()
                 raise _Stopped
@@ -530,8 +528,8 @@ class StreamDecoder:
                         raise _Stopped
                     with self._lock:
                         self._frames_decoded += 1
-                        if self._state == "starting":
-                            self._state = "running"
+                        if self._state is SourceState.STARTING:
+                            self._state = SourceState.RUNNING
                     if images and frame.image.shape != images[0].shape:  # resolution change
                         self._send(images, times)
                         images, times = [], []
@@ -552,7 +550,7 @@ class StreamDecoder:
                     self._send(images, times)
                     images, times = [], []
                 self._drain_in_flight()
-                self._end("failed")
+                self._end(SourceState.FAILED)
                 return
             finally:
                 source.close()
@@ -560,23 +558,23 @@ class StreamDecoder:
                 self._send(images, times)
                 images, times = [], []
             self._drain_in_flight()
-            self._end("finished")
+            self._end(SourceState.FINISHED)
         except _Stopped:
             self._count_dropped(len(images))
-            self._end("stopped")
+            self._end(SourceState.STOPPED)
         except _SinkFailed as exc:
             self._count_dropped(len(images))
             self._fail(exc.cause, "sink")
-            self._end("failed")
+            self._end(SourceState.FAILED)
             if exc.for_good:  # detached, and its owner is gone: nothing would ever end this actor
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
         except Exception as exc:  # opening failed, or anything unexpected: never kill the actor
             self._count_dropped(len(images))
             if self._stop.is_set() and self._last_error is None:
-                self._end("stopped")
+                self._end(SourceState.STOPPED)
             else:
                 self._fail(exc, "source")
-                self._end("failed")
+                self._end(SourceState.FAILED)
         finally:
             if self._push is not None:
                 self._push.abort("decoding ended")
@@ -671,9 +669,9 @@ class StreamDecoder:
                 self._last_error = _error_info(exc, where)
         log.warning("stream %s: %s error: %s", self.stream_id, where, self._last_error)
 
-    def _end(self, state: str) -> None:
+    def _end(self, state: SourceState) -> None:
         with self._lock:
-            if self._state not in TERMINAL_STATES:
+            if not self._state.terminal:
                 self._state = state
                 self._ended_at = time.time()
         self._done.set()

@@ -2,8 +2,9 @@
 and each stream's streaming prefill on its own replica of the stream's memory.
 
 Its replica (sinks, local window, LiveVLM's long-term memory) is what new segments attend to. It
-applies every update after the compressor has decided, and runs the decisions that need the
-whole memory (VSB), which it records in the update for the other replicas.
+makes every compression decision about a segment it encodes (StreamKV's guidance scoring runs
+the model held here; VSB needs the whole memory) and records them in the update for the other
+replicas.
 
 Like the other model actors' modules, this one imports torch and transformers where they are
 used, not when it is imported: a process that holds a handle to the actor imports the module
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
+from actors.messages import HeldReplica
 from actors.spec import StreamSpec, lookup
-from pipeline.errors import UnknownStreamError, UnsupportedModelError
+from pipeline.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from cache_store.envelope import Wire
@@ -41,7 +43,6 @@ class _Stream:
             prefix = Answerer(model, config, spec.system_prompt).prefix_ids
             memory = StreamMemory(model.dims, config, self.encoder.encode_sinks(prefix))
         self.memory = memory
-        self.pending = None  # the last encoded update, until its decisions come back (commit)
         self.applied = 0  # updates committed
         # committed updates not yet known to have reached every other replica and the index,
         # numbered applied - len + 1 .. applied: a restarted coordinator delivers them again
@@ -91,52 +92,26 @@ class PrefillWorker:
         tokens = self.model.encode_frames(np.concatenate(batches), batch_size).float().cpu().numpy()
         return np.split(tokens, np.cumsum(sizes)[:-1])
 
-    def encode_segment(self, stream_id: str, segment: Wire) -> Wire:
-        """Encode a closed segment and hold it, uncommitted, for the compressor to decide on."""
-        from cache_store.wire import pack_update
-
-        self._encode(stream_id, segment)
-        return pack_update(self.streams[stream_id].pending, stream_id=stream_id, model_id=self.model.name)
-
     def encode_and_commit(self, stream_id: str, segments: list[Wire], published: int) -> Wire | list[Wire]:
-        """Encode and commit closed segments whose decisions need no other actor (every
-        compression but guidance), in order: one call for all the segments that queued up. Call
-        with num_returns=len(segments): each update is an object of its own (Ray takes a single
-        return value as it is). published: see commit."""
+        """Encode closed segments, make the compression decisions about them (guidance scoring
+        runs the model held here) and commit them, in order: one call for all the segments that
+        queued up. Call with num_returns=len(segments): each update is an object of its own (Ray
+        takes a single return value as it is). published: how many updates the coordinator has
+        seen reach every replica and the index (the rest are held here until then)."""
+        from cache_store.wire import pack_update, unpack_segment
+
+        stream = lookup(self.streams, stream_id)
         committed = []
         for segment in segments:
-            self._encode(stream_id, segment)
-            committed.append(self.commit(stream_id, None, published))
-        return committed if len(committed) > 1 else committed[0]
-
-    def _encode(self, stream_id: str, segment: Wire) -> None:
-        from cache_store.wire import unpack_segment
-
-        stream = lookup(self.streams, stream_id)
-        decoded = unpack_segment(segment, self.model.device, self.model.dtype)
-        stream.pending = stream.encoder.encode(stream.memory, decoded)
-
-    def commit(self, stream_id: str, keep: list[list[int]] | None, published: int) -> Wire:
-        """Apply the pending update to this replica, with the compressor's `keep` decisions or
-        (None) decided here; return it, with the decisions that need the whole memory (VSB)
-        recorded, for the other replicas. published: how many updates the coordinator has seen
-        reach every replica and the index (the rest are held here until then)."""
-        from cache_store.wire import pack_update
-
-        stream = lookup(self.streams, stream_id)
-        update, stream.pending = stream.pending, None
-        if update is None:
-            raise UnknownStreamError(f"stream {stream_id!r} has no encoded segment to commit")
-        if keep is None:
-            stream.compressor.decide(update)  # VSB: no blocks; keep-all: nothing
-        else:
-            update.keep = keep  # the compressor actor's guidance decision
-        stream.memory.apply(update)
-        stream.compressor.compact(stream.memory, update)
-        stream.applied += 1
-        stream.unpublished.append(pack_update(update, stream_id=stream_id, model_id=self.model.name))
+            update = stream.encoder.encode(stream.memory, unpack_segment(segment, self.model.device, self.model.dtype))
+            stream.compressor.decide(update)  # guidance scores blocks with the model; VSB: none; keep-all: nothing
+            stream.memory.apply(update)
+            stream.compressor.compact(stream.memory, update)
+            stream.applied += 1
+            stream.unpublished.append(pack_update(update, stream_id=stream_id, model_id=self.model.name))
+            committed.append(stream.unpublished[-1])
         stream.acknowledge(published)
-        return stream.unpublished[-1]
+        return committed if len(committed) > 1 else committed[0]
 
     def snapshot(self, stream_id: str) -> tuple[Wire, int]:
         """The replica and how many updates it holds."""
@@ -145,14 +120,10 @@ class PrefillWorker:
         stream = lookup(self.streams, stream_id)
         return pack_snapshot(stream.memory, stream_id=stream_id, model_id=self.model.name), stream.applied
 
-    def held(self) -> dict[str, tuple[StreamSpec, int, list[ray.ObjectRef]]]:
+    def held(self) -> dict[str, HeldReplica]:
         """Every stream held here: its spec, updates committed, and the unpublished ones (for a
-        restarted coordinator, by reference: it passes them on without importing their format).
-        An encoded segment awaiting its decisions is dropped: the coordinator that asked for them
-        is gone."""
-        for stream in self.streams.values():
-            stream.pending = None
-        return {sid: (s.spec, s.applied, [ray.put(u) for u in s.unpublished]) for sid, s in self.streams.items()}
+        restarted coordinator, by reference: it passes them on without importing their format)."""
+        return {sid: HeldReplica(s.spec, s.applied, [ray.put(u) for u in s.unpublished]) for sid, s in self.streams.items()}
 
     def close(self, stream_id: str) -> bool:
         return self.streams.pop(stream_id, None) is not None

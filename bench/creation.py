@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.messages import is_terminal
 from bench.procs import descendants, processes
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -80,7 +81,7 @@ def rss(model: str, seconds: float, fps: float) -> dict:
         sampler.start()
         started = time.perf_counter()
         ray.get(coord.attach_source.remote("hd", clip, decode))
-        while (status := ray.get(coord.status.remote("hd")))["source_state"] not in ("finished", "failed"):
+        while not is_terminal((status := ray.get(coord.status.remote("hd")))["source_state"]):
             time.sleep(0.1)
         elapsed = time.perf_counter() - started
         done.set()

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.messages import is_terminal
 from bench.procs import descendants, processes, pss, title
 
 REPO = Path(__file__).resolve().parent.parent
@@ -623,7 +624,7 @@ async def _workload(args, url: str, rss: str | None, console, created: list[str]
                     status = r.json()
                     i = ids.index(status["stream_id"])
                     final[i] = status
-                    if status.get("source_state") in ("finished", "failed", "stopped") and not status.get("frames_pending"):
+                    if is_terminal(status.get("source_state")) and not status.get("frames_pending"):
                         drained_at[i] = state.now() - close_at
                 if len(drained_at) < len(ids):
                     await asyncio.sleep(0.5)

@@ -29,7 +29,8 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from actors.coordinator import DEFAULT_IN_FLIGHT, StreamCoordinator
+from actors.coordinator import StreamCoordinator
+from actors.sources import DEFAULT_IN_FLIGHT
 from bench.engine import BENCH_SPEC, CHUNK, QUESTIONS, frames_for
 from bench.procs import cpu_seconds
 from pipeline import StreamSession, load_model

@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from actors.calls import until_alive
+from actors.messages import SourceState, is_terminal
 from deploy import auth
 from deploy.errors import APIError
 from deploy.inline import InlineMedia, decode_images
@@ -25,24 +27,14 @@ from pipeline.source_policy import CheckedURL, check_source
 # How long a request that is safe to repeat waits for the coordinator's process to come back
 # (Ray refuses calls while it restarts: ~1-2 s, takeover included) before it gets its 503.
 RESTART_WAIT_S = 15.0
-TERMINAL = ("finished", "failed", "stopped")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 async def over_restarts(call):
-    """`call()`, made again while the coordinator's process restarts, for up to RESTART_WAIT_S.
-    Only for calls that may run twice: one in flight when the process died may have run."""
-    from ray.exceptions import RayActorError
-
-    deadline, delay = time.monotonic() + RESTART_WAIT_S, 0.1
-    while True:
-        try:
-            return await call()
-        except RayActorError:  # ActorUnavailableError while it restarts; ActorDiedError for a call it took along
-            if time.monotonic() + delay > deadline:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 1.0)
+    """`call()`, made again while the coordinator's process restarts, for up to RESTART_WAIT_S
+    (actors/calls.py until_alive). Only for calls that may run twice: one in flight when the
+    process died may have run."""
+    return await until_alive(call, RESTART_WAIT_S, max_delay_s=1.0)
 
 
 def get_or_create_coordinator(s: Settings):
@@ -208,12 +200,12 @@ class CoordinatorClient:
         deadline = time.monotonic() + self.s.oneshot_timeout_s
         while True:
             status = await self.coord.status.remote(internal)
-            if status["source_state"] in TERMINAL:
+            if is_terminal(status["source_state"]):
                 break
             if time.monotonic() > deadline:
                 raise APIError(504, "timeout", f"the video did not finish decoding in {self.s.oneshot_timeout_s} s")
             await asyncio.sleep(0.2)
-        if status["source_state"] == "failed" and not status["frames_ingested"]:
+        if status["source_state"] == SourceState.FAILED and not status["frames_ingested"]:
             error = status["last_error"] if isinstance(status["last_error"], dict) else {}
             refused = error.get("type") == "SourceRefusedError"  # a redirect, a cap: the request's fault
             raise APIError(400 if refused else 422, error.get("type") or "VideoDecodeError", auth.scrub(

@@ -26,16 +26,17 @@ import yaml
 from rich.progress import Progress
 
 from actors.coordinator import NAMESPACE, StreamCoordinator
+from actors.messages import is_terminal
 from pipeline.decode import DecodeConfig
 from pipeline.errors import ConfigError
 
 COORDINATOR_NAME = "streamkv-coordinator"
 # Pins actor kinds to ray_cluster.yaml's node types (their custom resources); the coordinator
-# itself stays on the head node.
+# itself stays on the head node. The compressor actor loads no model: it runs on a CPU node.
 CLUSTER_PLACEMENT = {
     "prefill": {"num_gpus": 1, "resources": {"gpu_worker": 0.5}},
     "answerer": {"num_gpus": 0.5, "resources": {"gpu_worker": 0.25}},
-    "compressor": {"num_gpus": 0.25, "resources": {"gpu_worker": 0.25}},
+    "compressor": {"num_cpus": 1, "resources": {"decoder": 1}},
     "decoder": {"num_cpus": 1, "resources": {"decoder": 1}},
 }
 SOURCE_KEYS = {"id", "url", "method", "options", "fps", "size", "policy", "system_prompt"}
@@ -123,6 +124,6 @@ def run_ingest(handle, sources: list[Source], wait: bool = True, poll_s: float =
             for sid, status in statuses.items():
                 progress.update(tasks[sid], completed=status["frames_ingested"],
                                 description=f"{sid} [{status['source_state']}] dropped {status['frames_dropped']}")
-            if all(s["source_state"] in ("finished", "failed", "stopped") for s in statuses.values()):
+            if all(is_terminal(s["source_state"]) for s in statuses.values()):
                 return statuses
             time.sleep(poll_s)

@@ -211,6 +211,23 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     return wrap_model(model.to(device), processor, name=path.name)
 
 
+def load_dims(path: str | Path) -> ModelDims:
+    """The checkpoint's ModelDims without its weights: the model is built on the meta device (no
+    memory), through the same adapter as load_model, so the shapes cannot disagree. For actors
+    that need the shapes but run no model (the segmenter/compressor actor)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UnsupportedModelError(f"{path} is not a checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{path} is a {config.model_type!r} checkpoint; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return wrap_model(model, AutoProcessor.from_pretrained(path, local_files_only=True), name=path.name).dims
+
+
 def wrap_model(model, processor, name: str) -> VideoLLM:
     """A VideoLLM over an already built model (e.g. random weights for a benchmark)."""
     from pipeline.qwen_vl import QwenVL  # it builds on VideoLLM

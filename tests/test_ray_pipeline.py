@@ -470,7 +470,7 @@ def test_what_a_handle_imports_is_torch_free(module):
 
 @given(st.lists(st.integers(1, 80), max_size=30), st.integers(1, 64))
 def test_vision_calls_take_consecutive_chunks_up_to_the_frame_limit(sizes, limit):
-    from actors.coordinator import _groups
+    from actors.calls import groups as _groups
 
     groups = list(_groups(list(range(len(sizes))), sizes, limit))
     assert [i for group in groups for i in group] == list(range(len(sizes)))  # all, in order

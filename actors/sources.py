@@ -1,0 +1,131 @@
+"""A stream's source, as the coordinator attaches it: a decoder actor reading a URL or file, or
+taking pushed bytes, sized to the model's input and numbered so that its chunks go in in order.
+What a restarted coordinator needs to take a source up again is kept in the compressor actor
+(SourceNote)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import ray
+
+from actors.calls import NAMESPACE, START_TIMEOUT_S, bounded
+from actors.decoder import DecoderActor
+from actors.messages import is_terminal
+from actors.stream_state import StreamState
+from pipeline.decode import DecodeConfig
+from pipeline.errors import InvalidInputError
+
+# Unfinished chunks a decoder may have per stream. More lets more queue up to be segmented and
+# committed together (fewer calls per frame: 1 stream of bench.pipeline's medium model ingests
+# 6-10% faster with 4 than with 2, see BENCHMARKS.md); a live source keeps 2, so that it lags
+# little before dropping.
+DEFAULT_IN_FLIGHT = {"block": 4, "drop": 2}
+# How long a named coordinator's decoders wait for a restarted process to take their streams over
+# (a takeover takes seconds; a node to restart on may take minutes)
+DECODER_RECONNECT_S = 300.0
+
+
+class SourcesMixin:
+    """StreamCoordinator's sources (see actors/coordinator.py for the attributes it relies on)."""
+
+    async def attach_source(self, stream_id: str, source: str | None, decode: DecodeConfig | None = None,
+                            policy: str = "block", chunk_frames: int = 8, max_in_flight: int | None = None,
+                            *, start_timeout_s: float = START_TIMEOUT_S) -> dict:
+        """Read the stream's frames from `source` (file path, http(s) or rtsp URL) with a decoder
+        actor, or, with source None, from bytes pushed with `push` (the read timeout of a pushed
+        source runs from its first byte). Backpressure: "block" loses nothing (files, uploads);
+        "drop" drops the newest frames while `max_in_flight` chunks are unfinished (live
+        sources), and the stream's status counts them. max_in_flight defaults by policy
+        (DEFAULT_IN_FLIGHT). A stream whose source has ended (or was detached by a coordinator
+        restart) takes a new one: its frames and times continue the stream's. A decoder the
+        cluster cannot place within `start_timeout_s` is removed (CapacityError), as on any
+        failure or cancellation."""
+        stream = self._live_stream(stream_id)
+        if max_in_flight is None:
+            max_in_flight = DEFAULT_IN_FLIGHT.get(policy, 2)  # an unknown policy is the decoder's error
+        decode = await self._sized(decode or DecodeConfig(), start_timeout_s)
+        arguments = (source, decode, policy, chunk_frames, max_in_flight)
+        async with stream.lock:  # one attach at a time
+            previous = stream.decoder and await stream.decoder.status.remote()
+            if previous and not is_terminal(previous["state"]):
+                raise InvalidInputError(f"stream {stream_id!r} already has a source ({previous['state']}): "
+                                        "close it or wait until it ends")
+            decoder, name = self._new_decoder(stream, *arguments)
+            try:
+                await bounded(decoder.start.remote(), start_timeout_s, "no room for the stream's decoder")
+            except BaseException:
+                ray.kill(decoder, no_restart=True)  # placed or not: no orphan
+                raise
+            if previous:
+                ray.kill(stream.decoder, no_restart=True)
+                retired = stream.source.retired
+                stream.source.retired = {k: retired[k] + previous[f"frames_{k}"] for k in retired}
+            self._attached(stream, decoder, name, arguments)
+            await self._note_source(stream)
+        return await self.status(stream_id)
+
+    async def _sized(self, decode: DecodeConfig, timeout_s: float) -> DecodeConfig:
+        """`decode` with the model's input size (S x S, as its processor resizes every frame; frames
+        already no larger are left to the processor) unless the caller set a size: no actor after
+        the decoder handles more pixels than the model reads. The prefill actor is asked once."""
+        if decode.size is not None:
+            return decode
+        if self._frame_size is None:
+            self._frame_size = await bounded(self.prefill.frame_size.remote(), timeout_s,
+                                              "the prefill actor did not answer")
+        return replace(decode, size=(self._frame_size, self._frame_size), shrink_only=True)
+
+    def _new_decoder(self, stream: StreamState, source, decode: DecodeConfig, policy: str, chunk_frames: int,
+                     max_in_flight: int, first_seq: int | None = 0) -> tuple[Any, str | None]:
+        """A decoder actor for the stream, to start, and its name; its chunk numbers and times go
+        on after the stream's (a previous source sends no more). Under a named coordinator it is
+        named and detached, and waits for a restarted coordinator if this process dies."""
+        stream.next_chunk = stream.resent_below = 0
+        offset = 0.0 if stream.last_time is None else stream.last_time + 1 / stream.frame_rate
+        options, name = {"num_cpus": 0.05, **self.placement.get("decoder", {})}, None
+        if self.name:
+            name = f"{self.name}.decoder.{stream.spec.stream_id}.{uuid.uuid4().hex[:8]}"
+            options.update(name=name, namespace=NAMESPACE, lifetime="detached")
+        decoder = DecoderActor.options(**options).remote(
+            stream.spec.stream_id, source, decode, ray.get_runtime_context().current_actor, chunk_frames,
+            max_in_flight, policy, time_offset=offset, first_seq=first_seq,
+            reconnect_s=DECODER_RECONNECT_S if self.name else 0.0)
+        return decoder, name
+
+    @staticmethod
+    def _attached(stream: StreamState, decoder, name: str | None, arguments: tuple) -> None:
+        source, policy = arguments[0], arguments[2]
+        stream.decoder, stream.source.decoder = decoder, name
+        stream.source.mode, stream.source.attached_at = "pull" if source else "push", stream.frames_seen
+        # a file read again would repeat its frames
+        stream.source.resumable = arguments if source is None or policy == "drop" else None
+
+    async def _note_source(self, stream: StreamState) -> None:
+        """Keep the stream's SourceNote with its state in the compressor, for a restarted coordinator."""
+        sid = stream.spec.stream_id
+        await self._on_compressor(stream, lambda: self.compressor.note_source.remote(sid, stream.source))
+
+    def _push_decoder(self, stream_id: str):
+        stream = self._live_stream(stream_id)
+        if stream.source.mode != "push":
+            lost = " (the coordinator restarted: attach a source again)" if stream.adopted and not stream.source.mode else ""
+            raise InvalidInputError(f"stream {stream_id!r} does not take pushed bytes{lost}")
+        return stream.decoder
+
+    async def push(self, stream_id: str, chunk: bytes, seq: int | None = None) -> int:
+        """Feed encoded video bytes to a push-mode source (attach_source with source=None).
+        Concurrent uploaders number their chunks (`seq` from 0) so they are written in order."""
+        return await self._push_decoder(stream_id).push.remote(chunk, seq)
+
+    async def close_source(self, stream_id: str, wait_s: float | None = None) -> dict:
+        """End a pushed source; with `wait_s`, wait for its frames to be ingested."""
+        decoder = self._push_decoder(stream_id)
+        await decoder.close.remote()
+        stream = self.streams[stream_id]  # (_push_decoder found it)
+        stream.source.resumable = None  # the upload is over
+        await self._note_source(stream)
+        return await decoder.wait.remote(wait_s) if wait_s else await decoder.status.remote()
+
