@@ -33,7 +33,7 @@ class AnswerWorker:
         from cache_store.wire import unpack_snapshot
         from pipeline.answerer import Answerer
 
-        config = spec.config(self.model.dims.tokens_per_frame)
+        config = spec.config(self.model.dims)
         memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
         self.streams[spec.stream_id] = _Replica(spec, memory, Answerer(self.model, config, spec.system_prompt), applied)
 

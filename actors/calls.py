@@ -41,7 +41,7 @@ def _delays(timeout_s: float, first_s: float, max_s: float) -> Iterator[float]:
         delay = min(2 * delay, max_s)
 
 
-async def until_alive(call, timeout_s: float = 120.0, errors: tuple = ACTOR_LOST, max_delay_s: float = 2.0):
+async def until_alive(call, timeout_s: float = 300.0, errors: tuple = ACTOR_LOST, max_delay_s: float = 2.0):
     """`await call()`, made again while its actor restarts (a Ray restart takes seconds), for up
     to `timeout_s`. The one retry policy of the Ray side. Only for calls that may run twice: one
     in flight when the actor died may have run."""
@@ -56,7 +56,7 @@ async def until_alive(call, timeout_s: float = 120.0, errors: tuple = ACTOR_LOST
             await asyncio.sleep(delay)
 
 
-def until_alive_blocking(call, timeout_s: float = 120.0):
+def until_alive_blocking(call, timeout_s: float = 300.0):
     """`ray.get(call())` as until_alive, for code that must block (an actor's __init__)."""
     delays = _delays(timeout_s, 0.1, 2.0)
     while True:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
-from actors.messages import HeldSegments, SegmenterState, SourceNote
+from actors.messages import HeldSegments, LoneFrames, SegmenterState, SourceNote
 from actors.spec import StreamSpec, lookup
 from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
 from cache_store.index_writer import IndexHealth, IndexWriter
@@ -42,6 +42,7 @@ class _Stream:
     frames: int = 0  # frames pushed so far
     last_time: float | None = None  # of the last frame pushed
     source: SourceNote | None = None  # the coordinator's note of the stream's source, kept here for a restarted one
+    lone: LoneFrames | None = None  # frames pushed that wait for the rest of their unit (counted in `frames`)
     # closed segments not recorded as committed yet, numbered segmenter.closed - len .. - 1: a
     # restarted coordinator commits those its previous process did not
     closed: list[Wire] = field(default_factory=list)
@@ -63,9 +64,9 @@ class CompressorWorker:
         segments closed so far, the last frame's time, its source."""
         from pipeline.segmenter import Segmenter
 
-        config = spec.config(self.dims.tokens_per_frame)
+        config = spec.config(self.dims)
         state = state or SegmenterState()
-        stream = _Stream(spec, Segmenter(config), state.frames, state.last_time, state.source)
+        stream = _Stream(spec, Segmenter(config), state.frames, state.last_time, state.source, lone=state.lone)
         stream.segmenter.closed = state.segments
         self.streams[spec.stream_id] = stream
         if stream.segmenter.closed:  # recorded by this actor's previous process: not in the journal
@@ -74,8 +75,9 @@ class CompressorWorker:
     def note_source(self, stream_id: str, source: SourceNote | None) -> None:
         lookup(self.streams, stream_id).source = source
 
-    def push(self, stream_id: str, features: Wire) -> list[Wire]:
-        """Frames in; the segments they close out (zero or more)."""
+    def push(self, stream_id: str, features: Wire, lone: LoneFrames | None = None) -> list[Wire]:
+        """Frames in (units of them, with `lone` frames waiting for the rest of their unit); the
+        segments they close out (zero or more)."""
         import torch
 
         from cache_store.wire import pack_segment, unpack_features
@@ -85,6 +87,9 @@ class CompressorWorker:
         for item in unpack_features(features, "cpu", torch.float32):
             closed += stream.segmenter.push(item)
             stream.frames, stream.last_time = item.frames[1], item.times[1]
+        stream.lone = lone if lone is not None and lone.times else None
+        if stream.lone is not None:
+            stream.frames, stream.last_time = lone.first + len(lone.times), lone.times[-1]
         packed = [pack_segment(s) for s in closed]
         stream.closed += packed
         return packed
@@ -109,7 +114,7 @@ class CompressorWorker:
         held = {}
         for sid, s in self.streams.items():
             features = pack_features(s.segmenter.open.items if s.segmenter.open else [])
-            held[sid] = HeldSegments(s.frames, s.last_time, s.segmenter.closed, s.source,
+            held[sid] = HeldSegments(s.frames, s.last_time, s.segmenter.closed, s.source, s.lone,
                                      open_ranges=features.meta["features"], open_tokens=features.arrays.get("features"),
                                      closed=[ray.put(segment) for segment in s.closed])
         return held

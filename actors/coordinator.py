@@ -123,7 +123,8 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
         self._idle_watch: asyncio.Task | None = None
         self.streams: dict[str, StreamState] = {}
         self._creating: set[str] = set()  # ids of streams being created
-        self._frame_size: int | None = None  # the model's input side (px), asked once (_sized)
+        # the model's input side (px) and frames per unit of visual tokens, asked once (create_stream)
+        self._input_shape: tuple[int, int] | None = None
         self._models_up = False  # the model actors answered a creation (loaded): START_TIMEOUT_S from then on
         self.restarts = {"prefill": 0, "compressor": 0, "answerer": 0, "coordinator": 0}
         self.scaling_events = {"answerers_added": 0, "answerers_removed": 0, "answerers_unplaced": 0}
@@ -166,13 +167,15 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
                 snapshot = self.prefill.open.remote(spec)  # (by reference, as snapshot_refs)
                 await asyncio.gather(*[r.handle.restore.remote(spec, snapshot, 0) for r in replicas])  # (open's errors)
                 await self.compressor.open.remote(spec)
+                if self._input_shape is None:
+                    self._input_shape = tuple(await self.prefill.input_shape.remote())
 
             bound = start_timeout_s if self._models_up else max(start_timeout_s, MODEL_LOAD_TIMEOUT_S)
             await bounded(open_everywhere(), bound, "the model actors did not answer")
             self._models_up = True
             for replica in replicas:
                 replica.streams.add(stream_id)
-            self._register(StreamState(spec, config.frame_rate))
+            self._register(StreamState(spec, config.frame_rate, frames_per_unit=self._input_shape[1]))
         except BaseException:  # a timeout, an actor's error, or this call cancelled: undo, detached
             await asyncio.shield(detached(self._close_everywhere(stream_id, replicas)))
             raise

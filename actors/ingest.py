@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from actors.calls import groups, settled, until_alive
+from actors.messages import LoneFrames
 from actors.stream_state import Chunk, StreamState, done_future, settle
 from cache_store.envelope import features_wire
 from pipeline.errors import InvalidInputError, StreamLostError
@@ -31,6 +32,11 @@ from pipeline.frames import check_frames, check_times
 # less than VISION_CALL_S (a cheap tower: per-call costs would then dominate). BENCHMARKS.md
 VISION_CALL_FRAMES = 32
 VISION_CALL_S = 0.1
+# Committed updates go to the answer replicas and the index in batches: one apply call per
+# replica and one index call for this many updates, or for those committed within this long of the
+# first of them (questions and reads send what is waiting at once). BENCHMARKS.md "Data path cost"
+PUBLISH_UPDATES = 4
+PUBLISH_DELAY_S = 0.5
 
 
 class IngestMixin:
@@ -45,13 +51,15 @@ class IngestMixin:
         stream = self._live_stream(stream_id)
         try:
             frames = check_frames(frames)
-            tokens = await self._encode_frames(frames)  # [T, n, hidden]
+            # [T, n, hidden]; where a unit takes several frames, they are paired in stream order
+            tokens = await self._encode_frames(frames) if stream.frames_per_unit == 1 else None
             if seq is not None:
                 async with stream.chunk_turn:
                     await stream.chunk_turn.wait_for(lambda: stream.next_chunk >= seq)
             self._current(stream)  # deleted while its frames were encoded
             ingested = asyncio.get_running_loop().create_future()
-            stream.chunks.put(Chunk(tokens, times, ingested, may_repeat=seq is not None and seq < stream.resent_below))
+            stream.chunks.put(Chunk(tokens, times, ingested, may_repeat=seq is not None and seq < stream.resent_below,
+                                    pixels=None if tokens is not None else frames))
         finally:
             if seq is not None:
                 async with stream.chunk_turn:
@@ -70,55 +78,83 @@ class IngestMixin:
         they close for one commit: under load the per-call cost is paid per batch, not per chunk."""
         async with stream.lock:
             accepted: list[tuple[Chunk, int]] = []  # with the frames ingested once it is in
-            tokens, times = [], []
+            rows, times = [], []  # per frame: visual tokens, or pixels where units take several frames
             first, last_time = stream.frames_seen, stream.last_time
             for chunk in batch:
-                chunk_tokens, chunk_times = chunk.tokens, chunk.times
+                chunk_rows, chunk_times = (chunk.tokens if chunk.pixels is None else chunk.pixels), chunk.times
                 if chunk.may_repeat and last_time is not None:  # skip what the previous process consumed
                     fresh = np.asarray(chunk_times, dtype=np.float64) > last_time
-                    chunk_tokens, chunk_times = chunk_tokens[fresh], np.asarray(chunk_times)[fresh]
+                    chunk_rows, chunk_times = chunk_rows[fresh], np.asarray(chunk_times)[fresh]
                     if not fresh.any():
                         accepted.append((chunk, first + len(times)))
                         continue
                 try:
-                    chunk_times = check_times(chunk_times, len(chunk_tokens), first + len(times), last_time,
+                    chunk_times = check_times(chunk_times, len(chunk_rows), first + len(times), last_time,
                                               stream.frame_rate)
                 except InvalidInputError as error:  # this chunk alone is refused
                     chunk.ingested.set_exception(error)
                     continue
-                tokens.append(chunk_tokens)
+                rows.append(chunk_rows)
                 times += chunk_times
                 last_time = chunk_times[-1]
                 accepted.append((chunk, first + len(times)))
-            if not tokens:  # nothing new (chunks refused, or repeats only): done once earlier commits are
+            if not rows:  # nothing new (chunks refused, or repeats only): done once earlier commits are
                 committed = stream.committing or done_future()
             else:
-                committed = await self._push_frames(stream, accepted, np.concatenate(tokens), first, times, last_time)
+                committed = await self._push_frames(stream, accepted, np.concatenate(rows), first, times)
                 if committed is None:
                     return
         for chunk, frames_seen in accepted:
             committed.add_done_callback(functools.partial(settle, chunk.ingested, frames_seen))
 
-    async def _push_frames(self, stream: StreamState, accepted: list[tuple[Chunk, int]], tokens: np.ndarray, first: int,
-                           times: list[float], last_time: float) -> asyncio.Future | None:
-        """_segment_batch's frames to the segmenter (under the stream lock), their closed segments
-        queued for one commit; None (the callers told) if the compressor call failed."""
-        ranges = [((first + i, first + i + 1), (t, t)) for i, t in enumerate(times)]
-        wire = features_wire(tokens, *zip(*ranges))
+    async def _units(self, stream: StreamState, pixels: np.ndarray, times: list[float], first: int,
+                     whole_only: bool = True) -> tuple[np.ndarray | None, list, LoneFrames | None]:
+        """Frames (pixels, after the stream's lone ones) as units of frames_per_unit frames: their
+        visual tokens [U, n, hidden] and (frame range, time range) each, and the frames left
+        over (whole_only: a partial last unit waits; else it is encoded, padded)."""
+        per_unit, lone = stream.frames_per_unit, stream.lone
+        if lone is not None:
+            pixels, times, first = np.concatenate([lone.pixels, pixels]), lone.times + times, lone.first
+        whole = len(times) // per_unit * per_unit if whole_only else len(times)
+        starts = range(0, whole, per_unit)
+        ranges = [((first + i, first + min(i + per_unit, whole)), (times[i], times[min(i + per_unit, whole) - 1]))
+                  for i in starts]
+        tokens = await self._encode_frames(pixels[:whole]) if whole else None  # [U, n, hidden]
+        rest = LoneFrames(pixels[whole:], times[whole:], first + whole) if whole < len(times) else None
+        return tokens, ranges, rest
+
+    async def _push_frames(self, stream: StreamState, accepted: list[tuple[Chunk, int]], rows: np.ndarray,
+                           first: int, times: list[float]) -> asyncio.Future | None:
+        """_segment_batch's frames (visual tokens, or pixels to pair into units) to the segmenter
+        (under the stream lock), their closed segments queued for one commit; None (the callers
+        told) if a call failed."""
         stream.batching["chunks"] += len(accepted)
         stream.batching["pushes"] += 1
-        sid = stream.spec.stream_id
         try:
             self._current(stream)  # deleted while these chunks waited
-            segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire))
+            if stream.frames_per_unit == 1:
+                tokens, ranges, lone = rows, [((first + i, first + i + 1), (t, t)) for i, t in enumerate(times)], None
+            else:
+                tokens, ranges, lone = await self._units(stream, rows, times, first)
+            segments = await self._push_units(stream, tokens, ranges, lone)
         except Exception as error:  # noqa: BLE001 - the batch's callers get it
             for chunk, _ in accepted:
                 chunk.ingested.set_exception(error)
             return None
-        # recorded once pushed: a restarted compressor is replayed the frames before these
-        stream.pending += [(frames, tokens[i], span) for i, (frames, span) in enumerate(ranges)]
-        stream.frames_seen, stream.last_time = first + len(tokens), last_time
+        stream.frames_seen, stream.last_time = first + len(times), times[-1]
         return self._queue_commit(stream, segments)
+
+    async def _push_units(self, stream: StreamState, tokens: np.ndarray | None, ranges: list,
+                          lone: LoneFrames | None) -> list:
+        """Units to the segmenter, with the frames left waiting for the rest of theirs; the
+        segments they close. Recorded once pushed: a restarted compressor is replayed the units
+        since the last closed segment, and given the waiting frames."""
+        sid = stream.spec.stream_id
+        wire = features_wire(tokens, *zip(*ranges)) if ranges else features_wire(None, [], [])
+        segments = await self._on_compressor(stream, lambda: self.compressor.push.remote(sid, wire, lone))
+        stream.pending += [(frames, tokens[i], span) for i, (frames, span) in enumerate(ranges)]
+        stream.lone = lone
+        return segments
 
     def _queue_commit(self, stream: StreamState, segments: list) -> asyncio.Future:
         """Commit `segments` after every segment closed before them (call under the stream lock);
@@ -149,10 +185,18 @@ class IngestMixin:
 
 
     async def _close_open_segment(self, stream: StreamState) -> None:
+        """Close the open segment for a question: frames waiting for the rest of their unit are
+        encoded as a unit of their own first, padded as the processor pads a video (chosen: the
+        next frame then starts a new unit, as in pipeline/session.py)."""
         async with stream.lock:
             self._current(stream)
+            segments = []
+            if stream.lone is not None:  # (kept until pushed: _push_units)
+                none, end = stream.lone.pixels[:0], stream.lone.first + len(stream.lone.times)
+                tokens, ranges, _ = await self._units(stream, none, [], end, whole_only=False)
+                segments = await self._push_units(stream, tokens, ranges, None)
             segment = await self._on_compressor(stream, lambda: self.compressor.flush.remote(stream.spec.stream_id))
-            committed = self._queue_commit(stream, [] if segment is None else [segment])
+            committed = self._queue_commit(stream, segments + ([] if segment is None else [segment]))
         await committed
 
     async def _commit(self, stream: StreamState, segments: list) -> None:
@@ -166,26 +210,43 @@ class IngestMixin:
                     sid, segments, stream.published))))
 
     def _publish(self, stream: StreamState, updates: list[tuple[ray.ObjectRef, Any]]) -> None:
-        """Count committed updates and send them to every replica and the index in the background:
-        Ray runs one caller's calls to an actor in submission order, and a question first waits
-        for its stream's updates. The updates go on as object refs, not through this actor: each
-        replica reads them from the object store. Once they and every earlier update arrived, the
-        prefill actor is told with its next commit (it holds them until then: _adopt)."""
-        sid, first = stream.spec.stream_id, stream.applied + 1
-        refs = [ref for ref, _ in updates]
+        """Count committed updates; they go to every replica and the index in batches
+        (_send_updates): once PUBLISH_UPDATES of them are waiting, PUBLISH_DELAY_S after the first
+        of them, or when something needs them there (a question, a read: _published). One apply
+        call per replica and one index call per batch, not per segment."""
         stream.applied += len(updates)
+        stream.unsent += updates
+        if len(stream.unsent) >= PUBLISH_UPDATES:
+            self._send_updates(stream)
+        elif stream.send_timer is None:
+            stream.send_timer = asyncio.get_running_loop().call_later(PUBLISH_DELAY_S, self._send_updates, stream)
+
+    def _send_updates(self, stream: StreamState) -> None:
+        """Send the waiting updates to every replica and the index in the background: Ray runs one
+        caller's calls to an actor in submission order, and a question first waits for its
+        stream's updates. The updates go on as object refs, not through this actor: each replica
+        reads them from the object store. Once they and every earlier update arrived, the prefill
+        actor is told with its next commit (it holds them until then: takeover)."""
+        if stream.send_timer is not None:
+            stream.send_timer.cancel()
+            stream.send_timer = None
+        if not stream.unsent or stream.deleted:
+            return
+        updates, stream.unsent = stream.unsent, []
+        sid, last = stream.spec.stream_id, stream.applied
+        first, refs = last - len(updates) + 1, [ref for ref, _ in updates]
         earlier = [t for t in stream.publishing if not t.done()]
 
         async def deliver(held=updates):  # holds this node's copies until every reader has them (settled)
             await asyncio.gather(
                 # the index write needs no stream state in the compressor: after a restart, just retry
-                until_alive(lambda: self.compressor.record.remote(sid, first + len(refs) - 1, *refs)),
+                until_alive(lambda: self.compressor.record.remote(sid, last, *refs)),
                 *[self._on_answerer(stream, r, lambda a: a.apply.remote(sid, first, *refs))
                   for r in self.answerers if sid in r.streams])
             if earlier:
                 await asyncio.wait(earlier)
             if not any(t.cancelled() or t.exception() for t in earlier):
-                stream.published = max(stream.published, first + len(refs) - 1)
+                stream.published = max(stream.published, last)
 
         stream.publishing = earlier + [asyncio.ensure_future(deliver())]
 
@@ -194,6 +255,7 @@ class IngestMixin:
         ingest call that closed it) and every update reached every replica and the index."""
         if stream.committing is not None:
             await asyncio.wait([stream.committing])
+        self._send_updates(stream)
         # shielded: a concurrent caller waits for the same tasks, and one that is cancelled must
         # not cancel them
         await asyncio.shield(asyncio.gather(*stream.publishing))

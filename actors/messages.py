@@ -52,6 +52,17 @@ class SourceNote:
 
 
 @dataclass
+class LoneFrames:
+    """Frames short of a whole unit (Qwen-VL's temporal patch of 2 frames): they wait, as pixels,
+    for the frame that completes their unit; a question encodes them as a unit of their own,
+    padded the way the processor pads a video."""
+
+    pixels: np.ndarray  # [k, S, S, 3] uint8, k < frames per unit
+    times: list[float]
+    first: int  # the first one's frame number
+
+
+@dataclass
 class SegmenterState:
     """How far a stream has got in the segmenter: what a compressor actor hosting it again starts from."""
 
@@ -59,6 +70,7 @@ class SegmenterState:
     last_time: float | None = None  # of the last frame pushed
     segments: int = 0  # segments closed so far
     source: SourceNote | None = None
+    lone: LoneFrames | None = None  # frames (counted above) waiting for the rest of their unit
 
 
 @dataclass

@@ -21,7 +21,6 @@ import ray
 
 from actors.messages import HeldReplica
 from actors.spec import StreamSpec, lookup
-from pipeline.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from cache_store.envelope import Wire
@@ -36,7 +35,7 @@ class _Stream:
         from pipeline.memory import StreamMemory
 
         self.spec = spec
-        config = spec.config(model.dims.tokens_per_frame)
+        config = spec.config(model.dims)
         self.encoder = SegmentEncoder(model, config)
         self.compressor = make_compressor(model, config)
         if memory is None:
@@ -69,9 +68,6 @@ class PrefillWorker:
         """Start a stream; returns the snapshot (sinks only) that answer replicas start from."""
         from cache_store.wire import pack_snapshot
 
-        if self.model.dims.frames_per_unit != 1:  # the coordinator sends frames, and counts tokens, one by one
-            raise UnsupportedModelError(f"{self.model.name}: the Ray pipeline does not pair frames into temporal "
-                                        "patches yet; Qwen-VL checkpoints run in StreamSession")
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model)
         return pack_snapshot(stream.memory, stream_id=spec.stream_id, model_id=self.model.name)
 
@@ -80,17 +76,25 @@ class PrefillWorker:
         taken after `applied` updates."""
         from cache_store.wire import unpack_snapshot
 
-        config = spec.config(self.model.dims.tokens_per_frame)
+        config = spec.config(self.model.dims)
         memory = unpack_snapshot(snapshot, self.model.dims, config, self.model.device, self.model.dtype)
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model, memory)
         stream.applied = applied
 
     @ray.method(concurrency_group="vision")
     def encode_frames(self, batches: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
-        """Visual tokens for several streams' frames at once (cross-stream batching), per request."""
-        sizes = [len(frames) for frames in batches]
-        tokens = self.model.encode_frames(np.concatenate(batches), batch_size).float().cpu().numpy()
-        return np.split(tokens, np.cumsum(sizes)[:-1])
+        """Visual tokens for several streams' frames at once (cross-stream batching), per request,
+        in the model's dtype: [frames / frames_per_unit, n, hidden] each. A request of whole units
+        (a lone last frame is padded as the processor pads it) keeps its units its own."""
+        from cache_store.pages import to_numpy
+
+        per_unit = self.model.dims.frames_per_unit
+        if per_unit > 1 and any(len(frames) % per_unit for frames in batches[:-1]):  # a padded unit: alone
+            return [r for frames in batches for r in self.encode_frames([frames], batch_size)]
+        units = [-(-len(frames) // per_unit) for frames in batches]
+        # in the model's dtype (bf16 as a uint16 view: cache_store/wire.py), not float32
+        tokens = to_numpy(self.model.encode_frames(np.concatenate(batches), batch_size))  # [U, n, hidden]
+        return np.split(tokens, np.cumsum(units)[:-1])
 
     def encode_and_commit(self, stream_id: str, segments: list[Wire], published: int) -> Wire | list[Wire]:
         """Encode closed segments, make the compression decisions about them (guidance scoring
@@ -128,9 +132,11 @@ class PrefillWorker:
     def close(self, stream_id: str) -> bool:
         return self.streams.pop(stream_id, None) is not None
 
-    def frame_size(self) -> int:
-        """The square side (px) the model encodes frames at: decoders resize to it (coordinator)."""
-        return self.model.frame_size
+    def input_shape(self) -> tuple[int, int]:
+        """The square side (px) the model encodes frames at (decoders resize to it), and how many
+        frames one unit of visual tokens encodes (Qwen-VL's temporal patch: 2; the coordinator
+        pairs frames into units)."""
+        return self.model.frame_size, self.model.dims.frames_per_unit
 
     def ping(self) -> int:
         return len(self.streams)

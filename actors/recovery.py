@@ -35,6 +35,7 @@ class RecoveryMixin:
             # A replica that says it holds no such stream restarted empty: once every one does,
             # there is nothing to wait for.
             sid = stream.spec.stream_id
+            self._send_updates(stream)  # the replicas catch up with every committed update
             deadline = time.monotonic() + self.restore_timeout_s
             while True:
                 hope = False  # a replica may yet answer with it: unreachable now, or catching up
@@ -59,7 +60,7 @@ class RecoveryMixin:
     async def _on_compressor(self, stream: StreamState, call):
         async def restore():
             await self.compressor.open.remote(stream.spec, SegmenterState(
-                stream.frames_seen, stream.last_time, stream.segments, stream.source))
+                stream.frames_seen, stream.last_time, stream.segments, stream.source, stream.lone))
             if stream.pending:  # replay the open segment's frames into the restarted segmenter
                 frames, tokens, times = zip(*stream.pending)
                 await self.compressor.push.remote(stream.spec.stream_id, features_wire(np.stack(tokens), frames, times))

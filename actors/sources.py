@@ -70,13 +70,14 @@ class SourcesMixin:
     async def _sized(self, decode: DecodeConfig, timeout_s: float) -> DecodeConfig:
         """`decode` with the model's input size (S x S, as its processor resizes every frame; frames
         already no larger are left to the processor) unless the caller set a size: no actor after
-        the decoder handles more pixels than the model reads. The prefill actor is asked once."""
+        the decoder handles more pixels than the model reads."""
         if decode.size is not None:
             return decode
-        if self._frame_size is None:
-            self._frame_size = await bounded(self.prefill.frame_size.remote(), timeout_s,
-                                              "the prefill actor did not answer")
-        return replace(decode, size=(self._frame_size, self._frame_size), shrink_only=True)
+        if self._input_shape is None:  # (known once a stream was created: create_stream, takeover)
+            self._input_shape = tuple(await bounded(self.prefill.input_shape.remote(), timeout_s,
+                                                    "the prefill actor did not answer"))
+        side = self._input_shape[0]
+        return replace(decode, size=(side, side), shrink_only=True)
 
     def _new_decoder(self, stream: StreamState, source, decode: DecodeConfig, policy: str, chunk_frames: int,
                      max_in_flight: int, first_seq: int | None = 0) -> tuple[Any, str | None]:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipeline.config import PAPER_TOKENS_PER_FRAME, EngineConfig, make_config
 from pipeline.errors import StreamKVError, UnknownStreamError
+
+if TYPE_CHECKING:
+    from pipeline.model import ModelDims
 
 
 @dataclass(frozen=True)
@@ -15,10 +19,13 @@ class StreamSpec:
     options: dict = field(default_factory=dict)
     system_prompt: str | None = "You are a helpful assistant."
 
-    def config(self, tokens_per_frame: int = PAPER_TOKENS_PER_FRAME) -> EngineConfig:
-        """The stream's config for a model with `tokens_per_frame` (presets are scaled to it; the
-        coordinator, which holds no model, reads only knobs that do not depend on it)."""
-        return make_config(self.method, tokens_per_frame, **self.options)
+    def config(self, dims: ModelDims | None = None) -> EngineConfig:
+        """The stream's config for a model of shape `dims` (presets are scaled to its tokens per
+        frame and frames per unit; the coordinator, which holds no model, reads only knobs that do
+        not depend on them)."""
+        if dims is None:
+            return make_config(self.method, PAPER_TOKENS_PER_FRAME, **self.options)
+        return make_config(self.method, dims.tokens_per_frame, dims.frames_per_unit, **self.options)
 
 
 def lookup(table: dict, stream_id: str):

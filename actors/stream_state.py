@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from actors.calls import Coalescer
-from actors.messages import SourceNote
+from actors.messages import LoneFrames, SourceNote
 from actors.spec import StreamSpec
 
 
@@ -21,10 +21,11 @@ def pending_entries(ranges: list, tokens: np.ndarray | None) -> list:
 
 @dataclass
 class Chunk:
-    tokens: np.ndarray  # [T, n, hidden] visual tokens of the chunk's frames
+    tokens: np.ndarray | None  # [T, n, hidden] visual tokens of the chunk's frames (one frame a unit)
     times: Any  # as the caller gave them (checked when the chunk's turn comes)
     ingested: asyncio.Future  # the stream's frame count, once the chunk's segments are committed
     may_repeat: bool = False  # sent again by a decoder after a restart: frames up to last_time are skipped
+    pixels: np.ndarray | None = None  # [T, S, S, 3] the frames, where units take several (encoded in stream order)
 
 
 def done_future() -> asyncio.Future:
@@ -46,6 +47,7 @@ class StreamState:
 
     spec: StreamSpec
     frame_rate: float
+    frames_per_unit: int = 1  # frames one unit of visual tokens encodes (Qwen-VL's temporal patch: 2)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     chunk_turn: asyncio.Condition = field(default_factory=asyncio.Condition)  # decoder chunks in seq order
     next_chunk: int = 0
@@ -54,8 +56,9 @@ class StreamState:
     last_time: float | None = None
     applied: int = 0  # updates committed to every replica
     published: int = 0  # of them, how many are known to have reached every replica and the index
-    # the open segment's frames: (frame range, visual tokens [n, hidden], time range) each
+    # the open segment's units: (frame range, visual tokens [n, hidden], time range) each
     pending: list[tuple[tuple[int, int], np.ndarray, tuple[float, float]]] = field(default_factory=list)
+    lone: LoneFrames | None = None  # frames ingested that wait for the rest of their unit
     recoveries: int = 0
     last_error: str | None = None
     deleted: bool = False  # set when deletion starts: no work for it may reach the actors after that
@@ -66,6 +69,10 @@ class StreamState:
     # chunks segmented, compressor pushes and commits they took: how much queued-up work coalesced
     batching: dict[str, int] = field(default_factory=lambda: {"chunks": 0, "pushes": 0, "commits": 0})
     publishing: list[asyncio.Task] = field(default_factory=list)  # updates on their way to replicas
+    # committed updates not sent to the replicas and the index yet (ingest.py _publish), with the
+    # timer that sends them
+    unsent: list[tuple[Any, Any]] = field(default_factory=list)
+    send_timer: asyncio.TimerHandle | None = None
     lost: str | None = None  # why the stream's memory has a gap (a failed commit, no replica left)
     decoder: Any = None  # the DecoderActor reading the source
     # the source as a restarted coordinator takes it up (kept in the compressor actor too): mode,

@@ -40,6 +40,7 @@ class TakeoverMixin:
         was cut short, or one of them restarted while no coordinator ran) cannot be made whole,
         and is closed everywhere."""
         hosted = until_alive_blocking(self.prefill.held.remote)
+        self._input_shape = tuple(until_alive_blocking(self.prefill.input_shape.remote))
         segmenting = until_alive_blocking(self.compressor.held.remote)
         holding = {r.name: until_alive_blocking(r.handle.held.remote) for r in self.answerers}
         for sid in set(hosted) | set(segmenting) | {sid for held in holding.values() for sid in held}:
@@ -58,8 +59,9 @@ class TakeoverMixin:
             uncommitted = held.closed[len(held.closed) - (held.segments - applied):] if held.segments > applied else []
             unpublished = unpublished + self._commit_closed(spec, uncommitted, first - 1)
             applied += len(uncommitted)
-            stream = StreamState(spec, spec.config().frame_rate, frames_seen=held.frames, last_time=held.last_time,
-                                 segments=held.segments, applied=applied, published=applied, adopted=True, recoveries=1)
+            stream = StreamState(spec, spec.config().frame_rate, self._input_shape[1], frames_seen=held.frames,
+                                 last_time=held.last_time, segments=held.segments, applied=applied,
+                                 published=applied, adopted=True, recoveries=1, lone=held.lone)
             stream.pending = pending_entries(held.open_ranges, held.open_tokens)
             for replica in self.answerers:
                 if holding[replica.name].get(sid, -1) < first - 1:  # behind even those (or without it)

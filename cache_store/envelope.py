@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class Wire:
     meta: dict  # msgpack-able
     pages: list[KVPage] = field(default_factory=list)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # float32 side tensors
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # side tensors, in the model dtype (bf16 as uint16)
 
     @property
     def nbytes(self) -> int:

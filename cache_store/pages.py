@@ -109,7 +109,7 @@ def content_hash(model_id: str, stream_id: str, unit_id: int, kind: str, dtype: 
     return h.hexdigest()
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
     import torch
 
     # CPU + contiguous: no copy, the array shares memory with the tensor.
@@ -152,7 +152,7 @@ class KVPage:
         if layers[1] - layers[0] != shape[0] or positions[1] != shape[2]:
             raise InvalidInputError(f"layers {layers} / positions {positions} do not match "
                                     f"shape {shape} [layers, kv_heads, tokens, head_dim]")
-        k, v = _to_numpy(keys), _to_numpy(values)
+        k, v = to_numpy(keys), to_numpy(values)
         header = PageHeader(
             model_id=model_id, stream_id=stream_id, unit_id=int(unit_id), kind=kind,
             layers=layers, frame_range=_pair(frame_range, int),

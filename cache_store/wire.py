@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from cache_store.envelope import Wire, features_wire
-from cache_store.pages import KVPage
+from cache_store.pages import KVPage, to_numpy
 from pipeline.config import EngineConfig
 from pipeline.kv_store import UnitInfo
 from pipeline.memory import SegmentUpdate, StreamMemory
@@ -34,20 +34,30 @@ def _page(keys, values, stream_id: str, model_id: str, uid: int, kind: str, fram
                                positions=(0, keys.shape[2]), kind=kind, extra=extra)
 
 
-def _f32(t: torch.Tensor) -> np.ndarray:  # bf16/fp16 -> fp32 is exact, and numpy has no bf16
-    return t.detach().float().cpu().numpy()
+def _carried(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy in its own dtype: visual tokens and queries travel at the model's
+    precision (bf16 halves float32's bytes), bf16 as a uint16 view since numpy has no bf16."""
+    return to_numpy(t)
+
+
+def _tensor(a: np.ndarray, device, dtype: torch.dtype) -> torch.Tensor:
+    """_carried's array as a tensor (a copy: object-store arrays are read-only), then `dtype`."""
+    a = np.asarray(a)
+    if a.dtype == np.uint16:  # bf16's carrier
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).to(device, dtype)
+    return torch.from_numpy(np.array(a)).to(device, dtype)
 
 
 # ---- visual tokens and segments ----------------------------------------------------------------
 def pack_features(items: list[FrameFeature]) -> Wire:
-    tokens = _f32(torch.stack([f.tokens for f in items])) if items else None
+    tokens = _carried(torch.stack([f.tokens for f in items])) if items else None
     return features_wire(tokens, [f.frames for f in items], [f.times for f in items])
 
 
 def unpack_features(wire: Wire, device, dtype: torch.dtype) -> list[FrameFeature]:
     if not wire.meta["features"]:
         return []
-    tokens = torch.from_numpy(np.array(wire.arrays["features"])).to(device, dtype)  # [T, n, hidden]
+    tokens = _tensor(wire.arrays["features"], device, dtype)  # [T, n, hidden]
     return [FrameFeature(tokens[i], tuple(f), tuple(t)) for i, (f, t) in enumerate(wire.meta["features"])]
 
 
@@ -76,7 +86,7 @@ def pack_update(update: SegmentUpdate, *, stream_id: str, model_id: str) -> Wire
               unit.uid, unit.kind, unit.frames, unit.times)
         for unit, per_layer in zip(update.units, update.kv)
     ]
-    arrays = {**wire.arrays, **{f"q{layer}": _f32(q) for layer, q in update.recent_queries.items()}}
+    arrays = {**wire.arrays, **{f"q{layer}": _carried(q) for layer, q in update.recent_queries.items()}}
     return Wire(meta, pages, arrays)
 
 
@@ -88,7 +98,7 @@ def unpack_update(wire: Wire, device: str | torch.device, dtype: torch.dtype) ->
         # one storage per (unit, layer), as the encoder makes them: dropping one frees its bytes
         kv.append([(keys[l].clone(), values[l].clone()) for l in range(keys.shape[0])])
     features = unpack_features(wire, device, dtype)
-    queries = {int(name[1:]): torch.from_numpy(np.array(a)).to(device, dtype) for name, a in wire.arrays.items() if name.startswith("q")}
+    queries = {int(name[1:]): _tensor(a, device, dtype) for name, a in wire.arrays.items() if name.startswith("q")}
     pool_keep = meta["pool_keep"]
     return SegmentUpdate(
         segment=meta["segment"],
@@ -115,7 +125,7 @@ def pack_snapshot(memory: StreamMemory, *, stream_id: str, model_id: str) -> Wir
     }
     features = pack_features(memory.features)
     meta.update(features.meta)
-    arrays = {**features.arrays, **{f"q{layer}": _f32(q) for layer, q in memory.recent_queries.items()}}
+    arrays = {**features.arrays, **{f"q{layer}": _carried(q) for layer, q in memory.recent_queries.items()}}
     for layer in layers:
         blocks = memory.blocks[layer]
         if len(blocks):
@@ -162,7 +172,7 @@ def unpack_snapshot(wire: Wire, dims: ModelDims, config: EngineConfig, device, d
             pool.uids = torch.from_numpy(np.array(wire.arrays[f"pool_uids{layer}"]))
     for uid in meta["window"]:
         memory.window.push(uid, [per_layer_window[layer][uid] for layer in range(dims.layers)])
-    memory.recent_queries = {int(k[1:]): torch.from_numpy(np.array(a)).to(device, dtype)
+    memory.recent_queries = {int(k[1:]): _tensor(a, device, dtype)
                              for k, a in wire.arrays.items() if k.startswith("q")}
     memory.features = unpack_features(wire, device, dtype)
     return memory

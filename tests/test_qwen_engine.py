@@ -132,22 +132,6 @@ def test_retrieved_units_take_temporal_positions_in_order_and_keep_spatial_ones(
     assert placed.next == everything.next == 5 + side + 3
 
 
-def test_the_ray_pipeline_refuses_a_qwen_stream_clearly(ray_runtime, qwen_dirs, redis_server):
-    """Not yet hosted by the Ray pipeline (its coordinator counts frames one by one): creating a
-    stream is a typed error, not answers from mispaired frames."""
-    import ray
-
-    from actors.coordinator import StreamCoordinator
-    from pipeline.errors import UnsupportedModelError
-
-    handle = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(qwen_dirs["qwen-gqa"], index_url=redis_server.url)
-    try:
-        with pytest.raises(UnsupportedModelError, match="temporal patches"):
-            ray.get(handle.create_stream.remote("qwen", "rekv", {}))
-    finally:
-        ray.kill(handle)
-
-
 def test_uniform_baseline_is_the_base_model_on_sampled_patches(qwen_dirs, qwen_model):
     """The baseline samples temporal patches: the base model on those patches' frames."""
     frames = frames_for(qwen_model, 8, seed=5)  # 4 patches; top_k 2 picks the first and the last

@@ -34,3 +34,20 @@ def test_replicas_from_wire_updates_and_snapshots_answer_the_same(gqa_model, met
         assert got.token_ids == expected.token_ids and got.evidence == expected.evidence
     assert from_updates.memory() == session.store.memory()
     assert from_snapshot.memory()["total"] == session.store.memory()["total"]
+
+
+def test_visual_tokens_travel_in_the_model_dtype():
+    """bf16 tokens go as a uint16 view (half float32's bytes) and come back exactly, in bf16 for the
+    model or float32 for the segmenter."""
+    import torch
+
+    from cache_store.wire import pack_features, unpack_features
+    from pipeline.segmenter import FrameFeature
+
+    tokens = torch.randn(3, 4, 8).to(torch.bfloat16)  # [T, n, hidden]
+    items = [FrameFeature(tokens[i], (i, i + 1), (float(i), float(i))) for i in range(3)]
+    wire = pickle.loads(pickle.dumps(pack_features(items)))  # as Ray ships it
+    assert wire.arrays["features"].dtype == np.uint16 and wire.nbytes == tokens.numel() * 2
+    for dtype in (torch.bfloat16, torch.float32):
+        back = torch.stack([f.tokens for f in unpack_features(wire, "cpu", dtype)])
+        assert back.dtype == dtype and torch.equal(back, tokens.to(dtype))
