@@ -258,7 +258,7 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
             # its process goes now, even while other handles to it (a caller's) are alive
             ray.kill(stream.decoder, no_restart=True)
         async with stream.lock:
-            await self._published(stream)
+            await self._published(stream, settled_only=True)  # (a lost stream's deliveries failed: deleted all the same)
             stream.deleted = True
             index_keys = await self.compressor.close.remote(stream_id)
             await self.thumbnailer.drop(stream_id)

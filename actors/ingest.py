@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.calls import groups, settled, until_alive
+from actors.calls import detached, groups, settled, until_alive
 from actors.messages import LoneFrames
 from actors.stream_state import Chunk, StreamState, done_future, settle
 from cache_store.envelope import features_wire
@@ -207,7 +207,7 @@ class IngestMixin:
         if segments:
             self._publish(stream, await self._on_prefill(stream, lambda: settled(
                 self.prefill.encode_and_commit.options(num_returns=len(segments)).remote(
-                    sid, segments, stream.published))))
+                    sid, stream.published, *segments))))
 
     def _publish(self, stream: StreamState, updates: list[tuple[ray.ObjectRef, Any]]) -> None:
         """Count committed updates; they go to every replica and the index in batches
@@ -248,17 +248,23 @@ class IngestMixin:
             if not any(t.cancelled() or t.exception() for t in earlier):
                 stream.published = max(stream.published, last)
 
-        stream.publishing = earlier + [asyncio.ensure_future(deliver())]
+        # detached: a question that sends them (_published) may be cancelled, with its calls
+        stream.publishing = earlier + [detached(deliver())]
 
-    async def _published(self, stream: StreamState) -> None:
+    async def _published(self, stream: StreamState, settled_only: bool = False) -> None:
         """Wait until every closed segment of the stream is committed (its errors belong to the
-        ingest call that closed it) and every update reached every replica and the index."""
+        ingest call that closed it) and every update reached every replica and the index (a
+        delivery's error raised here; settled_only: only until none is in flight)."""
         if stream.committing is not None:
             await asyncio.wait([stream.committing])
         self._send_updates(stream)
         # shielded: a concurrent caller waits for the same tasks, and one that is cancelled must
         # not cancel them
-        await asyncio.shield(asyncio.gather(*stream.publishing))
+        if settled_only:
+            if stream.publishing:
+                await asyncio.shield(asyncio.wait(stream.publishing))
+        else:
+            await asyncio.shield(asyncio.gather(*stream.publishing))
         stream.publishing = [t for t in stream.publishing if not t.done()]
 
     async def _encode_frames(self, frames: np.ndarray) -> np.ndarray:

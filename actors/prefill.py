@@ -96,12 +96,13 @@ class PrefillWorker:
         tokens = to_numpy(self.model.encode_frames(np.concatenate(batches), batch_size))  # [U, n, hidden]
         return np.split(tokens, np.cumsum(units)[:-1])
 
-    def encode_and_commit(self, stream_id: str, segments: list[Wire], published: int) -> Wire | list[Wire]:
+    def encode_and_commit(self, stream_id: str, published: int, *segments: Wire) -> Wire | list[Wire]:
         """Encode closed segments, make the compression decisions about them (guidance scoring
         runs the model held here) and commit them, in order: one call for all the segments that
         queued up. Call with num_returns=len(segments): each update is an object of its own (Ray
         takes a single return value as it is). published: how many updates the coordinator has
-        seen reach every replica and the index (the rest are held here until then)."""
+        seen reach every replica and the index (the rest are held here until then). Segments are
+        arguments of their own, so that ones passed by reference (a takeover's) are resolved."""
         from cache_store.wire import pack_update, unpack_segment
 
         stream = lookup(self.streams, stream_id)

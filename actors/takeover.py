@@ -84,7 +84,7 @@ class TakeoverMixin:
         if not segments:
             return []
         updates = self.prefill.encode_and_commit.options(num_returns=len(segments)).remote(
-            spec.stream_id, segments, published)
+            spec.stream_id, published, *segments)
         updates = updates if isinstance(updates, list) else [updates]
         until_alive_blocking(lambda: updates[-1])
         return updates

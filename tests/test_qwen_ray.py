@@ -86,3 +86,70 @@ def test_a_frame_waiting_for_its_pair_survives_a_restarted_compressor(qwen_coord
     assert ray_answers(qwen_coordinator, "q-kill", "rekv", options, frames, after_first=kill_compressor) == expected
     assert ray.get(qwen_coordinator.status.remote("q-kill"))["recoveries"] >= 1
     ray.get(qwen_coordinator.delete_stream.remote("q-kill"))
+
+
+def test_a_qwen_file_source_is_decoded_paired_and_answered_as_the_engine(qwen_coordinator, qwen_engine, tmp_path):
+    """Through a decoder actor (chunks of 3 frames, 4 in flight, taken in seq order): every frame
+    is ingested and the answer is the engine's on the same decoded frames and times."""
+    import numpy as np
+
+    from pipeline.decode import DecodeConfig, open_source
+    from pipeline.video_io import write_video
+    from tests.test_ray_pipeline import wait_source
+
+    path = str(tmp_path / "qwen.mp4")
+    write_video(path, frames_for(qwen_engine, 11, seed=23), fps=2.0)
+    decoded = list(open_source(path, DecodeConfig()))
+    options = cases(qwen_engine.dims.tokens_per_unit)["rekv"]
+    ray.get(qwen_coordinator.create_stream.remote("q-file", "rekv", options))
+    ray.get(qwen_coordinator.attach_source.remote("q-file", path, None, "block", 3, 4))
+    status = wait_source(qwen_coordinator, "q-file")
+    assert status["source_state"] == "finished" and status["frames_ingested"] == len(decoded) == 11
+    answer = ray.get(qwen_coordinator.ask.remote("q-file", QUESTION, 6))
+    session = StreamSession(qwen_engine, method="rekv", **options)
+    session.add_frames(np.stack([d.image for d in decoded]), [d.time for d in decoded])
+    expected = session.ask(QUESTION, max_new_tokens=6)
+    assert answer["token_ids"] == expected.token_ids
+    assert [e["frames"] for e in answer["evidence"]] == [list(e.frames) for e in expected.evidence]
+    ray.get(qwen_coordinator.delete_stream.remote("q-file"))
+
+
+def test_the_http_service_hosts_a_qwen_stream(server, checkpoint_dirs, qwen_dirs, qwen_engine):
+    """A Serve app with model_dir on the Qwen checkpoint: a pushed MPEG-TS upload of 11 frames is
+    ingested whole, and the answer over HTTP is the engine's on the same decoded frames."""
+    import uuid
+
+    import numpy as np
+    from ray import serve
+
+    from deploy.ingest import stop_coordinator
+    from pipeline.decode import DecodeConfig, open_source
+    from tests.plugins.serve_app import client, run_app
+    from tests.test_http_api import mpegts, wait_ingested
+
+    name = f"qwen-http-{uuid.uuid4().hex[:8]}"
+    url = run_app(checkpoint_dirs, name, f"{server}/qwen", "streamkv-qwen-test", "/qwen",
+                  model_dir=qwen_dirs["qwen-gqa"], model_name="tiny-qwen")
+    try:
+        data = mpegts(frames_for(qwen_engine, 11, seed=24), fps=2.0)
+        options = cases(qwen_engine.dims.tokens_per_unit)["rekv"]
+        with client(url) as http:
+            assert http.post("/v1/streams", json={"stream_id": "qcam", "method": "rekv", "options": options}).status_code == 201
+            assert http.post("/v1/streams/qcam/chunks", content=data, headers={"Content-Type": "video/mp2t"}).status_code == 202
+            http.post("/v1/streams/qcam/close", params={"wait_s": 60})
+            status = wait_ingested(http, "qcam", 11)
+            assert status["source_state"] == "finished" and status["frames_ingested"] == 11, status
+            answer = http.post("/v1/chat/completions", json={"model": "tiny-qwen", "max_tokens": 6, "messages": [
+                {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "stream://qcam"}},
+                                             {"type": "text", "text": QUESTION}]}]})
+            assert answer.status_code == 200, answer.text
+            answer = answer.json()
+        decoded = list(open_source(data, DecodeConfig()))
+        session = StreamSession(qwen_engine, method="rekv", **options)
+        session.add_frames(np.stack([d.image for d in decoded]), [d.time for d in decoded])
+        expected = session.ask(QUESTION, max_new_tokens=6)
+        assert [e["frames"] for e in answer["evidence"]] == [list(e.frames) for e in expected.evidence]
+        assert answer["choices"][0]["message"]["content"] == expected.text
+    finally:
+        serve.delete("streamkv-qwen-test")
+        stop_coordinator(name)
