@@ -2,7 +2,7 @@
 Ray calls per ingested chunk by actor method, payload bytes through the coordinator's process per
 frame, and the Ray processes' memory (PSS) against the streams' retained KV, by answer actors.
 
-    python -m bench.pipeline_cost [--answerers 1 2 4] [--streams 4] [--frames 1200] [--model models/demo]
+    python -m bench.pipeline_cost [--answerers 1 2 4] [--streams 4] [--frames 1200] [--method rekv] [--model models/demo]
     python -m bench.pipeline_cost --fast    # a CPU-fast check: 1 stream x 32 frames, 1 and 2 answer actors
 
 One local Ray runtime (4 logical CPUs, actors at 0.1 CPU, one torch thread each, as bench.pipeline;
@@ -26,7 +26,8 @@ its process serialized plus
 deserialized (bench/serial_meter.py, a worker setup hook: every transport, the shared-memory
 object store included). Memory: PSS of every process of the Ray runtime (this driver's
 descendants) before the streams are created and once they hold their frames, against the streams'
-retained KV (the sum of coordinator.memory(sid)["total"]). Writes bench/results/pipeline_cost.json.
+retained KV (the sum of coordinator.memory(sid)["total"]). Writes bench/results/pipeline_cost.json
+(pipeline_cost_<method>.json for another preset).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from bench.procs import descendants, processes, pss, title
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
 IDLE_S = 3.0
-TASK_EVENTS_FLUSH_S = 3.0  # workers report task events to the GCS every second
+RECORDS_WAIT_S = 60.0  # workers report task events to the GCS every second (later on a loaded machine)
 MEASUREMENT_CALLS = {"StreamCoordinator.memory", "AnswerWorker.memory"}  # this benchmark's, closing the window
 ROLES = ("ray::StreamCoordinator", "ray::PrefillWorker", "ray::CompressorWorker", "ray::AnswerWorker")
 
@@ -116,6 +117,21 @@ def task_counts(address: str, actors: list[str], start_ms: float, end_ms: float)
     return counts
 
 
+def records(address: str, actors: list[str], ingest_ms: tuple[float, float], asked_ms: tuple[float, float],
+            chunks: int, streams: int) -> tuple[Counter, Counter]:
+    """The ingest and question windows' task counts, once Ray's records hold them: every chunk's
+    ingest call and every stream's question (the driver's), and the memory calls that closed the
+    ingest window (the coordinator's last calls in it); incomplete after RECORDS_WAIT_S, as they are."""
+    until = time.monotonic() + RECORDS_WAIT_S
+    while True:
+        time.sleep(2.0)
+        calls, questions = task_counts(address, actors, *ingest_ms), task_counts(address, actors, *asked_ms)
+        if ((calls["StreamCoordinator.ingest"] >= chunks and calls["AnswerWorker.memory"] >= streams
+             and questions["StreamCoordinator.ask"] >= streams and questions["AnswerWorker.ask"] >= streams)
+                or time.monotonic() > until):
+            return calls, questions
+
+
 def live_actors(address: str) -> dict[str, tuple[str, int]]:
     """actor id -> (class name, pid) of every live actor."""
     from ray.util.state import list_actors
@@ -139,12 +155,13 @@ def _log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def measure(model_dir: Path, answerers: int, videos: list[np.ndarray], address: str, meter_dir: Path) -> dict:
+def measure(model_dir: Path, method: str, answerers: int, videos: list[np.ndarray], address: str,
+            meter_dir: Path) -> dict:
     driver, frames = os.getpid(), sum(len(v) for v in videos)
     coordinator = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(str(model_dir), answerers=answerers)
     _log(f"{answerers} answer actor(s): starting the actors, warm-up")
     try:
-        ray.get(coordinator.create_stream.remote("warm-up", "rekv"))  # every actor up, its model loaded
+        ray.get(coordinator.create_stream.remote("warm-up", method))  # every actor up, its model loaded
         ingest(coordinator, ["warm-up"], [videos[0][: 2 * CHUNK]])
         ray.get(coordinator.ask.remote("warm-up", QUESTIONS[0], 8))
         ray.get(coordinator.delete_stream.remote("warm-up"))
@@ -152,7 +169,7 @@ def measure(model_dir: Path, answerers: int, videos: list[np.ndarray], address: 
         [pid] = [p for cls, p in actors.values() if cls == "StreamCoordinator"]
         pss_before = ray_pss(driver)
         ids = [f"cost-{answerers}-{i}" for i in range(len(videos))]
-        ray.get([coordinator.create_stream.remote(sid, "rekv") for sid in ids])
+        ray.get([coordinator.create_stream.remote(sid, method) for sid in ids])
 
         io_start, idle_start = socket_bytes(pid), time.perf_counter()
         time.sleep(IDLE_S)
@@ -173,14 +190,13 @@ def measure(model_dir: Path, answerers: int, videos: list[np.ndarray], address: 
         for sid in ids:
             ray.get(coordinator.ask.remote(sid, QUESTIONS[1], 8))
         asked_end_ms = _now_ms()
-        time.sleep(TASK_EVENTS_FLUSH_S)
-        calls = task_counts(address, list(actors), start_ms, end_ms)
-        question_calls = task_counts(address, list(actors), asked_ms, asked_end_ms)
+        chunks = len(videos) * -(-len(videos[0]) // CHUNK)
+        calls, question_calls = records(address, list(actors), (start_ms, end_ms), (asked_ms, asked_end_ms),
+                                        chunks, len(ids))
         ray.get([coordinator.delete_stream.remote(sid) for sid in ids])
     finally:
         ray.get(coordinator.shutdown.remote())
         ray.kill(coordinator)
-    chunks = len(videos) * -(-len(videos[0]) // CHUNK)
     for name in MEASUREMENT_CALLS:
         calls.pop(name, None)
     pss_growth = {name: pss_after.get(name, 0) - pss_before.get(name, 0) for name in pss_before | pss_after}
@@ -215,6 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--frames", type=int, default=1200, help="per stream (a multiple of 8)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--method", default="rekv", help="preset (streamkv: guided compression, 2 more calls a segment)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fast", action="store_true", help="1 stream x 32 frames, 1 and 2 answer actors")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -232,14 +249,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         try:
             address = ray.get_runtime_context().gcs_address
             for n in args.answerers:
-                runs.append(measure(args.model, n, videos, address, Path(meter_dir)))
+                runs.append(measure(args.model, args.method, n, videos, address, Path(meter_dir)))
                 wait_for_exit(os.getpid())
         finally:
             ray.shutdown()
-    results = {"model": str(args.model), "method": "rekv", "streams": args.streams, "frames_per_stream": args.frames,
+    results = {"model": str(args.model), "method": args.method, "streams": args.streams, "frames_per_stream": args.frames,
                "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline_cost.json").write_text(json.dumps(results, indent=1))
+    name = "pipeline_cost" if args.method == "rekv" else f"pipeline_cost_{args.method}"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     report(results)
     return runs
 
@@ -247,7 +265,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def report(results: dict) -> None:
     runs, console = results["runs"], Console(width=130)
     heads = [f"{r['answerers']} answer actor(s)" for r in runs]
-    title_ = f"{results['streams']} stream(s) x {results['frames_per_stream']} frames, rekv, {Path(results['model']).name}"
+    title_ = (f"{results['streams']} stream(s) x {results['frames_per_stream']} frames, {results['method']}, "
+              f"{Path(results['model']).name}")
     calls = Table("Ray calls per ingested chunk", *heads, title=f"Ray calls ({title_})")
     names = sorted({n for r in runs for n in r["calls"]}, key=lambda n: -max(r["calls"].get(n, 0) for r in runs))
     for name in names:
