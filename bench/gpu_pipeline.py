@@ -1,0 +1,275 @@
+"""The Ray pipeline itself on one GPU: how many real-time 0.5 fps streams one StreamCoordinator
+(prefill, compressor and answer actors on one device) sustains, per method, within a hard time
+budget that fits one device call.
+
+    python -m bench.gpu_pipeline --out $OUT                    # CUDA: LLaVA-OV-7B architecture, random bf16
+    python -m bench.gpu_pipeline --device cpu --budget-s 50    # anywhere: the tiny model on CPU (CI runs it)
+    bash bench/device_gpu_pipeline.sh                          # the one command for a lent GPU machine
+
+The model: the LLaVA-OneVision-7B architecture with seeded random bf16 weights, built inside each
+model actor on the device (bench/random_weights.py; weights cannot be downloaded here), or on CPU
+the tiny BENCH_SPEC model (or any checkpoint directory, --checkpoint). Per method (default livevlm,
+then rekv), with the remaining budget split between the methods still to run:
+1. burst: --burst-streams fresh streams fed as fast as the pipeline takes them (chunks of 8, 4 in
+   flight per stream, as bench.pipeline) for --burst-s: the aggregate encode frames/s;
+2. context: --question-streams streams get --context-frames frames the same way (questions go to
+   them, so answers read a stream longer than rekv's 76-frame local window: retrieval runs);
+3. ramp: N real-time streams (the question streams plus N - Q fresh ones), one frame per stream
+   every 2 s through coordinator.ingest, staggered, for --window-s, questions through ask_stream
+   at --question-rate; bench/realtime.py says when a step counts as sustained. N starts from the
+   burst's rate (0.7 x frames/s / 0.5), doubles (or halves) until the verdict flips, then bisects
+   to --resolution, while the method's share of the budget lasts. Fresh streams are deleted after
+   each step (the actors keep every stream's KV on the device).
+Then: model copies (actors holding model weights, read inside each actor through Ray's
+__ray_call__, as is torch.cuda.max_memory_allocated), peak GPU memory per actor, host memory
+(PSS of every process of the Ray runtime) and object-store use at the largest sustained step.
+Writes <out>/gpu_pipeline[_cpu].json and .png; prints a line per phase and step.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # the budget counts from here: the imports below take seconds too
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from bench import random_weights
+from bench.engine import QUESTIONS
+from bench.gpu_pipeline_report import GOALS, goals_table, host_memory, plot, probe_actors, summary
+from bench.realtime import Stream, feed, run_step
+
+FPS = 0.5
+CHUNK = 8
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--methods", nargs="+", default=["livevlm", "rekv"])
+    parser.add_argument("--model", choices=sorted(random_weights.SPECS), help="random-weight architecture "
+                        "(default: llava-ov-7b on CUDA, tiny on CPU)")
+    parser.add_argument("--checkpoint", type=Path, help="a real checkpoint directory instead (e.g. models/demo)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="hard limit for the whole run, setup included")
+    parser.add_argument("--window-s", type=float, help="seconds per ramp step (default 20 CUDA / 6 CPU)")
+    parser.add_argument("--burst-s", type=float, help="seconds of the saturating burst (default 10 / 3)")
+    parser.add_argument("--burst-streams", type=int, help="(default 16 / 2)")
+    parser.add_argument("--question-streams", type=int, help="streams that take the questions (default 2 / 1)")
+    parser.add_argument("--context-frames", type=int, help="frames each question stream gets first (default 120 / 8)")
+    parser.add_argument("--question-rate", type=float, help="questions per second, in all (default 0.5 / 0.25)")
+    parser.add_argument("--max-new-tokens", type=int, help="(default 32 / 8)")
+    parser.add_argument("--start-streams", type=int, help="first ramp step (default: from the burst's rate)")
+    parser.add_argument("--max-streams", type=int, help="largest step tried (default 512 / 16)")
+    parser.add_argument("--resolution", type=float, default=0.1, help="stop bisecting at this relative gap")
+    parser.add_argument("--max-lag-s", type=float, default=2 / FPS, help="lag bound (p95, second half of a window)")
+    parser.add_argument("--max-slope", type=float, default=0.05, help="lag growth bound (s per s)")
+    parser.add_argument("--grace-s", type=float, default=1 / FPS, help="after a window, time for its last frames")
+    parser.add_argument("--answerers", type=int, default=1)
+    parser.add_argument("--actor-cpus", type=float, help="CPUs per model actor (default 2 / 0.25)")
+    parser.add_argument("--threads", type=int, help="torch threads per actor (default 4 / 1)")
+    parser.add_argument("--num-cpus", type=float, help="Ray's logical CPUs (default: the machine's / 4)")
+    parser.add_argument("--object-store-gib", type=float, help="(default 16 / 0.5)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device == "cuda"
+    defaults = dict(window_s=(20, 6), burst_s=(10, 3), burst_streams=(16, 2), question_streams=(2, 1),
+                    context_frames=(120, 8), question_rate=(0.5, 0.25), max_new_tokens=(32, 8), max_streams=(512, 16),
+                    actor_cpus=(2, 0.25), threads=(4, 1), num_cpus=(os.cpu_count(), 4), object_store_gib=(16, 0.5),
+                    model=("llava-ov-7b", "tiny"))
+    for name, (gpu, cpu) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, gpu if cuda else cpu)
+    if args.question_streams < 1 or args.budget_s <= 0 or args.window_s <= 0:
+        parser.error("need --question-streams >= 1 and positive --budget-s, --window-s")
+    return args
+
+
+class Clock:
+    """The run's hard budget: what is left, and a per-method share of it."""
+
+    RESERVE_S = 15.0  # for the report, the plot and Ray's shutdown
+
+    def __init__(self, budget_s: float, start: float):
+        self.start, self.budget_s = start, budget_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.RESERVE_S - self.elapsed()
+
+
+def frame_pool(size: int, frames: int, count: int = 8) -> list:
+    """`count` random [frames, size, size, 3] uint8 arrays in the object store (put once: the
+    driver pushes references, not pixels)."""
+    rng = np.random.default_rng(0)
+    return [ray.put(rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def start(args, clock: Clock, log) -> tuple:
+    """Ray, the coordinator and its model actors (loaded once the first stream is created)."""
+    from actors.coordinator import StreamCoordinator
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    if args.checkpoint:
+        model_dir, size = str(args.checkpoint.resolve()), _checkpoint_frame_size(args.checkpoint)
+    else:
+        model_dir = str(random_weights.write_marker(Path(tempfile.mkdtemp()) / f"{args.model}-random", args.model))
+        size = random_weights.frame_size(args.model)
+    gpus = 1 if args.device == "cuda" else 0
+    ray.init(num_cpus=args.num_cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=int(args.object_store_gib * 2**30),
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+                                       "OMP_NUM_THREADS": str(args.threads), "RAY_USAGE_STATS_ENABLED": "0"},
+                          "worker_process_setup_hook": random_weights.HOOK})
+    share = 0.99 / (2 + args.answerers)  # prefill, compressor and answer actors on the one GPU
+    placement = {kind: {"num_gpus": share} for kind in ("prefill", "compressor", "answerer")} if gpus else {}
+    coordinator = ray.remote(StreamCoordinator).options(num_cpus=min(1.0, args.actor_cpus), max_concurrency=10_000).remote(
+        model_dir, device=args.device, answerers=args.answerers, actor_cpus=args.actor_cpus, placement=placement)
+    log(f"Ray up, coordinator started ({clock.elapsed():.0f} s); loading the model actors ({model_dir})")
+    # the first creation waits for every model actor to load its model; then a warm-up stream
+    ray.get(coordinator.create_stream.remote("warmup", "rekv"), timeout=max(1.0, clock.left()))
+    log(f"model actors loaded ({clock.elapsed():.0f} s)")
+    single, chunks = frame_pool(size, 1), frame_pool(size, CHUNK)
+    warm = Stream("warmup", interval=1 / FPS)
+    feed(coordinator, [warm], chunks, CHUNK, per_stream=2 * CHUNK)
+    list(coordinator.ask_stream.options(num_returns="streaming").remote("warmup", QUESTIONS[0], 4))
+    ray.get(coordinator.delete_stream.remote("warmup"))
+    log(f"warmed up ({clock.elapsed():.0f} s)")
+    return coordinator, single, chunks, size
+
+
+def _checkpoint_frame_size(path: Path) -> int:
+    return json.loads((path / "config.json").read_text())["vision_config"]["image_size"]
+
+
+def measure_method(coordinator, method: str, args, clock: Clock, deadline: float, single, chunks, log) -> dict:
+    """Burst, context, then the ramp, until `deadline` (clock.elapsed() seconds)."""
+    ids = iter(range(1 << 30))
+    new = lambda count: [Stream(f"{method}-{next(ids)}", interval=1 / FPS) for _ in range(count)]  # noqa: E731
+
+    def create(streams: list[Stream]) -> float:
+        began = time.perf_counter()
+        ray.get([coordinator.create_stream.remote(s.stream_id, method) for s in streams])
+        return time.perf_counter() - began
+
+    def delete(streams: list[Stream]) -> float:
+        began = time.perf_counter()
+        ray.get([coordinator.delete_stream.remote(s.stream_id) for s in streams])
+        return time.perf_counter() - began
+
+    out: dict = {"method": method, "steps": []}
+    burst = new(args.burst_streams)
+    create(burst)
+    out["burst"] = feed(coordinator, burst, chunks, CHUNK, seconds=args.burst_s)
+    delete(burst)
+    log(f"{method}: burst of {args.burst_streams} streams: {out['burst']['fps']:.1f} frames/s aggregate encode")
+    asked = new(args.question_streams)
+    create(asked)
+    out["context"] = feed(coordinator, asked, chunks, CHUNK, per_stream=args.context_frames)
+    log(f"{method}: {len(asked)} question stream(s) hold {asked[0].frames} frames each")
+    n = args.start_streams or max(len(asked), int(0.7 * out["burst"]["fps"] / FPS))
+    n = min(max(n, len(asked)), args.max_streams)
+    lo, hi, step_cost = 0, None, None
+    while True:
+        if lo and hi and (hi - lo <= max(1, args.resolution * lo)):
+            out["stopped"] = "resolution reached"
+            break
+        guess = step_cost or (args.window_s + args.grace_s + 5)
+        if clock.elapsed() + guess > deadline:
+            out["stopped"] = "method's budget spent"
+            break
+        began = time.perf_counter()
+        fresh = new(n - len(asked))
+        create_s = create(fresh)
+        probe_actors(coordinator, reset=True)
+        result = run_step(coordinator, asked + fresh, single, args.window_s, fps=FPS, question_streams=asked,
+                          question_rate=args.question_rate, questions=QUESTIONS, max_new_tokens=args.max_new_tokens,
+                          grace_s=args.grace_s, max_lag_s=args.max_lag_s, max_slope=args.max_slope,
+                          abort_backlog=int(4 * args.max_lag_s * FPS) + 1,
+                          drain_timeout_s=max(5.0, min(60.0, deadline - clock.elapsed())), log=log).to_dict()
+        result.update(create_s=create_s, actors=probe_actors(coordinator), host=host_memory())
+        result["delete_s"] = delete(fresh)
+        result["wall_s"] = step_cost = time.perf_counter() - began
+        out["steps"].append(result)
+        if result["drain_s"] is None:
+            out["stopped"] = "a step's backlog did not drain: later steps would not start clean"
+            break
+        if result["sustained"]:
+            lo = max(lo, n)
+            n = (lo + hi) // 2 if hi else min(n * 2, args.max_streams)
+        else:
+            hi = min(hi or n, n)
+            n = (lo + hi) // 2 if lo else n // 2
+        if n > args.max_streams or n < len(asked) or n in (lo, hi):
+            out["stopped"] = "range exhausted"
+            break
+    delete(asked)
+    best = [s for s in out["steps"] if s["sustained"] and s["streams"] == lo]
+    out["max_sustained_streams"] = lo
+    out["bracket"] = [lo, hi]
+    out["at_max"] = best[-1] if best else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    clock = Clock(args.budget_s, STARTED)
+    log = lambda message: print(f"[{clock.elapsed():6.1f} s] {message}", flush=True)  # noqa: E731
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu_pipeline{'' if args.device == 'cuda' else '_cpu'}.json"
+    report: dict = {"command": " ".join([Path(sys.executable).name, "-m", "bench.gpu_pipeline", *(argv or sys.argv[1:])]),
+                    "device": _device_name(args.device), "host": platform.node(), "fps": FPS, "goals": GOALS,
+                    "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "methods": {}}
+    try:
+        coordinator, single, chunks, size = start(args, clock, log)
+        report.update(model=args.checkpoint.name if args.checkpoint else f"{args.model}-random", frame_size=size,
+                      setup_s=clock.elapsed(), actors=probe_actors(coordinator), host_idle=host_memory())
+        report["model_copies"] = sum(1 for a in report["actors"] if a["model_bytes"])
+        log(f"model copies: {report['model_copies']} ({', '.join(a['kind'] for a in report['actors'] if a['model_bytes'])})")
+        for i, method in enumerate(args.methods):
+            deadline = clock.elapsed() + clock.left() / (len(args.methods) - i)
+            log(f"{method}: until {deadline:.0f} s")
+            report["methods"][method] = measure_method(coordinator, method, args, clock, deadline, single, chunks, log)
+            path.write_text(json.dumps(report, indent=1, default=str))
+    except Exception as error:  # noqa: BLE001 - what was measured is still written
+        report["error"] = f"{type(error).__name__}: {error}"
+        log(f"FAILED: {report['error']}")
+    finally:
+        report["elapsed_s"] = clock.elapsed()
+        report["summary"] = summary(report)
+        path.write_text(json.dumps(report, indent=1, default=str))
+        if report["methods"]:
+            plot(report, path.with_suffix(".png"))
+        print(goals_table(report), flush=True)
+        ray.shutdown()
+        log("Ray shut down")
+    log(f"wrote {path} and {path.with_suffix('.png').name}")
+    if "error" in report:
+        sys.exit(1)
+    return report
+
+
+def _device_name(device: str) -> str:
+    if device != "cuda":
+        return f"cpu ({os.cpu_count()} cores)"
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+if __name__ == "__main__":
+    main()
