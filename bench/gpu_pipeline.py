@@ -156,72 +156,93 @@ def _checkpoint_frame_size(path: Path) -> int:
     return json.loads((path / "config.json").read_text())["vision_config"]["image_size"]
 
 
+class Streams:
+    """Creates and deletes a method's streams through the coordinator (fresh ids every time)."""
+
+    def __init__(self, coordinator, method: str):
+        self.coordinator, self.method, self.ids = coordinator, method, iter(range(1 << 30))
+
+    def create(self, count: int) -> tuple[list[Stream], float]:
+        streams = [Stream(f"{self.method}-{next(self.ids)}", interval=1 / FPS) for _ in range(count)]
+        began = time.perf_counter()
+        ray.get([self.coordinator.create_stream.remote(s.stream_id, self.method) for s in streams])
+        return streams, time.perf_counter() - began
+
+    def delete(self, streams: list[Stream]) -> float:
+        """Delete streams, some of which may be lost already (their deletion's error is ignored)."""
+        began = time.perf_counter()
+        for ref in [self.coordinator.delete_stream.remote(s.stream_id) for s in streams]:
+            try:
+                ray.get(ref, timeout=120)
+            except Exception:  # noqa: BLE001, S110 - a lost stream is gone anyway
+                pass
+        return time.perf_counter() - began
+
+
+def next_count(n: int, sustained: bool, lo: int, hi: int | None, args) -> tuple[int | None, int, int | None]:
+    """Doubling (halving) until the verdict flips, then bisection: the next stream count, or None
+    when the bracket [lo sustained, hi not] is narrow enough or the range is used up."""
+    if sustained:
+        lo = max(lo, n)
+        n = (lo + hi) // 2 if hi else min(2 * n, args.max_streams)
+    else:
+        hi = min(hi or n, n)
+        n = (lo + hi) // 2 if lo else n // 2
+    narrow = lo and hi and hi - lo <= max(1, args.resolution * lo)
+    return (None if narrow or n < args.question_streams or n in (lo, hi) else n), lo, hi
+
+
 def measure_method(coordinator, method: str, args, clock: Clock, deadline: float, single, chunks, log) -> dict:
     """Burst, context, then the ramp, until `deadline` (clock.elapsed() seconds)."""
-    ids = iter(range(1 << 30))
-    new = lambda count: [Stream(f"{method}-{next(ids)}", interval=1 / FPS) for _ in range(count)]  # noqa: E731
-
-    def create(streams: list[Stream]) -> float:
-        began = time.perf_counter()
-        ray.get([coordinator.create_stream.remote(s.stream_id, method) for s in streams])
-        return time.perf_counter() - began
-
-    def delete(streams: list[Stream]) -> float:
-        began = time.perf_counter()
-        ray.get([coordinator.delete_stream.remote(s.stream_id) for s in streams])
-        return time.perf_counter() - began
-
+    streams = Streams(coordinator, method)
     out: dict = {"method": method, "steps": []}
-    burst = new(args.burst_streams)
-    create(burst)
+    burst, _ = streams.create(args.burst_streams)
     out["burst"] = feed(coordinator, burst, chunks, CHUNK, seconds=args.burst_s)
-    delete(burst)
+    streams.delete(burst)
     log(f"{method}: burst of {args.burst_streams} streams: {out['burst']['fps']:.1f} frames/s aggregate encode")
-    asked = new(args.question_streams)
-    create(asked)
-    out["context"] = feed(coordinator, asked, chunks, CHUNK, per_stream=args.context_frames)
+
+    def question_streams() -> list[Stream]:
+        asked, _ = streams.create(args.question_streams)
+        out["context"] = feed(coordinator, asked, chunks, CHUNK, per_stream=args.context_frames)
+        return asked
+
+    asked = question_streams()
     log(f"{method}: {len(asked)} question stream(s) hold {asked[0].frames} frames each")
-    n = args.start_streams or max(len(asked), int(0.7 * out["burst"]["fps"] / FPS))
-    n = min(max(n, len(asked)), args.max_streams)
-    lo, hi, step_cost = 0, None, None
-    while True:
-        if lo and hi and (hi - lo <= max(1, args.resolution * lo)):
-            out["stopped"] = "resolution reached"
-            break
-        guess = step_cost or (args.window_s + args.grace_s + 5)
-        if clock.elapsed() + guess > deadline:
+    n = args.start_streams or int(0.7 * out["burst"]["fps"] / FPS)
+    n: int | None = min(max(n, len(asked)), args.max_streams)
+    lo, hi, step_cost = 0, None, args.window_s + args.grace_s + 5
+    while n is not None:
+        if clock.elapsed() + step_cost > deadline:
             out["stopped"] = "method's budget spent"
             break
-        began = time.perf_counter()
-        fresh = new(n - len(asked))
-        create_s = create(fresh)
-        probe_actors(coordinator, reset=True)
-        result = run_step(coordinator, asked + fresh, single, args.window_s, fps=FPS, question_streams=asked,
-                          question_rate=args.question_rate, questions=QUESTIONS, max_new_tokens=args.max_new_tokens,
-                          grace_s=args.grace_s, max_lag_s=args.max_lag_s, max_slope=args.max_slope,
-                          abort_backlog=int(4 * args.max_lag_s * FPS) + 1,
-                          drain_timeout_s=max(5.0, min(60.0, deadline - clock.elapsed())), log=log).to_dict()
-        result.update(create_s=create_s, actors=probe_actors(coordinator), host=host_memory())
-        result["delete_s"] = delete(fresh)
+        began, fresh = time.perf_counter(), []
+        try:
+            fresh, create_s = streams.create(n - len(asked))
+            probe_actors(coordinator, reset=True, empty=True)
+            result = run_step(coordinator, asked + fresh, single, args.window_s, fps=FPS, question_streams=asked,
+                              question_rate=args.question_rate, questions=QUESTIONS, max_new_tokens=args.max_new_tokens,
+                              grace_s=args.grace_s, max_lag_s=args.max_lag_s, max_slope=args.max_slope,
+                              abort_backlog=int(4 * args.max_lag_s * FPS) + 1,
+                              drain_timeout_s=max(5.0, min(60.0, deadline - clock.elapsed())), log=log).to_dict()
+            result.update(create_s=create_s, actors=probe_actors(coordinator), host=host_memory())
+        except Exception as error:  # noqa: BLE001 - e.g. a device out of memory while creating streams
+            result = {"streams": n, "sustained": False, "errors": [f"{type(error).__name__}: {error}"[:300]],
+                      "drain_s": 0.0, "reason": "the step failed"}
+            log(f"  {n} streams: step failed: {result['errors'][0]}")
+        result["delete_s"] = streams.delete(fresh)
         result["wall_s"] = step_cost = time.perf_counter() - began
         out["steps"].append(result)
         if result["drain_s"] is None:
             out["stopped"] = "a step's backlog did not drain: later steps would not start clean"
             break
-        if result["sustained"]:
-            lo = max(lo, n)
-            n = (lo + hi) // 2 if hi else min(n * 2, args.max_streams)
-        else:
-            hi = min(hi or n, n)
-            n = (lo + hi) // 2 if lo else n // 2
-        if n > args.max_streams or n < len(asked) or n in (lo, hi):
-            out["stopped"] = "range exhausted"
-            break
-    delete(asked)
+        if result["errors"]:  # the question streams may be lost with it: they start afresh
+            streams.delete(asked)
+            asked = question_streams()
+        n, lo, hi = next_count(n, result["sustained"], lo, hi, args)
+    out.setdefault("stopped", "bracket narrow enough or range used up")
+    streams.delete(asked)
     best = [s for s in out["steps"] if s["sustained"] and s["streams"] == lo]
-    out["max_sustained_streams"] = lo
-    out["bracket"] = [lo, hi]
-    out["at_max"] = best[-1] if best else None
+    out.update(max_sustained_streams=lo, bracket=[lo, hi], at_max=best[-1] if best else None)
     return out
 
 
@@ -266,9 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
 def _device_name(device: str) -> str:
     if device != "cuda":
         return f"cpu ({os.cpu_count()} cores)"
-    import torch
+    from bench.gpu_pipeline_report import gpu_name
 
-    return torch.cuda.get_device_name()
+    return gpu_name() or "cuda"
 
 
 if __name__ == "__main__":

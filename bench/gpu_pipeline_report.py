@@ -17,9 +17,11 @@ GOALS = {"streams": {"livevlm": 100, "rekv": 60}, "ttft_p50_s": 0.5, "decode_tok
 MiB = 2**20
 
 
-def _probe(instance, reset: bool) -> dict:
+def _probe(instance, reset: bool, empty: bool = False) -> dict:
     """Runs inside a model actor (Ray's __ray_call__): its process, the bytes of the model weights
-    it holds (0: it loaded none), and torch's CUDA allocator figures (peak since the last reset)."""
+    it holds (0: it loaded none), and torch's CUDA allocator figures (peak since the last reset).
+    empty: first hand the allocator's cached blocks back to the device (processes sharing a GPU
+    cannot use each other's cache: a step after a burst would start with less free memory)."""
     import sys
 
     info = {"pid": os.getpid(), "model_bytes": 0, "gpu_max_allocated_bytes": None, "gpu_allocated_bytes": None,
@@ -36,6 +38,8 @@ def _probe(instance, reset: bool) -> dict:
                     seen.add(id(p))
                     info["model_bytes"] += p.numel() * p.element_size()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if empty:
+            torch.cuda.empty_cache()
         if reset:
             torch.cuda.reset_peak_memory_stats()
         info.update(gpu_max_allocated_bytes=torch.cuda.max_memory_allocated(),
@@ -43,9 +47,9 @@ def _probe(instance, reset: bool) -> dict:
     return info
 
 
-def probe_actors(coordinator, reset: bool = False, timeout_s: float = 60.0) -> list[dict]:
+def probe_actors(coordinator, reset: bool = False, empty: bool = False, timeout_s: float = 60.0) -> list[dict]:
     """Every model actor the coordinator has (workers(): prefill, compressor, answerers), probed;
-    with `reset`, their CUDA peak counters start again. nvidia-smi's per-process figure is added
+    with `reset`, their CUDA peak counters start again (`empty`: see _probe). nvidia-smi's per-process figure is added
     where it can be matched by pid."""
     workers = ray.get(coordinator.workers.remote(), timeout=timeout_s)
     handles = []
@@ -54,9 +58,21 @@ def probe_actors(coordinator, reset: bool = False, timeout_s: float = 60.0) -> l
             continue
         for i, handle in enumerate(value if isinstance(value, list) else [value]):
             handles.append((kind if not isinstance(value, list) else f"{kind.rstrip('s')}{i}", handle))
-    infos = ray.get([handle.__ray_call__.remote(_probe, reset) for _, handle in handles], timeout=timeout_s)
+    infos = ray.get([handle.__ray_call__.remote(_probe, reset, empty) for _, handle in handles], timeout=timeout_s)
     smi = gpu_processes()
     return [{"kind": kind, **info, "nvidia_smi_used_bytes": smi.get(info["pid"])} for (kind, _), info in zip(handles, infos)]
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from nvidia-smi (the driver process creates no CUDA context)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+        return out[0].strip() if out else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 def gpu_processes() -> dict[int, int]:
@@ -150,7 +166,7 @@ def plot(report: dict, path) -> None:
         for color, (method, run) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), report["methods"].items()):
             steps = sorted(run["steps"], key=lambda s: s["streams"])
             xs = [s["streams"] for s in steps]
-            ys = [s["lag_p95_s"] if s["lag_p95_s"] is not None else float("nan") for s in steps]
+            ys = [s["lag_p95_s"] if s.get("lag_p95_s") is not None else float("nan") for s in steps]
             ax.plot(xs, ys, color=color, lw=0.8, alpha=0.6)
             for s, y in zip(steps, ys):
                 ax.scatter([s["streams"]], [y], color=color, marker="o" if s["sustained"] else "x", zorder=3)

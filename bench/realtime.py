@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import ray
 
+STALL_S = 120.0  # a call that gives nothing for this long fails the phase instead of hanging the run
+
 
 @dataclass
 class Stream:
@@ -72,6 +74,7 @@ class StepResult:
     ttft_p50_s: float | None = None
     ttft_p99_s: float | None = None
     decode_tokens_per_s_p50: float | None = None
+    answer_tokens_p50: float | None = None  # tokens per answer (a random model may stop early)
     sustained: bool = False
     reason: str = ""
     aborted: bool = False  # pushing stopped early: a stream fell too far behind
@@ -90,7 +93,7 @@ def ask(coordinator, question: Question, text: str, max_new_tokens: int) -> Ques
     try:
         items = coordinator.ask_stream.options(num_returns="streaming").remote(question.stream_id, text, max_new_tokens)
         for ref in items:
-            item = ray.get(ref)
+            item = ray.get(ref, timeout=STALL_S)
             if isinstance(item, str) and question.first_text_s is None:
                 question.first_text_s = time.perf_counter() - question.sent
             elif isinstance(item, dict) and "token_ids" in item:
@@ -121,7 +124,9 @@ def feed(coordinator, streams: list[Stream], chunks: list, chunk_frames: int, se
         for _ in range(in_flight):
             submit(stream)
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=STALL_S)
+        if not ready:
+            raise TimeoutError(f"no chunk was ingested in {STALL_S:g} s")
         stream = pending.pop(ready[0])
         ray.get(ready[0])
         done += chunk_frames
@@ -129,7 +134,7 @@ def feed(coordinator, streams: list[Stream], chunks: list, chunk_frames: int, se
             break
         submit(stream)
     elapsed = time.perf_counter() - start
-    ray.get(list(pending))  # the rest is drained, not counted: the next phase starts clean
+    ray.get(list(pending), timeout=STALL_S)  # the rest is drained, not counted: the next phase starts clean
     return {"streams": len(streams), "frames": done, "seconds": elapsed, "fps": done / elapsed if elapsed else 0.0,
             "chunk_frames": chunk_frames, "in_flight": in_flight}
 
@@ -221,6 +226,7 @@ def run_step(coordinator, streams: list[Stream], frames: list, window_s: float, 
     rates = [r for q in answered if (r := q.decode_tokens_per_s) is not None]
     result.ttft_p50_s, result.ttft_p99_s = percentile(ttfts, 50), percentile(ttfts, 99)
     result.decode_tokens_per_s_p50 = statistics.median(rates) if rates else None
+    result.answer_tokens_p50 = statistics.median([q.tokens for q in answered]) if answered else None
     result.ingested_fps = result.frames_ingested / pushed_window if pushed_window > 0 else 0.0
     if lags:
         times, values = np.array([t for t, _ in lags]), np.array([v for _, v in lags])

@@ -35,7 +35,7 @@ def test_every_method_ran_a_burst_and_ramp_steps(report):
     for method, run in result["methods"].items():
         assert run["burst"]["frames"] > 0 and run["burst"]["fps"] > 0
         assert run["context"]["frames"] == 8  # one question stream, fed 8 frames before the ramp
-        assert run["steps"] and run["stopped"] in ("range exhausted", "resolution reached")
+        assert run["steps"] and run["stopped"] == "bracket narrow enough or range used up"
         for step in run["steps"]:
             assert 1 <= step["streams"] <= 2 and step["offered_fps"] == step["streams"] * 0.5
             assert 0 < step["frames_pushed"] and 0 <= step["frames_ingested"] <= step["frames_pushed"]
@@ -73,3 +73,24 @@ def test_model_copies_and_memory_are_read_inside_the_actors(report):
     for method in summary.values():
         assert method["figures"]["encode_fps"] > 0 and method["met"]["streams"] is False  # 2 streams at most
     assert "model copies" in stdout
+
+
+def test_the_ramp_doubles_then_bisects_to_the_resolution():
+    """The stream counts tried against a pipeline that sustains up to `capacity` streams."""
+    from types import SimpleNamespace
+
+    from bench.gpu_pipeline import next_count
+
+    args = SimpleNamespace(max_streams=512, resolution=0.1, question_streams=2)
+
+    def tried(capacity: int, start: int = 84) -> tuple[list[int], int, int | None]:
+        n, lo, hi, counts = start, 0, None, []
+        while n is not None:
+            counts.append(n)
+            n, lo, hi = next_count(n, n <= capacity, lo, hi, args)
+        return counts, lo, hi
+
+    assert tried(100) == ([84, 168, 126, 105, 94, 99], 99, 105)  # within 10% of the capacity
+    assert tried(37) == ([84, 42, 21, 31, 36, 39], 36, 39)
+    assert tried(1) == ([84, 42, 21, 10, 5, 2], 0, 2)  # fewer than the question streams: none sustained
+    assert tried(10_000) == ([84, 168, 336, 512], 512, None)  # the range ends at --max-streams
