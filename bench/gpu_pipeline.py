@@ -3,7 +3,7 @@
 budget that fits one device call.
 
     python -m bench.gpu_pipeline --out $OUT                    # CUDA: LLaVA-OV-7B architecture, random bf16
-    python -m bench.gpu_pipeline --device cpu --budget-s 50    # anywhere: the tiny model on CPU (CI runs it)
+    python -m bench.gpu_pipeline --device cpu                 # anywhere: the tiny model on CPU (tests: small)
     bash bench/device_gpu_pipeline.sh                          # the one command for a lent GPU machine
 
 The model: the LLaVA-OneVision-7B architecture with seeded random bf16 weights, built inside each
@@ -16,9 +16,11 @@ then rekv), with the remaining budget split between the methods still to run:
    them, so answers read a stream longer than rekv's 76-frame local window: retrieval runs);
 3. ramp: N real-time streams (the question streams plus N - Q fresh ones), one frame per stream
    every 2 s through coordinator.ingest, staggered, for --window-s, questions through ask_stream
-   at --question-rate; bench/realtime.py says when a step counts as sustained. N starts from the
-   burst's rate (0.7 x frames/s / 0.5), doubles (or halves) until the verdict flips, then bisects
-   to --resolution, while the method's share of the budget lasts. Fresh streams are deleted after
+   at --question-rate; bench/realtime.py says when a step counts as sustained. Fresh streams get
+   0..7 frames at once first (realtime.stagger), so that their segments (8 frames = 16 s: the
+   language model's prefill) close at spread times in the window, as in a steady state. N starts
+   from the burst's rate (0.7 x frames/s / 0.5), doubles (or halves) until the verdict flips, then
+   bisects to --resolution, while the method's share of the budget lasts. Fresh streams are deleted after
    each step (the actors keep every stream's KV on the device).
 Then: model copies (actors holding model weights, read inside each actor through Ray's
 __ray_call__, as is torch.cuda.max_memory_allocated), peak GPU memory per actor, host memory
@@ -46,7 +48,8 @@ import ray
 from bench import random_weights
 from bench.engine import QUESTIONS
 from bench.gpu_pipeline_report import GOALS, goals_table, host_memory, plot, probe_actors, summary
-from bench.realtime import Stream, feed, run_step
+from bench.realtime import FramePool, Stream, feed, run_step, stagger
+from pipeline.config import make_config
 
 FPS = 0.5
 CHUNK = 8
@@ -60,7 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "(default: llava-ov-7b on CUDA, tiny on CPU)")
     parser.add_argument("--checkpoint", type=Path, help="a real checkpoint directory instead (e.g. models/demo)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="hard limit for the whole run, setup included")
-    parser.add_argument("--window-s", type=float, help="seconds per ramp step (default 20 CUDA / 6 CPU)")
+    parser.add_argument("--window-s", type=float, help="seconds per ramp step (default 20: longer than a segment of 8 frames at 0.5 fps)")
     parser.add_argument("--burst-s", type=float, help="seconds of the saturating burst (default 10 / 3)")
     parser.add_argument("--burst-streams", type=int, help="(default 16 / 2)")
     parser.add_argument("--question-streams", type=int, help="streams that take the questions (default 2 / 1)")
@@ -85,7 +88,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = args.device == "cuda"
-    defaults = dict(window_s=(20, 6), burst_s=(10, 3), burst_streams=(16, 2), question_streams=(2, 1),
+    defaults = dict(window_s=(20, 20), burst_s=(10, 3), burst_streams=(16, 2), question_streams=(2, 1),
                     context_frames=(120, 8), question_rate=(0.5, 0.25), max_new_tokens=(32, 8), max_streams=(512, 16),
                     actor_cpus=(2, 0.25), threads=(4, 1), num_cpus=(os.cpu_count(), 4), object_store_gib=(16, 0.5),
                     model=("llava-ov-7b", "tiny"))
@@ -112,13 +115,6 @@ class Clock:
         return self.budget_s - self.RESERVE_S - self.elapsed()
 
 
-def frame_pool(size: int, frames: int, count: int = 8) -> list:
-    """`count` random [frames, size, size, 3] uint8 arrays in the object store (put once: the
-    driver pushes references, not pixels)."""
-    rng = np.random.default_rng(0)
-    return [ray.put(rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8)) for _ in range(count)]
-
-
 def start(args, clock: Clock, log) -> tuple:
     """Ray, the coordinator and its model actors (loaded once the first stream is created)."""
     from actors.coordinator import StreamCoordinator
@@ -143,13 +139,12 @@ def start(args, clock: Clock, log) -> tuple:
     # the first creation waits for every model actor to load its model; then a warm-up stream
     ray.get(coordinator.create_stream.remote("warmup", "rekv"), timeout=max(1.0, clock.left()))
     log(f"model actors loaded ({clock.elapsed():.0f} s)")
-    single, chunks = frame_pool(size, 1), frame_pool(size, CHUNK)
-    warm = Stream("warmup", interval=1 / FPS)
-    feed(coordinator, [warm], chunks, CHUNK, per_stream=2 * CHUNK)
+    pool = FramePool(size)
+    feed(coordinator, [Stream("warmup", interval=1 / FPS)], pool, CHUNK, per_stream=2 * CHUNK)
     list(coordinator.ask_stream.options(num_returns="streaming").remote("warmup", QUESTIONS[0], 4))
     ray.get(coordinator.delete_stream.remote("warmup"))
     log(f"warmed up ({clock.elapsed():.0f} s)")
-    return coordinator, single, chunks, size
+    return coordinator, pool, size
 
 
 def _checkpoint_frame_size(path: Path) -> int:
@@ -192,18 +187,23 @@ def next_count(n: int, sustained: bool, lo: int, hi: int | None, args) -> tuple[
     return (None if narrow or n < args.question_streams or n in (lo, hi) else n), lo, hi
 
 
-def measure_method(coordinator, method: str, args, clock: Clock, deadline: float, single, chunks, log) -> dict:
+def measure_method(coordinator, method: str, args, clock: Clock, deadline: float, pool: FramePool, log) -> dict:
     """Burst, context, then the ramp, until `deadline` (clock.elapsed() seconds)."""
     streams = Streams(coordinator, method)
-    out: dict = {"method": method, "steps": []}
+    config = make_config(method)
+    segment = config.segment_frames if config.segmentation == "uniform" else config.min_frames
+    out: dict = {"method": method, "steps": [], "segment_frames": segment}
+    if args.window_s < segment / FPS:
+        log(f"{method}: the window ({args.window_s:g} s) is shorter than a segment ({segment / FPS:g} s of frames): "
+            "streams close fewer segments in it than in steady state")
     burst, _ = streams.create(args.burst_streams)
-    out["burst"] = feed(coordinator, burst, chunks, CHUNK, seconds=args.burst_s)
+    out["burst"] = feed(coordinator, burst, pool, CHUNK, seconds=args.burst_s)
     streams.delete(burst)
     log(f"{method}: burst of {args.burst_streams} streams: {out['burst']['fps']:.1f} frames/s aggregate encode")
 
     def question_streams() -> list[Stream]:
         asked, _ = streams.create(args.question_streams)
-        out["context"] = feed(coordinator, asked, chunks, CHUNK, per_stream=args.context_frames)
+        out["context"] = feed(coordinator, asked, pool, CHUNK, per_stream=args.context_frames)
         return asked
 
     asked = question_streams()
@@ -218,13 +218,14 @@ def measure_method(coordinator, method: str, args, clock: Clock, deadline: float
         began, fresh = time.perf_counter(), []
         try:
             fresh, create_s = streams.create(n - len(asked))
+            stagger_s = stagger(coordinator, fresh, pool, segment)
             probe_actors(coordinator, reset=True, empty=True)
-            result = run_step(coordinator, asked + fresh, single, args.window_s, fps=FPS, question_streams=asked,
+            result = run_step(coordinator, asked + fresh, pool, args.window_s, fps=FPS, question_streams=asked,
                               question_rate=args.question_rate, questions=QUESTIONS, max_new_tokens=args.max_new_tokens,
                               grace_s=args.grace_s, max_lag_s=args.max_lag_s, max_slope=args.max_slope,
                               abort_backlog=int(4 * args.max_lag_s * FPS) + 1,
                               drain_timeout_s=max(5.0, min(60.0, deadline - clock.elapsed())), log=log).to_dict()
-            result.update(create_s=create_s, actors=probe_actors(coordinator), host=host_memory())
+            result.update(create_s=create_s, stagger_s=stagger_s, actors=probe_actors(coordinator), host=host_memory())
         except Exception as error:  # noqa: BLE001 - e.g. a device out of memory while creating streams
             result = {"streams": n, "sustained": False, "errors": [f"{type(error).__name__}: {error}"[:300]],
                       "drain_s": 0.0, "reason": "the step failed"}
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "device": _device_name(args.device), "host": platform.node(), "fps": FPS, "goals": GOALS,
                     "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "methods": {}}
     try:
-        coordinator, single, chunks, size = start(args, clock, log)
+        coordinator, pool, size = start(args, clock, log)
         report.update(model=args.checkpoint.name if args.checkpoint else f"{args.model}-random", frame_size=size,
                       setup_s=clock.elapsed(), actors=probe_actors(coordinator), host_idle=host_memory())
         report["model_copies"] = sum(1 for a in report["actors"] if a["model_bytes"])
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         for i, method in enumerate(args.methods):
             deadline = clock.elapsed() + clock.left() / (len(args.methods) - i)
             log(f"{method}: until {deadline:.0f} s")
-            report["methods"][method] = measure_method(coordinator, method, args, clock, deadline, single, chunks, log)
+            report["methods"][method] = measure_method(coordinator, method, args, clock, deadline, pool, log)
             path.write_text(json.dumps(report, indent=1, default=str))
     except Exception as error:  # noqa: BLE001 - what was measured is still written
         report["error"] = f"{type(error).__name__}: {error}"

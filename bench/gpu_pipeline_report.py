@@ -177,6 +177,10 @@ def plot(report: dict, path) -> None:
                 ax.axvline(goal, color=color, ls=":", lw=1)
         ax.axhline(report["config"]["max_lag_s"], color="grey", ls="--", lw=1, label="lag bound")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        counts = sorted({s["streams"] for run in report["methods"].values() for s in run["steps"]})
+        if counts:
+            ax.set_xticks(counts, [str(c) for c in counts], fontsize=7)
         ax.set_xlabel("concurrent real-time streams (0.5 fps); o sustained, x not")
         ax.set_ylabel("ingest lag p95 (s)")
         ax.set_title(f"Ray pipeline on {report['device']}, {report.get('model')}, "

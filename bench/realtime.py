@@ -39,6 +39,21 @@ class Stream:
         return self.seq - 1, times
 
 
+class FramePool:
+    """Random uint8 frames [k, size, size, 3], put in the object store once per (k, variant): the
+    driver pushes references, not pixels (a 7B frame is 384 x 384 x 3)."""
+
+    def __init__(self, size: int, variants: int = 8):
+        self.size, self.variants, self.refs = size, variants, {}
+        self.rng = np.random.default_rng(0)
+
+    def get(self, frames: int, variant: int = 0):
+        key = (frames, variant % self.variants)
+        if key not in self.refs:
+            self.refs[key] = ray.put(self.rng.integers(0, 256, (frames, self.size, self.size, 3), dtype=np.uint8))
+        return self.refs[key]
+
+
 @dataclass
 class Question:
     stream_id: str
@@ -104,7 +119,7 @@ def ask(coordinator, question: Question, text: str, max_new_tokens: int) -> Ques
     return question
 
 
-def feed(coordinator, streams: list[Stream], chunks: list, chunk_frames: int, seconds: float | None = None,
+def feed(coordinator, streams: list[Stream], pool: FramePool, chunk_frames: int, seconds: float | None = None,
          per_stream: int | None = None, in_flight: int = 4) -> dict:
     """As fast as the pipeline takes them (not real time): chunks of `chunk_frames` frames,
     `in_flight` unfinished per stream, for `seconds` or until every stream got `per_stream`
@@ -116,7 +131,7 @@ def feed(coordinator, streams: list[Stream], chunks: list, chunk_frames: int, se
         if per_stream is not None and sent[stream.stream_id] >= per_stream:
             return
         seq, times = stream.next_push(chunk_frames)
-        pending[coordinator.ingest.remote(stream.stream_id, chunks[seq % len(chunks)], times, seq)] = stream
+        pending[coordinator.ingest.remote(stream.stream_id, pool.get(chunk_frames, seq), times, seq)] = stream
         sent[stream.stream_id] += chunk_frames
 
     start, done = time.perf_counter(), 0
@@ -139,7 +154,22 @@ def feed(coordinator, streams: list[Stream], chunks: list, chunk_frames: int, se
             "chunk_frames": chunk_frames, "in_flight": in_flight}
 
 
-def run_step(coordinator, streams: list[Stream], frames: list, window_s: float, *, fps: float, question_streams: list[Stream],
+def stagger(coordinator, streams: list[Stream], pool: FramePool, segment_frames: int) -> float:
+    """Give stream i of N (i * segment_frames) // N frames at once, so that during the window the
+    streams close their segments (one per segment_frames frames: the language model's prefill)
+    at evenly spread times, as streams that started at random times would; fresh streams all
+    in phase would close none for the first segment_frames - 1 frames and then all at once.
+    Returns the seconds it took."""
+    began, refs = time.perf_counter(), []
+    for i, stream in enumerate(streams):
+        if count := (i * segment_frames) // len(streams):
+            seq, times = stream.next_push(count)
+            refs.append(coordinator.ingest.remote(stream.stream_id, pool.get(count, i), times, seq))
+    ray.get(refs, timeout=STALL_S)
+    return time.perf_counter() - began
+
+
+def run_step(coordinator, streams: list[Stream], pool: FramePool, window_s: float, *, fps: float, question_streams: list[Stream],
              question_rate: float, questions: list[str], max_new_tokens: int, grace_s: float, max_lag_s: float,
              max_slope: float, abort_backlog: int, drain_timeout_s: float, log=print) -> StepResult:
     """Push one frame per stream every 1/fps s for `window_s` (stream i offset by i/N of an
@@ -201,7 +231,7 @@ def run_step(coordinator, streams: list[Stream], frames: list, window_s: float, 
             continue
         stream = streams[i]
         seq, times = stream.next_push(1)
-        ref = coordinator.ingest.remote(stream.stream_id, frames[(stream.seq + i) % len(frames)], times, seq)
+        ref = coordinator.ingest.remote(stream.stream_id, pool.get(1, stream.seq + i), times, seq)
         pending[ref] = (i, time.perf_counter())
         backlog[i] += 1
         result.max_backlog_frames = max(result.max_backlog_frames, backlog[i])
