@@ -138,7 +138,9 @@ def goals_table(report: dict) -> str:
     goal_text = {"streams": lambda g: f">= {g}", "ttft_p50_s": lambda g: f"<= {g} s",
                  "decode_tokens_per_s": lambda g: f">= {g:g}", "encode_fps": lambda g: f">= {g:g}"}
     names = list(methods)
-    lines = [f"GPU pipeline on {report.get('device')}, {report.get('model')}: {report.get('model_copies')} model copies",
+    weights = ", ".join(f"{a['kind']} {_size(a['model_bytes'])}" for a in report.get("actors", []) if a["model_bytes"])
+    lines = [f"Ray pipeline on {report.get('device')}, {report.get('model')}: {report.get('model_copies')} model copies "
+             f"({weights or '-'})",
              "", "| figure | " + " | ".join(f"{m} (goal) | {m}" for m in names) + " |",
              "|---|" + "---:|---:|" * len(names)]
     for key, label in (("streams", "real-time 0.5 fps streams sustained"), ("ttft_p50_s", "TTFT p50 at that load"),
@@ -153,11 +155,16 @@ def goals_table(report: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for m in names:
         f = methods[m]["figures"]
-        peaks = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in f["gpu_peak_bytes"].items() if v is not None) or "-"
-        pss_text = "-" if f["host_pss_bytes"] is None else f"{f['host_pss_bytes'] / MiB:.0f} MiB"
-        store = "-" if f["object_store_bytes"] is None else f"{f['object_store_bytes'] / MiB:.0f} MiB"
+        peaks = ", ".join(f"{k} {_size(v)}" for k, v in f["gpu_peak_bytes"].items() if v is not None) or "-"
+        pss_text, store = _size(f["host_pss_bytes"]), _size(f["object_store_bytes"])
         lines.append(f"\n{m}: GPU peak per actor: {peaks}; host PSS of the Ray processes: {pss_text}; object store: {store}")
     return "\n".join(lines)
+
+
+def _size(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 2**30:.1f} GiB" if value >= 2**30 else f"{value / MiB:.1f} MiB"
 
 
 def plot(report: dict, path) -> None:
