@@ -14,6 +14,7 @@
 set -uo pipefail
 OUT=${OUT:-bench/results/device}
 mkdir -p "$OUT"
+ls .whl/ray-*.whl .whl/redis-*.whl >/dev/null || { echo "no wheels in .whl/: build them here first (see above)"; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 # PyAV is not on the image and too big to carry beside Ray: the coordinator imports pipeline.decode
 # (for decoder actors, which this benchmark does not start; av is used only when decoding), so an

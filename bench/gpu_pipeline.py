@@ -42,7 +42,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import ray
 
 from bench import random_weights
@@ -63,7 +62,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "(default: llava-ov-7b on CUDA, tiny on CPU)")
     parser.add_argument("--checkpoint", type=Path, help="a real checkpoint directory instead (e.g. models/demo)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="hard limit for the whole run, setup included")
-    parser.add_argument("--window-s", type=float, help="seconds per ramp step (default 20: longer than a segment of 8 frames at 0.5 fps)")
+    parser.add_argument("--window-s", type=float, default=20.0,
+                        help="seconds per ramp step (longer than a segment: 8 frames at 0.5 fps)")
     parser.add_argument("--burst-s", type=float, help="seconds of the saturating burst (default 10 / 3)")
     parser.add_argument("--burst-streams", type=int, help="(default 16 / 2)")
     parser.add_argument("--question-streams", type=int, help="streams that take the questions (default 2 / 1)")
@@ -88,7 +88,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = args.device == "cuda"
-    defaults = dict(window_s=(20, 20), burst_s=(10, 3), burst_streams=(16, 2), question_streams=(2, 1),
+    defaults = dict(burst_s=(10, 3), burst_streams=(16, 2), question_streams=(2, 1),
                     context_frames=(120, 8), question_rate=(0.5, 0.25), max_new_tokens=(32, 8), max_streams=(512, 16),
                     actor_cpus=(2, 0.25), threads=(4, 1), num_cpus=(os.cpu_count(), 4), object_store_gib=(16, 0.5),
                     model=("llava-ov-7b", "tiny"))
@@ -126,9 +126,13 @@ def start(args, clock: Clock, log) -> tuple:
         model_dir = str(random_weights.write_marker(Path(tempfile.mkdtemp()) / f"{args.model}-random", args.model))
         size = random_weights.frame_size(args.model)
     gpus = 1 if args.device == "cuda" else 0
+    # a container's /dev/shm may be smaller than the store: Ray then refuses a store over 10 GB
+    # unless told that a file-backed one will do
+    os.environ.setdefault("RAY_OBJECT_STORE_ALLOW_SLOW_STORAGE", "1")
+    pythonpath = os.pathsep.join(p for p in [repo, *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p)
     ray.init(num_cpus=args.num_cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=int(args.object_store_gib * 2**30),
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath,
                                        "OMP_NUM_THREADS": str(args.threads), "RAY_USAGE_STATS_ENABLED": "0"},
                           "worker_process_setup_hook": random_weights.HOOK})
     share = 0.99 / (2 + args.answerers)  # prefill, compressor and answer actors on the one GPU
