@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(goals_table(report), flush=True)
         ray.shutdown()
         log("Ray shut down")
-    log(f"wrote {path} and {path.with_suffix('.png').name}")
+    log(f"wrote {path}" + (f" and {path.with_suffix('.png').name}" if report["methods"] else ""))
     if "error" in report:
         sys.exit(1)
     return report
