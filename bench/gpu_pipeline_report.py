@@ -89,17 +89,22 @@ def gpu_processes() -> dict[int, int]:
 
 def host_memory() -> dict:
     """PSS of this driver and every process of its Ray runtime, by process title, and the
-    object store's use."""
+    object store's use. Where /proc has no smaps_rollup (some sandboxes), RSS stands in
+    ("pss_exact": False): it counts shared pages, the object store's included, once per process."""
     procs = processes()
+    rss = {pid: size for pid, _, _, size in procs}
+    names = {pid: title(cmd) for pid, _, cmd, _ in procs}
     by_title: dict[str, int] = {}
+    exact = True
     for pid in descendants(os.getpid(), procs) | {os.getpid()}:
         size = pss(pid)
-        if size is not None:
-            name = "driver" if pid == os.getpid() else title(next((c for p, _, c, _ in procs if p == pid), ""))
-            by_title[name] = by_title.get(name, 0) + size
+        if size is None:
+            size, exact = rss.get(pid, 0), False
+        name = "driver" if pid == os.getpid() else names.get(pid, "?")
+        by_title[name] = by_title.get(name, 0) + size
     store = ray.cluster_resources().get("object_store_memory", 0) - ray.available_resources().get("object_store_memory", 0)
     return {"pss_bytes": sum(v for k, v in by_title.items() if k != "driver"), "pss_by_title": by_title,
-            "object_store_bytes": store}
+            "pss_exact": exact, "object_store_bytes": store}
 
 
 def summary(report: dict) -> dict:

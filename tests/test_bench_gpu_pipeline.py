@@ -67,6 +67,7 @@ def test_model_copies_and_memory_are_read_inside_the_actors(report):
     assert len({a["model_bytes"] for a in result["actors"]}) == 1  # the same model in each
     assert all(a["gpu_max_allocated_bytes"] is None for a in result["actors"])  # CPU: no CUDA figures
     assert result["host_idle"]["pss_bytes"] > 0 and "ray::PrefillWorker" in result["host_idle"]["pss_by_title"]
+    assert result["host_idle"]["pss_exact"]  # (Linux here: smaps_rollup)
     summary = result["summary"]
     assert set(summary) == {"livevlm", "rekv"}
     assert summary["livevlm"]["goals"]["streams"] == 100 and summary["rekv"]["goals"]["streams"] == 60
