@@ -12,8 +12,8 @@ about f seconds per second, which a short window's p95 alone would not show).
 
 from __future__ import annotations
 
-import statistics
 import heapq
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
