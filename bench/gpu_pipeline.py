@@ -135,8 +135,8 @@ def start(args, clock: Clock, log) -> tuple:
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath,
                                        "OMP_NUM_THREADS": str(args.threads), "RAY_USAGE_STATS_ENABLED": "0"},
                           "worker_process_setup_hook": random_weights.HOOK})
-    share = 0.99 / (2 + args.answerers)  # prefill, compressor and answer actors on the one GPU
-    placement = {kind: {"num_gpus": share} for kind in ("prefill", "compressor", "answerer")} if gpus else {}
+    share = 0.99 / (1 + args.answerers)  # prefill and answer actors on the one GPU (the compressor loads no model)
+    placement = {kind: {"num_gpus": share} for kind in ("prefill", "answerer")} if gpus else {}
     coordinator = ray.remote(StreamCoordinator).options(num_cpus=min(1.0, args.actor_cpus), max_concurrency=10_000).remote(
         model_dir, device=args.device, answerers=args.answerers, actor_cpus=args.actor_cpus, placement=placement)
     log(f"Ray up, coordinator started ({clock.elapsed():.0f} s); loading the model actors ({model_dir})")

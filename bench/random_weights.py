@@ -5,7 +5,7 @@ checkpoint with real weights cannot be downloaded here, and writing a random one
 per architecture) and reading it back into every actor would cost a device call most of its time.
 So a benchmark passes the actors a *marker directory* (`write_marker`: a `random_model.json`
 naming a spec, nothing else) and starts Ray with `HOOK` as the workers' setup hook: in every
-worker, once `pipeline.model` is imported, its `load_model` builds the named architecture with
+worker, once `pipeline.model` is imported, its `load_model` (and `load_dims`) builds the named architecture with
 seeded random weights directly on the requested device (compute does not depend on the weights'
 values) when given a marker directory, and loads real checkpoints as before.
 
@@ -69,6 +69,16 @@ def _patch(module) -> None:
 
     load_model.__doc__ = original.__doc__
     module.load_model = load_model
+    original_dims = module.load_dims
+
+    def load_dims(path):  # the compressor actor: the shapes only, built on the meta device
+        marker = Path(path) / MARKER
+        if marker.is_file():
+            return build(json.loads(marker.read_text())["spec"], "meta").dims
+        return original_dims(path)
+
+    load_dims.__doc__ = original_dims.__doc__
+    module.load_dims = load_dims
 
 
 class _Watcher(importlib.abc.MetaPathFinder):
