@@ -95,6 +95,10 @@ class AnswerWorker:
     def ping(self) -> int:
         return len(self.streams)
 
+    def tables(self) -> dict[str, int]:
+        """Sizes of the per-stream state held here (see PrefillWorker.tables)."""
+        return {"streams": len(self.streams)}
+
 
 def _evidence(evidence) -> list[dict]:
     return [{"frames": list(e.frames), "times": list(e.times), "score": e.score, "layers": e.layers} for e in evidence]

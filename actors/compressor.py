@@ -159,6 +159,12 @@ class CompressorWorker:
     def ping(self) -> int:
         return len(self.streams)
 
+    @ray.method(concurrency_group="health")
+    def tables(self) -> dict[str, int]:
+        """Sizes of the per-stream state held here, the index writer's journal included (see
+        PrefillWorker.tables)."""
+        return {"streams": len(self.streams), **{f"index_{k}": v for k, v in self.writer.tables().items()}}
+
 
 def segment_record(stream_id: str, update) -> SegmentRecord:
     """The segment's summary per layer: its summary block's mean key, else the mean of its frames'."""

@@ -164,3 +164,8 @@ class PrefillWorker:
     def ping(self) -> int:
         return len(self.streams)
 
+    def tables(self) -> dict[str, int]:
+        """Sizes of the per-stream state held here (0 each once every stream is closed: the
+        churn test checks that deleted streams leave nothing)."""
+        return {"streams": len(self.streams)}
+
