@@ -241,16 +241,24 @@ async def churn(args, url: str, redis_client) -> dict:
                 _print(rows[-1])
         elapsed = time.monotonic() - started
         left = len((await client.get("/v1/streams")).json()["data"])
-    after = [r for r in rows if r["streams"] >= args.warmup]
-    xs = [r["streams"] for r in after]
-    fits = {"runtime_pss": slope(xs, [r["runtime"]["pss"] for r in after]),
-            "runtime_uss": slope(xs, [r["runtime"]["uss"] for r in after]),
-            "redis_used_memory": slope(xs, [r["redis"]["used_memory"] for r in after])}
-    for name in sorted({n for r in after for n in r["by_title"]}):
-        fits[f"pss {name}"] = slope(xs, [r["by_title"].get(name, {}).get("pss", 0) for r in after])
     return {"streams": args.streams, "concurrency": args.concurrency, "frames_per_stream": args.frames,
             "fps": args.fps, "seconds": elapsed, "errors": errors, "streams_left": left, "samples": rows,
-            "slopes_bytes_per_stream": fits}
+            "slopes_bytes_per_stream": fits(rows, args.warmup)}
+
+
+def fits(rows: list[dict], warmup: int) -> dict:
+    """Slopes (bytes per stream) over the samples from `warmup` streams on: the runtime's PSS and
+    USS, Redis's used_memory, and each process title's PSS and USS."""
+    after = [r for r in rows if r["streams"] >= warmup]
+    xs = [r["streams"] for r in after]
+    out = {"runtime_pss": slope(xs, [r["runtime"]["pss"] for r in after]),
+           "runtime_uss": slope(xs, [r["runtime"]["uss"] for r in after]),
+           "redis_used_memory": slope(xs, [r["redis"]["used_memory"] for r in after]),
+           "redis_keys": slope(xs, [r["redis"]["keys"] for r in after])}
+    for name in sorted({n for r in after for n in r["by_title"]}):
+        for kind in ("pss", "uss"):
+            out[f"{kind} {name}"] = slope(xs, [r["by_title"].get(name, {}).get(kind, 0) for r in after])
+    return out
 
 
 async def idle(args, url: str, redis_client) -> dict:
