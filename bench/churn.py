@@ -16,6 +16,8 @@ streams (allocator pools and caches warmed), end, and the slope of the runtime's
 after the warm-up (least squares, 95% interval), per process title too: the leak, if any, and
 where. Writes bench/results/<name>.json and <name>.png (memory against streams deleted).
 
+plot: draws <name>.png again from the JSON, with `--before <name>` beside it.
+
 idle: the same service; `--idle` push-mode streams created and left idle (their decoders wait
 for bytes), then deleted: memory per idle stream, by process title.
 
@@ -294,29 +296,38 @@ async def idle(args, url: str, redis_client) -> dict:
             "per_stream_total_bytes": total}
 
 
-def plot(result: dict, path: Path) -> None:
+PLOTTED = ("ray::StreamCoordinator", "gcs_server", "ray::DashboardAgent", "ray::PrefillWorker")
+
+
+def plot(result: dict, path: Path, before: dict | None = None) -> None:
+    """USS against streams deleted (log scale): the runtime's total and the processes that grow,
+    for this run (solid) and, given, a run before a change (dotted)."""
     from bench.figure import single_plot
 
-    rows = result["samples"]
-    xs = [r["streams"] for r in rows]
-    with single_plot(path, size=(7, 4.5)) as ax:
-        ax.plot(xs, [r["runtime"]["pss"] / MiB for r in rows], "o-", label="Ray runtime, PSS (all processes)")
-        ax.plot(xs, [r["runtime"]["uss"] / MiB for r in rows], "s-", label="Ray runtime, USS")
-        names = sorted({n for r in rows for n in r["by_title"] if n.startswith("ray::")},
-                       key=lambda n: -rows[-1]["by_title"].get(n, {}).get("pss", 0))[:4]
-        for name in names:
-            ax.plot(xs, [r["by_title"].get(name, {}).get("pss", 0) / MiB for r in rows], ".--", label=f"{name} PSS")
-        ax.plot(xs, [r["redis"]["used_memory"] / MiB for r in rows], "^:", label="redis used_memory")
+    with single_plot(path, size=(7.5, 5)) as ax:
+        for run, style, tag in ((result, "-", ""), (before, ":", " (before)")):
+            if run is None:
+                continue
+            rows = run["samples"]
+            xs = [r["streams"] for r in rows]
+            line = ax.plot(xs, [r["runtime"]["uss"] / MiB for r in rows], "o" + style, label=f"runtime total{tag}")
+            for i, name in enumerate(PLOTTED):
+                ax.plot(xs, [r["by_title"].get(name, {}).get("uss", 0) / MiB for r in rows], "." + style,
+                        color=f"C{i + 1}", label=f"{name}{tag}")
+            ax.plot(xs, [r["redis"]["used_memory"] / MiB for r in rows], "^" + style, color="C6",
+                    label=f"redis used_memory{tag}")
+            line[0].set_color("C0")
+        ax.set_yscale("log")
         ax.set_xlabel("streams created, fed, asked and deleted")
-        ax.set_ylabel("MiB")
+        ax.set_ylabel("USS, MiB (log)")
         ax.set_title(f"Memory over stream churn ({result.get('concurrency', '-')} at a time)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2, loc="center right")
+        ax.grid(alpha=0.3, which="both")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", choices=("churn", "idle"), default="churn")
+    parser.add_argument("what", nargs="?", choices=("churn", "idle", "plot"), default="churn")
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--sample-every", type=int, default=20)
@@ -328,7 +339,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "models" / "demo")
     parser.add_argument("--server-arg", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--name", default=None, help="result files: bench/results/<name>.json/.png")
+    parser.add_argument("--before", help="plot: a run before a change to draw beside --name's (its result name)")
     args = parser.parse_args()
+    out = REPO / "bench" / "results"
+    if args.what == "plot":  # again, from the JSON files
+        load = lambda name: json.loads((out / f"{name}.json").read_text())  # noqa: E731
+        plot(load(args.name or "churn"), out / f"{args.name or 'churn'}.png", args.before and load(args.before))
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     service = Service(args)
     try:
@@ -338,7 +355,6 @@ def main() -> None:
     finally:
         service.close()
     name = args.name or args.what
-    out = REPO / "bench" / "results"
     (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
     if args.what == "churn":
         plot(result, out / f"{name}.png")
