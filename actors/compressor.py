@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
+from actors.release import release_freed_memory
 from actors.spec import StreamSpec, lookup
 from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
 from cache_store.index_writer import IndexHealth, IndexWriter
@@ -145,7 +146,8 @@ class CompressorWorker:
     def close(self, stream_id: str) -> int:
         """Forget the stream; returns how many index keys were deleted (0 while the index is
         unreachable: the deletion is queued)."""
-        self.streams.pop(stream_id, None)
+        if self.streams.pop(stream_id, None) is not None:
+            release_freed_memory()  # its open segment's tokens (actors/release.py)
         return self.writer.delete_stream(stream_id)
 
     def index_keys(self, stream_id: str) -> int:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
+from actors.release import release_freed_memory
 from actors.spec import StreamSpec, lookup
 from pipeline.errors import UnknownStreamError, UnsupportedModelError
 
@@ -155,7 +156,10 @@ class PrefillWorker:
         return {sid: (s.spec, s.applied, [ray.put(u) for u in s.unpublished]) for sid, s in self.streams.items()}
 
     def close(self, stream_id: str) -> bool:
-        return self.streams.pop(stream_id, None) is not None
+        closed = self.streams.pop(stream_id, None) is not None
+        if closed:
+            release_freed_memory()  # its KV and frames: to the OS, not only to malloc (actors/release.py)
+        return closed
 
     def frame_size(self) -> int:
         """The square side (px) the model encodes frames at: decoders resize to it (coordinator)."""

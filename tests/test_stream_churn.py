@@ -11,7 +11,6 @@ coordinator owns no more objects in the object store than before the first strea
 bench/churn.py measures the same over 200 streams.
 """
 
-import sys
 import time
 import uuid
 
@@ -29,22 +28,19 @@ FRAMES = 12
 
 def _inside(handle, function):
     """`function(actor instance)`, run in the actor (Ray's __ray_call__): the coordinator's own
-    tables, which no method reports."""
+    tables, which no method reports. The functions below are lambdas so that they travel by value:
+    a module-level function would travel by reference and make the coordinator import this test
+    module (and torch with its imports)."""
     return ray.get(handle.__ray_call__.remote(function))
 
 
-def coordinator_tables(self) -> dict:
-    keeper = self.thumbnailer
-    return {"streams": len(self.streams), "creating": len(self._creating),
-            "answer_streams": sum(len(r.streams) for r in self.answerers),
-            "thumbnail_tails": len(keeper.tails), "thumbnail_pending": len(keeper.pending),
-            "thumbnails_undeleted": len(keeper.undeleted), "vision_queue": len(self._vision.items)}
-
-
-def coordinator_pid(self) -> int:
-    import os
-
-    return os.getpid()
+coordinator_tables = lambda self: {  # noqa: E731 - by value, see _inside
+    "streams": len(self.streams), "creating": len(self._creating),
+    "answer_streams": sum(len(r.streams) for r in self.answerers),
+    "thumbnail_tails": len(self.thumbnailer.tails), "thumbnail_pending": len(self.thumbnailer.pending),
+    "thumbnails_undeleted": len(self.thumbnailer.undeleted), "vision_queue": len(self._vision.items)}
+coordinator_pid = lambda self: __import__("os").getpid()  # noqa: E731
+coordinator_imports = lambda self: {"torch", "transformers"} & set(__import__("sys").modules)  # noqa: E731
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +122,7 @@ def test_deleted_streams_leave_no_state_keys_decoders_or_objects(churn, tmp_path
     assert redis_keys(client, ids)
     # what passed through (sampling parameters too) left the coordinator torch-free: an import
     # there is held for good (~270 MB when pipeline.sampling imported torch)
-    assert _inside(handle, lambda _: {"torch", "transformers"} & set(sys.modules)) == set()
+    assert _inside(handle, coordinator_imports) == set()
 
     for sid in ids:
         ray.get(handle.delete_stream.remote(sid))
