@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from actors.release import release_freed_memory
 from actors.spec import ReplicaGapError, StreamSpec, lookup
 
 if TYPE_CHECKING:
@@ -90,10 +91,17 @@ class AnswerWorker:
         return {sid: replica.applied for sid, replica in self.streams.items()}
 
     def close(self, stream_id: str) -> bool:
-        return self.streams.pop(stream_id, None) is not None
+        closed = self.streams.pop(stream_id, None) is not None
+        if closed:
+            release_freed_memory()  # its replica's KV: to the OS, not only to malloc (actors/release.py)
+        return closed
 
     def ping(self) -> int:
         return len(self.streams)
+
+    def tables(self) -> dict[str, int]:
+        """Sizes of the per-stream state held here (see PrefillWorker.tables)."""
+        return {"streams": len(self.streams)}
 
 
 def _evidence(evidence) -> list[dict]:

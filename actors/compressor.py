@@ -25,6 +25,7 @@ import numpy as np
 import ray
 
 from actors.messages import HeldSegments, LoneFrames, SegmenterState, SourceNote
+from actors.release import release_freed_memory
 from actors.spec import StreamSpec, lookup
 from cache_store.index import EmbeddedIndex, RedisIndex, SegmentIndex, SegmentRecord
 from cache_store.index_writer import IndexHealth, IndexWriter
@@ -143,7 +144,8 @@ class CompressorWorker:
     def close(self, stream_id: str) -> int:
         """Forget the stream; returns how many index keys were deleted (0 while the index is
         unreachable: the deletion is queued)."""
-        self.streams.pop(stream_id, None)
+        if self.streams.pop(stream_id, None) is not None:
+            release_freed_memory()  # its open segment's tokens (actors/release.py)
         return self.writer.delete_stream(stream_id)
 
     def index_keys(self, stream_id: str) -> int:
@@ -156,6 +158,12 @@ class CompressorWorker:
 
     def ping(self) -> int:
         return len(self.streams)
+
+    @ray.method(concurrency_group="health")
+    def tables(self) -> dict[str, int]:
+        """Sizes of the per-stream state held here, the index writer's journal included (see
+        PrefillWorker.tables)."""
+        return {"streams": len(self.streams), **{f"index_{k}": v for k, v in self.writer.tables().items()}}
 
 
 def segment_record(stream_id: str, update) -> SegmentRecord:

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from actors.messages import HeldReplica
+from actors.release import release_freed_memory
 from actors.spec import StreamSpec, lookup
 
 if TYPE_CHECKING:
@@ -131,7 +132,10 @@ class PrefillWorker:
         return {sid: HeldReplica(s.spec, s.applied, [ray.put(u) for u in s.unpublished]) for sid, s in self.streams.items()}
 
     def close(self, stream_id: str) -> bool:
-        return self.streams.pop(stream_id, None) is not None
+        closed = self.streams.pop(stream_id, None) is not None
+        if closed:
+            release_freed_memory()  # its KV and frames: to the OS, not only to malloc (actors/release.py)
+        return closed
 
     def input_shape(self) -> tuple[int, int]:
         """The square side (px) the model encodes frames at (decoders resize to it), and how many
@@ -141,4 +145,9 @@ class PrefillWorker:
 
     def ping(self) -> int:
         return len(self.streams)
+
+    def tables(self) -> dict[str, int]:
+        """Sizes of the per-stream state held here (0 each once every stream is closed: the
+        churn test checks that deleted streams leave nothing)."""
+        return {"streams": len(self.streams)}
 

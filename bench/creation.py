@@ -1,10 +1,10 @@
 """Stream creation and frame size (issue 23, first step): memory of a full-HD source with and
 without resizing at the decoder, and many concurrent creations past max_streams.
 
-    python -m bench.creation rss [--model models/demo] [--seconds 4] [--fps 15]
+    python -m bench.creation rss [--model models/demo] [--seconds 4] [--fps 15] [--height 1080 --width 1920]
     python -m bench.creation creations [--model models/demo] [--creations 50] [--max-streams 10]
 
-rss: one stream fed a synthetic 1920x1080 clip (every frame kept) through a decoder actor, twice on
+rss: one stream fed a synthetic 1920x1080 clip (or --height x --width: 2160 x 3840 for 4K; every frame kept) through a decoder actor, twice on
 a fresh local Ray runtime: frames at source size (a caller's size = the source's: what every
 source did before) and at the model's input size (the default now). Peak RSS of the decoder,
 prefill and coordinator processes, sampled every 50 ms, and each one's rise over its RSS before
@@ -46,26 +46,26 @@ def _rss_by_role() -> dict[str, int]:
     return dict(out)
 
 
-def _clip(seconds: float, fps: float) -> str:
+def _clip(seconds: float, fps: float, height: int = 1080, width: int = 1920) -> str:
     from pipeline.video_io import write_video
 
     frames = int(seconds * fps)
-    y, x = np.mgrid[0:1080, 0:1920]
+    y, x = np.mgrid[0:height, 0:width]
     video = np.stack([((x + 7 * i) % 256 // 2 + (y // 4 % 2) * 60)[..., None].repeat(3, -1).astype(np.uint8)
                       for i in range(frames)])
-    path = Path(tempfile.mkdtemp()) / "full-hd.mp4"
+    path = Path(tempfile.mkdtemp()) / f"{height}p.mp4"
     write_video(path, video, fps=fps)
     return str(path)
 
 
-def rss(model: str, seconds: float, fps: float) -> dict:
+def rss(model: str, seconds: float, fps: float, height: int = 1080, width: int = 1920) -> dict:
     import ray
 
     from actors.coordinator import StreamCoordinator
     from pipeline.decode import DecodeConfig
 
-    clip, out = _clip(seconds, fps), {}
-    for mode, decode in [("source size", DecodeConfig(size=(1080, 1920))), ("model size", None)]:
+    clip, out = _clip(seconds, fps, height, width), {}
+    for mode, decode in [("source size", DecodeConfig(size=(height, width))), ("model size", None)]:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 2**20)
         coord = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(model, actor_cpus=0.1)
         ray.get(coord.create_stream.remote("hd"))
@@ -168,13 +168,17 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=15.0)
     parser.add_argument("--creations", type=int, default=50)
     parser.add_argument("--max-streams", type=int, default=10)
+    parser.add_argument("--height", type=int, default=1080, help="rss: the clip's size")
+    parser.add_argument("--width", type=int, default=1920)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    result = (rss(args.model, args.seconds, args.fps) if args.what == "rss"
+    result = (rss(args.model, args.seconds, args.fps, args.height, args.width) if args.what == "rss"
               else creations(args.model, args.creations, args.max_streams))
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.parent.mkdir(exist_ok=True)
-    key = args.what if args.what == "rss" else f"creations-{args.creations}-max{args.max_streams}"
+    key = f"creations-{args.creations}-max{args.max_streams}"
+    if args.what == "rss":
+        key = "rss" if (args.height, args.width) == (1080, 1920) else f"rss-{args.height}p-{args.seconds:g}s"
     RESULTS.write_text(json.dumps({**saved, key: result}, indent=1))
 
 

@@ -66,6 +66,23 @@ def pss(pid: int) -> int | None:
     return None
 
 
+def pss_uss(pid: int) -> tuple[int, int] | None:
+    """(PSS, USS) bytes from smaps_rollup: PSS splits shared pages among their users; USS counts
+    the pages only this process maps (Private_Clean + Private_Dirty), what its exit would free."""
+    found = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Clean", "Private_Dirty"):
+                    found[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError):
+        return None
+    if "Pss" not in found:
+        return None
+    return found["Pss"], found.get("Private_Clean", 0) + found.get("Private_Dirty", 0)
+
+
 def title(cmdline: str) -> str:
     """A process's name without its current task: "ray::PrefillWorker", "raylet", "python"."""
     first = cmdline.split()[0] if cmdline.strip() else "?"
@@ -89,3 +106,20 @@ def cpu_seconds(root: int) -> Counter:
         utime, stime = stat[stat.rindex(")") + 2 :].split()[11:13]
         used[titles.get(pid, "?")] += (int(utime) + int(stime)) / ticks
     return used
+
+
+def object_refs() -> dict:
+    """What the local raylet's workers hold in Ray's object store and reference tables (ray's
+    memory API, as `ray memory` reads it; works without the dashboard): per worker pid, the
+    objects it owns and the references it has in scope, and the node's object-store totals."""
+    import ray
+    from ray._private.internal_api import node_stats
+
+    node = next(n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] ==
+                ray.util.get_node_ip_address())
+    reply = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=True)
+    workers = {w.pid: {"owned": w.num_owned_objects, "in_scope": w.num_object_refs_in_scope,
+                       "store_bytes": w.used_object_store_memory} for w in reply.core_workers_stats}
+    store = reply.store_stats
+    return {"workers": workers, "store_objects": store.num_local_objects,
+            "store_bytes": store.object_store_bytes_used}

@@ -186,6 +186,13 @@ class IndexWriter:
                 self._n.rewritten, self._n.dropped, self._n.unrecoverable, self._catch_up_s, len(self._held),
                 self._bytes, incomplete=bool(stream_id in self._incomplete if stream_id else self._incomplete))
 
+    def tables(self) -> dict[str, int]:
+        """Sizes of its per-stream tables: records journaled and pending, deletes queued, streams
+        marked incomplete (all 0 once every stream is deleted and Redis has answered)."""
+        with self._lock:
+            return {"held": len(self._held), "pending": len(self._pending), "deletes": len(self._deletes),
+                    "incomplete": len(self._incomplete), "bytes": self._bytes}
+
     def close(self) -> None:
         self._stop.set()
         self._wake.set()

@@ -6,15 +6,22 @@ divided by the temperature, the smallest set of tokens whose probabilities reach
 (the most likely token always is), and the token is drawn from a `torch.Generator` seeded with
 `seed`, so a seeded answer is the same every time (and a streamed answer resumed on another
 replica continues the same text). The stop strings are not part of the answer.
+
+torch is imported where tokens are chosen, not with the module: `SamplingParams` travels from the
+HTTP replica through the coordinator, whose process must stay torch-free (unpickling it imports
+this module; with torch at the top that cost the coordinator ~270 MB for good, BENCHMARKS.md
+"Stream churn").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_STOP = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
@@ -47,6 +54,8 @@ class TokenSampler:
     """Chooses tokens for one answer: `sampler(logits [vocab] fp32) -> token id`."""
 
     def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+        import torch
+
         self.params = params
         self.generator = None
         if not params.greedy:
@@ -54,6 +63,8 @@ class TokenSampler:
             self.generator.manual_seed(params.seed if params.seed is not None else 0)
 
     def __call__(self, logits: torch.Tensor) -> int:
+        import torch
+
         if self.params.greedy:
             return int(logits.argmax())
         probs = torch.softmax(logits.float() / self.params.temperature, dim=-1)  # [vocab]

@@ -456,12 +456,15 @@ def test_a_stream_whose_every_replica_is_lost_says_so_and_can_be_recreated(ray_r
         ray.kill(lone)
 
 
-@pytest.mark.parametrize("module", ["actors.coordinator", "actors.prefill", "actors.compressor", "actors.answerer"])
+@pytest.mark.parametrize("module", ["actors.coordinator", "actors.prefill", "actors.compressor", "actors.answerer",
+                                    # what the HTTP replica passes to the coordinator with a question
+                                    "pipeline.sampling", "pipeline.conversation"])
 def test_what_a_handle_imports_is_torch_free(module):
     """Holding an actor's handle makes a process import the actor's module (Ray loads the class):
     it must not pull in torch/transformers. Decoder actors hold the coordinator's handle (0.9 GB
     per decoder process when it did); the coordinator holds the model actors' (a restarted one's
-    takeover waited ~3.6 s for the imports)."""
+    takeover waited ~3.6 s for the imports) and unpickles a question's SamplingParams (~270 MB
+    for good when pipeline.sampling imported torch)."""
     import subprocess
 
     code = f"import sys, {module}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
