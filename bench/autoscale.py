@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import threading
@@ -123,17 +124,23 @@ def cluster_snapshot(spec) -> dict:
     return out
 
 
-def use_last(coordinator, name: str, attempts: int = 6) -> bool:
-    """Ask single questions until answer actor `name` (a pool() name) answered the last one (a
-    question goes to the least recently used actor, so they alternate). Whether it did."""
-    for _ in range(attempts):
-        ref, served = coordinator.ask.remote("probe", QUESTIONS[1], 48), set()
-        while not ray.wait([ref], timeout=0.02)[0]:
-            served |= {a["name"] for a in ray.get(coordinator.pool.remote())["answerers"] if a["in_flight"]}
-        ray.get(ref)
-        if served == {name}:
-            return True
-    return False
+def use_in_order(coordinator, names: list[str], gap_s: float, attempts: int = 6) -> bool:
+    """Make the answer actors `names` (pool() names) answer one question each, in this order, at
+    least `gap_s` apart: ask single questions (each goes to the least recently used actor, so
+    they alternate) until the wanted one answered. Whether every one did."""
+    for i, name in enumerate(names):
+        if i:
+            time.sleep(gap_s)
+        for _ in range(attempts):
+            ref, served = coordinator.ask.remote("probe", QUESTIONS[1], 48), set()
+            while not ray.wait([ref], timeout=0.02)[0]:
+                served |= {a["name"] for a in ray.get(coordinator.pool.remote())["answerers"] if a["in_flight"]}
+            ray.get(ref)
+            if served == {name}:
+                break
+        else:
+            return False
+    return True
 
 
 def answer_key(answer) -> tuple:
@@ -292,9 +299,11 @@ def _steps(options: dict, watch: NodeWatch, t0: float, verdict: dict, workdir: P
         f"{timings['answerer_ready']} s after the load began; {len(pool_answers)} answers equal the engine's: "
         f"{checks['pool_answers_match_engine']}")
 
-    # 5. idle nodes are removed. The pool removes its least recently used actor first: the original
-    # one is made the most recently used, so that the one leaving is the one alone on its node
-    verdict["original_answerer_used_last"] = use_last(coordinator, "answerer0")
+    # 5. idle nodes are removed. The pool removes the first actor (in the order they were added)
+    # idle for answer_idle_s at its check (every 2.5 s here): the original one is used last, more
+    # than a check later, so that the one leaving is the one alone on the node added for it
+    verdict["original_answerer_used_last"] = use_in_order(coordinator, ["answerer1", "answerer0"],
+                                                          gap_s=min(5.0, ANSWER_IDLE_S / 4) + 1.5)
     last_question = deleted = time.monotonic()
     for sid in cams:
         ray.get(coordinator.delete_stream.remote(sid))
@@ -356,8 +365,8 @@ def run(out: Path | None = None) -> dict:
             pass
         ray.shutdown()
         cluster.stop()
-    left = cluster.left_behind()
-    verdict["checks"]["no_process_left"] = not left
+    verdict["cluster_session"] = cluster.process.pid if cluster.process is not None else None
+    verdict["checks"]["no_process_left"] = not cluster.left_behind()
     verdict["timings_s"]["total"] = round(time.monotonic() - t0, 1)
     verdict["ok"] = verdict["error"] is None and all(verdict["checks"].values())
     if out is not None:
@@ -370,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="also write the verdict here (JSON)")
     args = parser.parse_args(argv)
+    # a caller's SIGTERM (a timeout) unwinds through run(), which stops the cluster
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     verdict = run(args.out)
     print(json.dumps(verdict))
     return 0 if verdict["ok"] else 1
