@@ -3,7 +3,7 @@ autoscaler with the fake multi-node provider (bench/fake_cluster.py: every node 
 here), driven through a named StreamCoordinator with the deployment's cluster placement
 (deploy.ingest.CLUSTER_PLACEMENT) and the shipped demo model.
 
-    python -m bench.autoscale [--out bench/results/autoscale.json]
+    python -m bench.autoscale [--out bench/results/autoscale.json]   # the default
 
 Prints one JSON verdict (its last line of stdout): `ok`, each check, the timings, every node's
 type and when it came and went. The steps:
@@ -300,10 +300,10 @@ def _steps(options: dict, watch: NodeWatch, t0: float, verdict: dict, workdir: P
         f"{checks['pool_answers_match_engine']}")
 
     # 5. idle nodes are removed. The pool removes the first actor (in the order they were added)
-    # idle for answer_idle_s at its check (every 2.5 s here): the original one is used last, more
-    # than a check later, so that the one leaving is the one alone on the node added for it
+    # idle for answer_idle_s at its check: the original one is used last, answer_idle_s after the
+    # other, so that the one leaving is the one alone on the node added for it
     verdict["original_answerer_used_last"] = use_in_order(coordinator, ["answerer1", "answerer0"],
-                                                          gap_s=min(5.0, ANSWER_IDLE_S / 4) + 1.5)
+                                                          gap_s=ANSWER_IDLE_S + 1)
     last_question = deleted = time.monotonic()
     for sid in cams:
         ray.get(coordinator.delete_stream.remote(sid))
@@ -377,7 +377,8 @@ def run(out: Path | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="also write the verdict here (JSON)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "autoscale.json",
+                        help="also write the verdict here (JSON)")
     args = parser.parse_args(argv)
     # a caller's SIGTERM (a timeout) unwinds through run(), which stops the cluster
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
