@@ -124,12 +124,14 @@ def cluster_snapshot(spec) -> dict:
     return out
 
 
-def use_in_order(coordinator, names: list[str], gap_s: float, attempts: int = 6) -> bool:
+def use_in_order(coordinator, names: list[str], gap_s: float, attempts: int = 6) -> list[float] | None:
     """Make the answer actors `names` (pool() names) answer one question each, in this order, at
     least `gap_s` apart: ask single questions (each goes to the least recently used actor, so
-    they alternate) until the wanted one answered. Whether every one did."""
-    for i, name in enumerate(names):
-        if i:
+    they alternate) until the wanted one answered. When each answered last (time.monotonic()), or
+    None if one never did."""
+    done = []
+    for name in names:
+        if done:
             time.sleep(gap_s)
         for _ in range(attempts):
             ref, served = coordinator.ask.remote("probe", QUESTIONS[1], 48), set()
@@ -137,10 +139,11 @@ def use_in_order(coordinator, names: list[str], gap_s: float, attempts: int = 6)
                 served |= {a["name"] for a in ray.get(coordinator.pool.remote())["answerers"] if a["in_flight"]}
             ray.get(ref)
             if served == {name}:
+                done.append(time.monotonic())
                 break
         else:
-            return False
-    return True
+            return None
+    return done
 
 
 def answer_key(answer) -> tuple:
@@ -302,9 +305,9 @@ def _steps(options: dict, watch: NodeWatch, t0: float, verdict: dict, workdir: P
     # 5. idle nodes are removed. The pool removes the first actor (in the order they were added)
     # idle for answer_idle_s at its check: the original one is used last, answer_idle_s after the
     # other, so that the one leaving is the one alone on the node added for it
-    verdict["original_answerer_used_last"] = use_in_order(coordinator, ["answerer1", "answerer0"],
-                                                          gap_s=ANSWER_IDLE_S + 1)
-    last_question = deleted = time.monotonic()
+    last_used = use_in_order(coordinator, ["answerer1", "answerer0"], gap_s=ANSWER_IDLE_S + 1)
+    verdict["original_answerer_used_last"] = last_used is not None
+    deleted = time.monotonic()
     for sid in cams:
         ray.get(coordinator.delete_stream.remote(sid))
     wait_until(lambda: not watch.alive("cpu_decoders"), "decoder nodes removed")
@@ -312,23 +315,23 @@ def _steps(options: dict, watch: NodeWatch, t0: float, verdict: dict, workdir: P
                                              - (deleted - t0), 1)
     shrunk = wait_until(lambda: (s := ray.get(coordinator.pool.remote()))["answerers_removed"] >= 1 and s,
                         "the answer pool shrunk")
-    removed_at = time.monotonic()
-    timings["answerer_removed_after_last_question"] = round(removed_at - last_question, 1)
     (gone,) = {"answerer0", "answerer1"} - {a["name"] for a in shrunk["answerers"]}
     gone_node = placed[f"{NAME}.{gone}"]
     shared = any(node == gone_node for name, node in placed.items() if not name.endswith(gone))
     verdict["removed_answerer"] = {"name": gone, "shared_its_node": shared}
     if not shared:
         wait_until(lambda: watch.nodes[gone_node]["removed_s"] is not None, "the answer actor's node removed")
-        timings["answer_node_removed"] = round(watch.nodes[gone_node]["removed_s"] - (removed_at - t0), 1)
+        if last_used is not None and gone == "answerer1":  # answer_idle_s, then idle_timeout_minutes
+            timings["answer_node_removed_after_its_last_question"] = round(
+                watch.nodes[gone_node]["removed_s"] - (last_used[0] - t0), 1)
     # and no worker node is left without an actor
     wait_until(lambda: all(n["actors"] for n in cluster_snapshot(watch.spec).values() if n["type"] != "head"),
                "every idle node removed")
     checks["idle_nodes_removed"] = not watch.alive("cpu_decoders") and shrunk["answerers_removed"] >= 1
     verdict["pool"] = shrunk
     log(f"decoder nodes removed {timings['decoder_nodes_removed']} s after their streams were deleted; {gone} "
-        f"removed {timings['answerer_removed_after_last_question']} s after the last question, its node "
-        + (f"{timings['answer_node_removed']} s later" if not shared else "kept (shared with other actors)"))
+        f"removed, its node " + ("kept (shared with other actors)" if shared else "removed " + str(
+            timings.get("answer_node_removed_after_its_last_question")) + " s after the actor's last question"))
     ray.get(coordinator.delete_stream.remote("probe"))
     watch.poll()
 
