@@ -101,7 +101,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _session_members(sid: int) -> list[int]:
+def session_members(sid: int) -> list[int]:
     """Live processes of session `sid` (through /proc)."""
     pids = []
     for entry in Path("/proc").iterdir():
@@ -229,14 +229,14 @@ class FakeCluster:
                     self.process.kill()
                     self.process.wait(timeout=10)
             deadline = time.monotonic() + 10
-            while (left := _session_members(sid)) and time.monotonic() < deadline:
+            while (left := session_members(sid)) and time.monotonic() < deadline:
                 for pid in left:
                     try:
                         os.kill(pid, signal.SIGTERM if time.monotonic() < deadline - 5 else signal.SIGKILL)
                     except ProcessLookupError:
                         pass
                 time.sleep(0.5)
-            for pid in _session_members(sid):
+            for pid in session_members(sid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -246,7 +246,7 @@ class FakeCluster:
 
     def left_behind(self) -> list[int]:
         """Processes of the cluster's session still alive (none after stop)."""
-        return _session_members(self.process.pid) if self.process is not None else []
+        return session_members(self.process.pid) if self.process is not None else []
 
 
 def kill_node(node: dict) -> None:

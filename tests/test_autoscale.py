@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.fake_cluster import _session_members
+from bench.fake_cluster import session_members
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ["model_actors_on_gpu_nodes", "decoder_node_added", "node_loss_lost_nothing",
@@ -71,4 +71,4 @@ def test_autoscaling_cluster_adds_and_removes_nodes_and_loses_nothing(tmp_path):
     kinds = [n["type"] for n in verdict["nodes"].values()]
     assert kinds.count("cpu_decoders") == 2
     assert all(n["removed_s"] is not None for n in verdict["nodes"].values() if n["type"] == "cpu_decoders")
-    assert _session_members(verdict["cluster_session"]) == []
+    assert session_members(verdict["cluster_session"]) == []
