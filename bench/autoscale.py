@@ -43,7 +43,7 @@ from pathlib import Path
 import ray
 
 from bench.engine import QUESTIONS, frames_for
-from bench.fake_cluster import REPO_ROOT, FakeCluster, cluster_spec, kill_node, node_type_of
+from bench.fake_cluster import REPO_ROOT, FakeCluster, HeadStartError, cluster_spec, kill_node, node_type_of
 
 MODEL_DIR = REPO_ROOT / "models" / "demo"
 NAME = "autoscale-coordinator"
@@ -350,6 +350,7 @@ def run(out: Path | None = None) -> dict:
             scenario(cluster, t0, verdict, Path(workdir))
     except Exception as error:  # noqa: BLE001 - the verdict says what failed; the cluster still goes
         verdict["error"] = f"{type(error).__name__}: {error}"
+        verdict["head_did_not_start"] = isinstance(error, HeadStartError)
         verdict["traceback"] = traceback.format_exc()[-3000:]
         try:
             verdict["cluster"] = cluster_snapshot(spec)

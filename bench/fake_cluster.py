@@ -48,6 +48,10 @@ HEARTBEAT_TIMEOUT_S = 8
 AUTH_MODE = "token"
 
 
+class HeadStartError(RuntimeError):
+    """`ray start --head` failed (on this machine: too loaded to start Ray in time)."""
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """What the fake cluster runs: the head's resources and the worker node types (autoscaler
@@ -131,15 +135,18 @@ class FakeCluster:
     log_path: Path | None = None
     _config: dict = field(default_factory=dict)
 
-    def start(self, timeout_s: float = 120.0, attempts: int = 3) -> str:
+    def start(self, timeout_s: float = 120.0, attempts: int = 5, pause_s: float = 10.0) -> str:
         """Start the head (and its autoscaler); returns the address to ray.init. A start that
-        fails (a port taken by another process between our pick and Ray's bind) is tried again."""
+        fails is tried again after `pause_s`: on a loaded machine `ray start` gives up when its
+        raylet has not registered within 30 s (a fixed limit in Ray), and a port we picked may
+        be taken before Ray binds it. After `attempts`: HeadStartError."""
         for attempt in range(attempts):
             try:
                 return self._start(timeout_s)
-            except RuntimeError:
+            except HeadStartError:
                 if attempt == attempts - 1:
                     raise
+                time.sleep(pause_s)
         raise AssertionError("unreachable")
 
     def _start(self, timeout_s: float) -> str:
@@ -191,7 +198,7 @@ class FakeCluster:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = self.log_tail()
                 self.stop()
-                raise RuntimeError(f"the fake cluster's head did not start (exit code {self.process.returncode}):\n{tail}")
+                raise HeadStartError(f"the fake cluster's head did not start (exit code {self.process.returncode}):\n{tail}")
             time.sleep(0.2)
         return self.address
 

