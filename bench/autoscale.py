@@ -22,9 +22,9 @@ type and when it came and went. The steps:
 4. answer pool: waves of concurrent questions (answer_target_ongoing=2) make the pool grow to
    max_answerers; the new answer actor does not fit beside the others, so the autoscaler adds a
    gpu_workers node for it; it receives every stream and answers like the engine.
-5. scale down: the decoder streams are deleted (their decoders go) and the extra answer actor,
-   idle for ANSWER_IDLE_S, is removed: the autoscaler removes the nodes left idle
-   (idle_timeout_minutes).
+5. scale down: the decoder streams are deleted (their decoders go) and an answer actor idle for
+   ANSWER_IDLE_S is removed (the pool picks which: see use_in_order): the autoscaler removes the
+   nodes left idle (idle_timeout_minutes), until every worker node left hosts an actor.
 The cluster is stopped at the end and no process of it may be left.
 """
 
