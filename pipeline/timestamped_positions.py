@@ -34,6 +34,7 @@ class TimestampedRope(MRope):
         super().__init__(lm, grid=None, tokens_per_unit=tokens_per_unit, span=side)
         self.side = side
         self._layouts: dict[int, torch.Tensor] = {}  # prefix -> [3, prefix + n + 1]
+        self._recent_runs: tuple = ()  # ((cursor, lengths, run()), ...): see run
 
     def layout(self, prefix: int) -> torch.Tensor:
         """Positions [3, L] of a whole unit's tokens relative to its start."""
@@ -53,23 +54,53 @@ class TimestampedRope(MRope):
         time = torch.where(before, offsets, torch.where(visual, prefix, end))
         return torch.stack([time, rows, cols])
 
-    def prefix_of(self, length: int) -> int:
-        return length - self.n - 1
+    def run(self, cursor: int, lengths: list[int]) -> tuple[torch.Tensor, int, int]:
+        """Positions [3, sum(lengths)] of whole units laid end to end from `cursor`, the last
+        unit's start, and the next free position. Every layer of a forward places the same run,
+        and each ingest forward's run extends the previous one's (the window grows by a segment),
+        so the last few runs are kept and only new units are computed."""
+        recent = self._recent_runs  # (cursor, lengths, result), newest first: a context's run and the new units'
+        for cached_cursor, cached_lengths, cached in recent:
+            if cached_cursor == cursor and cached_lengths == lengths:
+                return cached
+        result = None
+        for cached_cursor, cached_lengths, cached in recent:
+            if cached_cursor == cursor and cached_lengths and lengths[: len(cached_lengths)] == cached_lengths:
+                head, _, end = cached
+                tail, last, end = self._run(end, lengths[len(cached_lengths) :])
+                result = (torch.cat([head, tail], dim=1), last, end)
+                break
+        result = result or self._run(cursor, lengths)
+        self._recent_runs = ((cursor, lengths, result), *recent[:2])  # replaced whole: safe across threads
+        return result
+
+    def _run(self, cursor: int, lengths: list[int]) -> tuple[torch.Tensor, int, int]:
+        sizes = torch.tensor(lengths)
+        prefix = sizes - self.n - 1
+        span = prefix + self.side + 1
+        starts = cursor + span.cumsum(0) - span  # [U]
+        unit_of = torch.repeat_interleave(torch.arange(len(lengths)), sizes)  # [T]
+        offsets = torch.arange(len(unit_of)) - (sizes.cumsum(0) - sizes)[unit_of]
+        positions = self.relative(offsets, prefix[unit_of]) + starts[unit_of]
+        return positions, int(starts[-1]), int(starts[-1] + span[-1])
 
     def place(self, parts, new_tokens, new_units=None, new_lengths=None):
         walk = _Walk(self)
+        run: list[tuple[int, int]] = []  # consecutive whole units (uid, length), placed at once
         for part in parts:
-            if not isinstance(part, Visual):
-                walk.text(part[0].shape[1])
-            elif isinstance(part.uid, int) and part.token_index is None:
-                walk.unit(part.uid, part[0].shape[1])
-            else:
+            if isinstance(part, Visual) and isinstance(part.uid, int) and part.token_index is None:
+                run.append((part.uid, part[0].shape[1]))
+                continue
+            walk.units(run)
+            run = []
+            if isinstance(part, Visual):
                 walk.tokens(part.units(), part.index(), part.unit_lengths())
+            else:
+                walk.text(part[0].shape[1])
+        walk.units(run)
         context, count = walk.take(), sum(k.shape[1] for k, _ in parts)
         if new_units is not None:
-            lengths = new_lengths or [self.n + 2] * len(new_units)
-            for uid, length in zip(new_units, lengths):
-                walk.unit(uid, length)
+            walk.units(list(zip(new_units, new_lengths or [self.n + 2] * len(new_units))))
         else:
             walk.text(new_tokens)
         return Placement(context, walk.take(), walk.cursor, count)
@@ -90,11 +121,13 @@ class _Walk:
         self.cursor += n
         self.last_uid = None
 
-    def unit(self, uid: int, length: int) -> None:
-        prefix = self.rope.prefix_of(length)
-        self.out.append(self.rope.layout(prefix) + self.cursor)
-        self.open_start, self.last_uid = self.cursor, uid
-        self.cursor += prefix + self.rope.side + 1
+    def units(self, run: list[tuple[int, int]]) -> None:
+        """Whole units (uid, stored tokens), one after another."""
+        if not run:
+            return
+        positions, self.open_start, self.cursor = self.rope.run(self.cursor, [length for _, length in run])
+        self.out.append(positions)
+        self.last_uid = run[-1][0]
 
     def tokens(self, uids: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor) -> None:
         """Tokens of units kept in part: each at its offset in its unit; a unit takes its whole span
