@@ -143,7 +143,7 @@ class StreamMemory:
             "long_term": tensor_bytes([t for p in self.pools or [] for t in p.tensors()], seen),
             "window": tensor_bytes(self.window.tensors(), seen),
             "index": tensor_bytes([b.reps for b in self.blocks if len(b)], seen),
-            "features": tensor_bytes([f.tokens for f in self.features], seen),
+            "features": tensor_bytes([t for f in self.features for t in (f.tokens, f.deepstack) if t is not None], seen),
         }
-        tiers["total"] = sum(tiers.values())  # "features": the uniform baseline's visual tokens
+        tiers["total"] = sum(tiers.values())  # "features": the uniform baseline's visual tokens (and deepstack)
         return tiers
