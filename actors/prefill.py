@@ -22,6 +22,7 @@ import ray
 from actors.messages import HeldReplica
 from actors.release import release_freed_memory
 from actors.spec import StreamSpec, lookup
+from pipeline.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from cache_store.envelope import Wire
@@ -69,6 +70,9 @@ class PrefillWorker:
         """Start a stream; returns the snapshot (sinks only) that answer replicas start from."""
         from cache_store.wire import pack_snapshot
 
+        if self.model.family == "qwen3_vl":  # (a clear error, not answers without deepstack or timestamps)
+            raise UnsupportedModelError(f"{self.model.name}: Qwen3-VL's deepstack features and variable-length units do "
+                                        "not travel between actors yet; run Qwen3-VL checkpoints in StreamSession")
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model)
         return pack_snapshot(stream.memory, stream_id=spec.stream_id, model_id=self.model.name)
 

@@ -2,6 +2,7 @@
 
     python -m bench.engine [--lengths 256 1024 4096] [--questions 5] [--out bench/results]
     python -m bench.engine --model qwen2.5-vl   # the tiny Qwen2.5-VL (results: engine_qwen2.5-vl.*)
+    python -m bench.engine --model qwen3-vl     # the tiny Qwen3-VL (results: engine_qwen3-vl.*)
 
 One tiny checkpoint, one run, every preset side by side. Each preset streams frames in chunks up
 to each length, then answers `--questions` questions (p50 latency). The reference is transformers'
@@ -30,6 +31,7 @@ from transformers.cache_utils import DynamicCache
 from pipeline import StreamSession, load_model
 from pipeline.config import PRESETS, frame_scaled_options
 from synthetic.checkpoint import CheckpointSpec, build_checkpoint
+from synthetic.qwen3_checkpoint import Qwen3Spec, build_qwen3_checkpoint
 from synthetic.qwen_checkpoint import QwenSpec, build_qwen_checkpoint
 from synthetic.world import WorldConfig, generate_stream
 
@@ -38,8 +40,12 @@ CHUNK = 8  # frames per add_frames call, as a camera feeding 16 s of video at 0.
 BENCH_SPEC = CheckpointSpec(image_size=64, patch_size=8, text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2)
 # the same sizes as a Qwen2.5-VL: 64 px frames, 16 tokens per temporal patch of 2 frames
 BENCH_QWEN_SPEC = QwenSpec(frame_size=64, patch_size=8, text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2)
+# and a Qwen3-VL of those sizes (deepstack from 2 of its 3 vision layers)
+BENCH_QWEN3_SPEC = Qwen3Spec(frame_size=64, patch_size=8, text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2,
+                             head_dim=16, mrope_section=(4, 2, 2))
 CHECKPOINTS = {"llava-ov": lambda root: build_checkpoint(root / "bench", BENCH_SPEC),
-               "qwen2.5-vl": lambda root: build_qwen_checkpoint(root / "bench", BENCH_QWEN_SPEC)}
+               "qwen2.5-vl": lambda root: build_qwen_checkpoint(root / "bench", BENCH_QWEN_SPEC),
+               "qwen3-vl": lambda root: build_qwen3_checkpoint(root / "bench", BENCH_QWEN3_SPEC)}
 
 
 def frames_for(count: int, seed: int = 90_000) -> np.ndarray:
@@ -53,14 +59,23 @@ class PlainForward:
 
     def __init__(self, model):
         self.model, self.cache = model, DynamicCache(config=model.lm.config)
+        self.seen = 0  # frames so far
         prefix = model.prompt_parts("You are a helpful assistant.", "").prefix_ids
         with torch.inference_mode():
             model.lm(input_ids=torch.tensor([prefix]), past_key_values=self.cache, use_cache=True)
 
     @torch.inference_mode()
     def add_frames(self, frames: np.ndarray) -> None:
-        embeds = self.model.encode_frames(frames).flatten(0, 1)[None]
-        self.model.lm(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True)
+        """The frames' units as the model takes them (Qwen3-VL: with timestamp text and deepstack)."""
+        tokens, deepstack = self.model.encode_units(frames)
+        per_unit, seen = self.model.dims.frames_per_unit, self.seen
+        times = [((seen + i * per_unit) / 0.5, (seen + (i + 1) * per_unit - 1) / 0.5) for i in range(len(tokens))]
+        inputs = self.model.unit_inputs([(t, times[i], None if deepstack is None else deepstack[i])
+                                         for i, t in enumerate(tokens)])
+        extra = {} if inputs.deepstack is None else {"visual_pos_masks": inputs.visual_mask[None],
+                                                     "deepstack_visual_embeds": list(inputs.deepstack)}
+        self.model.lm(inputs_embeds=inputs.embeds[None], past_key_values=self.cache, use_cache=True, **extra)
+        self.seen = seen + len(frames)
 
 
 def run(lengths: list[int], questions: int, out_dir: Path, checkpoint: str = "llava-ov") -> dict:

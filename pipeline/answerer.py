@@ -109,14 +109,16 @@ class Answerer:
         """The base model on top_k frames sampled uniformly from the stream, encoded afresh."""
         items = memory.features
         picks = sorted(set(np.linspace(0, len(items) - 1, min(self.config.top_k, len(items))).round().astype(int).tolist()))
-        plan = ContextPlan(self.rope, lambda layer, _q: [memory.sinks[layer]], new_units=list(range(len(picks))))
-        self.model.forward(torch.cat([items[i].tokens for i in picks]), plan)
-        n = self.model.dims.tokens_per_unit
+        inputs = self.model.unit_inputs([items[i].unit() for i in picks])  # Qwen3-VL: with timestamps
+        plan = ContextPlan(self.rope, lambda layer, _q: [memory.sinks[layer]], new_units=list(range(len(picks))),
+                           new_lengths=inputs.lengths)
+        self.model.forward(inputs.embeds, plan, inputs.visual_mask, inputs.deepstack)
+        offsets = inputs.offsets()
 
         def view(layer: int) -> LayerView:
             def gather(indices):
-                return [Visual(plan.keys[layer][:, i * n : (i + 1) * n], plan.values[layer][:, i * n : (i + 1) * n], i)
-                        for i in indices]
+                return [Visual(plan.keys[layer][:, offsets[i] : offsets[i + 1]],
+                               plan.values[layer][:, offsets[i] : offsets[i + 1]], i) for i in indices]
 
             return LayerView(reps=torch.empty(0), gather=gather, span=lambda i: (items[picks[i]].frames, items[picks[i]].times),
                              size=len(picks))

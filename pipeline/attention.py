@@ -70,17 +70,20 @@ def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 class ContextPlan:
     """New tokens attend to [context(layer) | themselves], placed by `rope`.
 
-    new_units: the uids of the visual units the new tokens are (ingest), None for text.
+    new_units: the uids of the visual units the new tokens are (ingest), None for text;
+    new_lengths: their tokens each (None: the model's tokens_per_unit).
     After the forward: `keys[l]`, `values[l]` hold the new tokens' pre-RoPE KV [Hkv, T, d],
     `query_means[l]` their mean pre-RoPE query [Hq, d] (fp32), `last_queries[l]` the last
     `keep_queries` pre-RoPE queries [Hq, r, d].
     """
 
-    def __init__(self, rope: "Rope", context: ContextFn, keep_queries: int = 0, new_units: list[int] | None = None):
+    def __init__(self, rope: "Rope", context: ContextFn, keep_queries: int = 0, new_units: list[int] | None = None,
+                 new_lengths: list[int] | None = None):
         self.rope = rope
         self.context = context
         self.keep_queries = keep_queries
         self.new_units = new_units
+        self.new_lengths = new_lengths
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.query_means: dict[int, torch.Tensor] = {}
@@ -91,7 +94,7 @@ class ContextPlan:
         parts = self.context(layer, query_mean)
         keys = torch.cat([k for k, _ in parts] + [key], dim=1)
         values = torch.cat([v for _, v in parts] + [value], dim=1)
-        place = self.rope.place(parts, query.shape[1], self.new_units)
+        place = self.rope.place(parts, query.shape[1], self.new_units, self.new_lengths)
         out = causal_attention(self.rope.rotate(query, place.new), self.rope.rotate(keys, place.joined()), values, scaling)
         self.keys[layer], self.values[layer], self.query_means[layer] = key, value, query_mean
         if self.keep_queries:

@@ -10,7 +10,7 @@ from pipeline.config import EngineConfig
 from pipeline.kv_store import KV
 from pipeline.memory import SegmentUpdate, StreamMemory
 from pipeline.model import VideoLLM
-from pipeline.segmenter import Segment
+from pipeline.segmenter import FrameFeature, Segment
 
 
 class SegmentEncoder:
@@ -30,17 +30,22 @@ class SegmentEncoder:
         """The segment's blocks (frames, then StreamKV's summary pseudo-frame) as an update."""
         if self.config.retrieval == "uniform":  # the baseline encodes only at question time
             return SegmentUpdate(segment.index, [], [], features=list(segment.items))
-        items = [("frame", item.tokens, item.frames, item.times) for item in segment.items]
+        items = [("frame", item) for item in segment.items]
         if self.config.summaries:  # the token-wise mean of the segment, encoded like a frame
             mean = torch.stack([item.tokens for item in segment.items]).mean(dim=0)
-            items.append(("summary", mean, segment.frames, segment.times))
+            deepstack = segment.items[0].deepstack
+            if deepstack is not None:  # Qwen3-VL: its deepstack features are the mean too (chosen)
+                deepstack = torch.stack([item.deepstack for item in segment.items]).mean(dim=0)
+            items.append(("summary", FrameFeature(mean, segment.frames, segment.times, deepstack)))
         keep_queries = self.config.vsb_queries if self.config.compression == "vsb" else 0
-        units = memory.next_units([(kind, frames, times) for kind, _, frames, times in items], segment.index)
+        inputs = self.model.unit_inputs([item.unit() for _, item in items])  # Qwen3-VL: with timestamps
+        units = memory.next_units([(kind, item.frames, item.times) for kind, item in items], segment.index,
+                                  inputs.lengths)
         plan = ContextPlan(self.model.rope(self.config.frame_rate), lambda layer, _q: memory.ingest_context(layer),
-                           keep_queries, new_units=[unit.uid for unit in units])
-        self.model.forward(torch.cat([tokens for _, tokens, _, _ in items]), plan)
-        n, layers = self.model.dims.tokens_per_unit, range(self.model.dims.layers)
+                           keep_queries, new_units=[unit.uid for unit in units], new_lengths=inputs.lengths)
+        self.model.forward(inputs.embeds, plan, inputs.visual_mask, inputs.deepstack)
+        offsets, layers = inputs.offsets(), range(self.model.dims.layers)
         # clone: each block owns its storage, so dropping it frees exactly its bytes
-        kv = [[(plan.keys[l][:, i * n : (i + 1) * n].clone(), plan.values[l][:, i * n : (i + 1) * n].clone())
-               for l in layers] for i in range(len(items))]
+        kv = [[(plan.keys[l][:, a:b].clone(), plan.values[l][:, a:b].clone()) for l in layers]
+              for a, b in zip(offsets, offsets[1:])]
         return SegmentUpdate(segment.index, units, kv, recent_queries=plan.last_queries)

@@ -22,14 +22,16 @@ class Visual(tuple):
     """(keys, values) of visual tokens, tagged with the unit each token comes from and its index
     there, so a placement can give them their unit's positions (M-RoPE). A plain KV is text.
 
-    uid: one unit for all tokens (index 0..n-1), or per-token uids [n] with `token_index` [n];
-    either may be a callable giving the tensor, computed only by a placement that needs it (1-D
-    RoPE never does).
+    uid: one unit for all tokens (index 0..n-1), or per-token uids [n] with `token_index` [n]
+    (each token's offset in its unit) and `lengths` [n] (its unit's stored tokens, where units
+    differ in length: Qwen3-VL's timestamps); any may be a callable giving the tensor, computed
+    only by a placement that needs it (1-D RoPE never does).
     """
 
-    def __new__(cls, keys: torch.Tensor, values: torch.Tensor, uid: int | torch.Tensor, token_index=None):
+    def __new__(cls, keys: torch.Tensor, values: torch.Tensor, uid: int | torch.Tensor, token_index=None,
+                lengths=None):
         part = super().__new__(cls, (keys, values))
-        part.uid, part.token_index = uid, token_index
+        part.uid, part.token_index, part.lengths = uid, token_index, lengths
         return part
 
     def units(self) -> torch.Tensor:
@@ -43,6 +45,12 @@ class Visual(tuple):
             return torch.arange(self[0].shape[1])
         return self.token_index() if callable(self.token_index) else self.token_index
 
+    def unit_lengths(self) -> torch.Tensor:
+        """Stored tokens of each token's unit [n] (a whole unit: its own length)."""
+        if self.lengths is None:
+            return torch.full((self[0].shape[1],), self[0].shape[1], dtype=torch.long)
+        return self.lengths() if callable(self.lengths) else self.lengths
+
 
 @dataclass(frozen=True)
 class UnitInfo:
@@ -54,6 +62,7 @@ class UnitInfo:
     times: tuple[float, float]
     segment: int
     first_position: int  # original position of its first token in the stream
+    tokens: int = 0  # stored tokens (0: the model's tokens_per_unit; Qwen3-VL's vary with the timestamp)
 
 
 def mean_key(keys: torch.Tensor) -> torch.Tensor:
@@ -109,14 +118,16 @@ class LayerBlocks:
 
 
 class Window:
-    """Raw KV of the most recent units across layers, at most `limit` tokens (None: unbounded).
+    """Raw KV of the most recent units across layers, at most `limit` tokens and `units` units
+    (None: unbounded).
 
     Whole units enter and leave (the window is unit-granular, chosen for simplicity).
     """
 
-    def __init__(self, layers: int, limit: int | None):
+    def __init__(self, layers: int, limit: int | None, units: int | None = None):
         self.layers = layers
         self.limit = limit
+        self.max_units = units
         self.entries: deque[tuple[int, list[KV]]] = deque()  # (uid, per-layer KV)
         self.tokens = 0
 
@@ -125,7 +136,8 @@ class Window:
         self.entries.append((uid, per_layer))
         self.tokens += per_layer[0][0].shape[1]
         evicted = []
-        while self.limit is not None and self.tokens > self.limit and len(self.entries) > 1:
+        while len(self.entries) > 1 and ((self.limit is not None and self.tokens > self.limit)
+                                         or (self.max_units is not None and len(self.entries) > self.max_units)):
             old = self.entries.popleft()
             self.tokens -= old[1][0][0].shape[1]
             evicted.append(old)

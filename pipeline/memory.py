@@ -36,10 +36,10 @@ class StreamMemory:
         self.sinks = sinks  # per layer [Hkv, S, d]
         self.blocks = [LayerBlocks() for _ in range(dims.layers)]
         # fifo (recent-N) with no explicit window: new frames see exactly the N frames it keeps
-        limit = config.n_local
+        limit, units = config.n_local, None
         if limit is None and config.compression == "fifo":
-            limit = config.recent_blocks * dims.tokens_per_unit
-        self.window = Window(dims.layers, limit)
+            units = config.recent_blocks  # units, not tokens: Qwen3-VL's units vary in length
+        self.window = Window(dims.layers, limit, units)
         self.pools = [TokenPool() for _ in range(dims.layers)] if config.compression == "vsb" else None
         self.units: dict[int, UnitInfo] = {}
         self.features: list[FrameFeature] = []  # visual tokens, kept only by the uniform baseline
@@ -54,22 +54,34 @@ class StreamMemory:
 
     def pool_part(self, layer: int, start: int, end: int) -> Visual:
         """Long-term tokens [start, end) of a layer, tagged with their units and places there."""
-        pool, first, n = self.pools[layer], self.sinks[0][0].shape[1], self.dims.tokens_per_unit
-        uids, positions = pool.uids, pool.positions  # as they are now (compaction replaces them)
-        # units are laid end to end after the sinks; computed only if the placement asks (M-RoPE)
-        return Visual(pool.keys[:, start:end], pool.values[:, start:end], lambda: uids[start:end],
-                      lambda: (positions[start:end] - first) % n)
+        pool = self.pools[layer]
+        uids, positions = pool.uids[start:end], pool.positions[start:end]  # as they are now (compaction replaces them)
 
-    def next_units(self, kinds_frames_times: list[tuple], segment: int) -> list[UnitInfo]:
-        """UnitInfos for the next blocks of the stream (not yet registered: apply does that)."""
-        n, first_uid, first_position = self.dims.tokens_per_unit, len(self.units), self.next_position
-        return [UnitInfo(first_uid + i, kind, frames, times, segment, first_position + i * n)
-                for i, (kind, frames, times) in enumerate(kinds_frames_times)]
+        def unit_table(field: str):  # per token, a field of its unit; computed only if the placement asks (M-RoPE)
+            present, inverse = torch.unique(uids, return_inverse=True)
+            values = [getattr(self.units[int(u)], field) for u in present]
+            if field == "tokens":
+                values = [v or self.dims.tokens_per_unit for v in values]
+            return torch.tensor(values, dtype=torch.long)[inverse]
+
+        return Visual(pool.keys[:, start:end], pool.values[:, start:end], uids,
+                      lambda: positions - unit_table("first_position"), lambda: unit_table("tokens"))
+
+    def next_units(self, kinds_frames_times: list[tuple], segment: int, lengths: list[int] | None = None) -> list[UnitInfo]:
+        """UnitInfos for the next blocks of the stream (not yet registered: apply does that);
+        `lengths`: their stored tokens (default: tokens_per_unit each)."""
+        first_uid, first_position = len(self.units), self.next_position
+        lengths = lengths or [self.dims.tokens_per_unit] * len(kinds_frames_times)
+        units = []
+        for i, ((kind, frames, times), length) in enumerate(zip(kinds_frames_times, lengths)):
+            units.append(UnitInfo(first_uid + i, kind, frames, times, segment, first_position, length))
+            first_position += length
+        return units
 
     def apply(self, update: SegmentUpdate) -> None:
         for unit in update.units:
             self.units[unit.uid] = unit
-        self.next_position += len(update.units) * self.dims.tokens_per_unit
+        self.next_position += sum(unit.tokens or self.dims.tokens_per_unit for unit in update.units)
         self.features.extend(update.features)
         if update.recent_queries:
             self.recent_queries = update.recent_queries
@@ -131,7 +143,7 @@ class StreamMemory:
             "long_term": tensor_bytes([t for p in self.pools or [] for t in p.tensors()], seen),
             "window": tensor_bytes(self.window.tensors(), seen),
             "index": tensor_bytes([b.reps for b in self.blocks if len(b)], seen),
-            "features": tensor_bytes([f.tokens for f in self.features], seen),
+            "features": tensor_bytes([t for f in self.features for t in (f.tokens, f.deepstack) if t is not None], seen),
         }
-        tiers["total"] = sum(tiers.values())  # "features": the uniform baseline's visual tokens
+        tiers["total"] = sum(tiers.values())  # "features": the uniform baseline's visual tokens (and deepstack)
         return tiers

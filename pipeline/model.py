@@ -1,5 +1,6 @@
 """The model adapter: a LLaVA-OneVision checkpoint seen as the pieces the streaming engine needs
-(Qwen2.5-VL's differences live in qwen_vl.py, positions in positions.py).
+(Qwen2.5-VL's differences live in qwen_vl.py, Qwen3-VL's in qwen3_vl.py, positions in positions.py
+and timestamped_positions.py).
 
 Everything runs through the checkpoint's own modules: its processor and `get_video_features` for
 visual tokens, its decoder layers for every forward, its rotary embedding for positions. The one
@@ -24,7 +25,7 @@ from pipeline.conversation import Conversation
 from pipeline.errors import InvalidInputError, UnsupportedModelError
 from pipeline.positions import Rope
 
-SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("llava_onevision", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,30 @@ class PromptParts:
 
     prefix_ids: list[int]
     suffix_ids: list[int]
+
+
+@dataclass
+class UnitInputs:
+    """What the language model takes for a run of units (a segment's frames and summary, or the
+    uniform baseline's sampled patches): one row per stored token.
+
+    embeds [T, hidden]: the units end to end; lengths: tokens of each unit (LLaVA-OneVision,
+    Qwen2.5-VL: its visual tokens; Qwen3-VL: timestamp text, visual tokens and vision markers);
+    visual_mask [T] (bool) and deepstack [k, visual tokens, hidden]: Qwen3-VL's deepstack features
+    for the first k layers, None elsewhere.
+    """
+
+    embeds: torch.Tensor
+    lengths: list[int]
+    visual_mask: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
+
+    def offsets(self) -> list[int]:
+        """Start of each unit in `embeds`, and the end."""
+        out = [0]
+        for n in self.lengths:
+            out.append(out[-1] + n)
+        return out
 
 
 class VideoLLM:
@@ -151,6 +176,16 @@ class VideoLLM:
             out.append(features.reshape(-1, self.dims.tokens_per_frame, self.dims.hidden))
         return torch.cat(out)
 
+    def encode_units(self, frames: np.ndarray, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Visual tokens [U, tokens_per_unit, hidden] of the frames' units and their deepstack
+        features [U, k, tokens_per_unit, hidden] (Qwen3-VL; None for models without deepstack)."""
+        return self.encode_frames(frames, batch_size), None
+
+    def unit_inputs(self, units: list[tuple[torch.Tensor, tuple[float, float], torch.Tensor | None]]) -> UnitInputs:
+        """The LM input of consecutive units, each (visual tokens [n, hidden], its (first, last)
+        time in seconds, its deepstack features or None): here the visual tokens alone."""
+        return UnitInputs(torch.cat([tokens for tokens, _, _ in units]), [len(tokens) for tokens, _, _ in units])
+
     @cached_property
     def newline_embedding(self) -> torch.Tensor:
         return self.model.model.image_newline.detach()[None]  # [1, hidden]
@@ -162,21 +197,32 @@ class VideoLLM:
 
     # ---- language model ---------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, plan: AttentionPlan, visual_mask: torch.Tensor | None = None,
+                deepstack: torch.Tensor | None = None) -> torch.Tensor:
         """Run the LM's layers over `embeds` [T, hidden] with attention done by `plan`.
 
         Positions are given as zeros so the layers' own rotary step is the identity: the plan
         receives pre-RoPE queries and keys and applies rotation itself at the positions it assigns.
+        visual_mask [T] / deepstack [k, visual tokens, hidden]: Qwen3-VL's deepstack, which its
+        own language model adds after each of its first k layers (UnitInputs).
         Returns the final normed hidden states [T, hidden].
         """
         positions = torch.zeros(1, embeds.shape[0], dtype=torch.long, device=self.device)
-        masks = {kind: None for kind in set(self.lm.config.layer_types)}  # the plan does the masking
+        # the plan does the masking (Qwen3-VL's language model takes no per-kind mapping: it builds
+        # a causal mask, unused)
+        layer_types = getattr(self.lm.config, "layer_types", None)
+        masks = {kind: None for kind in set(layer_types)} if layer_types else None
+        extra = {}
+        if deepstack is not None:
+            extra = {"visual_pos_masks": visual_mask[None].to(self.device),
+                     "deepstack_visual_embeds": list(deepstack.to(self.device, self.dtype))}
         out = self.lm(
             inputs_embeds=embeds[None].to(self.dtype),
             position_ids=positions,
             attention_mask=masks,
             use_cache=False,
             streamkv_plan=plan,
+            **extra,
         )
         return out.last_hidden_state[0]
 
@@ -186,7 +232,7 @@ class VideoLLM:
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None) -> VideoLLM:
-    """Load a LLaVA-OneVision or Qwen2.5-VL checkpoint (model + its own processor and chat
+    """Load a LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint (model + its own processor and chat
     template) from a local directory, offline.
 
     dtype defaults to float32 on CPU and bfloat16 on CUDA.
@@ -230,9 +276,10 @@ def load_dims(path: str | Path) -> ModelDims:
 
 def wrap_model(model, processor, name: str) -> VideoLLM:
     """A VideoLLM over an already built model (e.g. random weights for a benchmark)."""
-    from pipeline.qwen_vl import QwenVL  # it builds on VideoLLM
+    from pipeline.qwen3_vl import Qwen3VL  # they build on VideoLLM
+    from pipeline.qwen_vl import QwenVL
 
     register_attention()
     model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
-    family = QwenVL if model.config.model_type == "qwen2_5_vl" else VideoLLM
+    family = {"qwen2_5_vl": QwenVL, "qwen3_vl": Qwen3VL}.get(model.config.model_type, VideoLLM)
     return family(model.eval(), processor, name=name)

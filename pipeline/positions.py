@@ -4,6 +4,7 @@ Keys are stored pre-RoPE; every attention places its context ([sinks | retrieved
 a segment, ...) anew and rotates at the positions the placement assigns:
 
 - Rope (1-D RoPE, LLaVA-OneVision's Qwen2): the context sits at 0..C-1, the new tokens after it.
+- TimestampedRope (Qwen3-VL, timestamped_positions.py): time written as text, not rotated.
 - MRope (3-D M-RoPE, Qwen2.5-VL): text tokens advance (t, h, w) together; a run of visual units is
   one video: unit r of the run (its rank) takes the r-th temporal patch's positions of transformers'
   `get_vision_position_ids` (t = floor(r x second_per_grid_t x tokens_per_second), h and w its
@@ -69,7 +70,10 @@ class Rope:
         cos, sin = (t.to(x.dtype) for t in self.cos_sin(positions, x.shape[-2], x))
         return x * cos + self._rotate_half(x) * sin
 
-    def place(self, parts: list[KV], new_tokens: int, new_units: list[int] | None = None) -> Placement:
+    def place(self, parts: list[KV], new_tokens: int, new_units: list[int] | None = None,
+              new_lengths: list[int] | None = None) -> Placement:
+        """Positions of `parts` and of `new_tokens` after them (visual units `new_units` of
+        `new_lengths` tokens each when ingesting; None: text)."""
         count = sum(k.shape[1] for k, _ in parts)
         return Placement(0, count, count + new_tokens, count)
 
@@ -111,7 +115,7 @@ class MRope(Rope):
             self._grid = self.grid_fn(max(units, 2 * self._grid.shape[1] // self.n, 64))
         return self._grid
 
-    def place(self, parts, new_tokens, new_units=None):
+    def place(self, parts, new_tokens, new_units=None, new_lengths=None):
         walk = _Walk(self)
         whole: list[int] = []  # uids of consecutive whole units, placed in one slice of the grid
         for part in parts:

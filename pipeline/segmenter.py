@@ -24,6 +24,11 @@ class FrameFeature:
     tokens: torch.Tensor  # [n, hidden]
     frames: tuple[int, int]  # frame indices [first, last + 1)
     times: tuple[float, float]  # seconds, first and last frame
+    deepstack: torch.Tensor | None = None  # Qwen3-VL: [k, n, hidden] features for the first k LM layers
+
+    def unit(self) -> tuple[torch.Tensor, tuple[float, float], torch.Tensor | None]:
+        """As VideoLLM.unit_inputs takes it."""
+        return self.tokens, self.times, self.deepstack
 
     @property
     def vector(self) -> torch.Tensor:
@@ -88,5 +93,6 @@ def _merge_most_similar(items: list[FrameFeature]) -> None:
             tokens=(left.tokens + right.tokens) / 2,
             frames=(left.frames[0], right.frames[1]),
             times=(left.times[0], right.times[1]),
+            deepstack=None if left.deepstack is None else (left.deepstack + right.deepstack) / 2,
         )
     ]

@@ -61,10 +61,12 @@ class StreamSession:
         if not frames:
             return
         per_unit = self.model.dims.frames_per_unit
-        features = self.model.encode_frames(np.stack([f for f, _, _ in frames]), self.config.vision_batch)  # [U, n, hidden]
+        # [U, n, hidden], and Qwen3-VL's deepstack features [U, k, n, hidden]
+        features, deepstack = self.model.encode_units(np.stack([f for f, _, _ in frames]), self.config.vision_batch)
         for i, tokens in enumerate(features):
             unit = frames[i * per_unit : (i + 1) * per_unit]
-            item = FrameFeature(tokens=tokens, frames=(unit[0][1], unit[-1][1] + 1), times=(unit[0][2], unit[-1][2]))
+            item = FrameFeature(tokens=tokens, frames=(unit[0][1], unit[-1][1] + 1), times=(unit[0][2], unit[-1][2]),
+                                deepstack=None if deepstack is None else deepstack[i])
             for segment in self.segmenter.push(item):
                 self._encode_segment(segment)
 

@@ -72,15 +72,17 @@ class CheckpointSpec:
         return math.ceil(self.image_size / self.patch_size / 2) ** 2
 
 
-def build_tokenizer(words: tuple[str, ...] = (), specials: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE
-                    ) -> PreTrainedTokenizerFast:
+def build_tokenizer(words: tuple[str, ...] = (), specials: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE,
+                    digits: bool = False) -> PreTrainedTokenizerFast:
     """A lowercase word-level tokenizer: words, single punctuation marks and newlines are tokens.
 
     `specials`: further special tokens (a model family's vision markers), kept whole and unlowered.
+    `digits`: every digit is a token of its own (as Qwen's tokenizers split numbers), so a number's
+    token count grows with its digits.
     """
     vocab: dict[str, int] = {}
     specials = (*SPECIAL_TOKENS, *specials)
-    for token in [*specials, *BASE_WORDS, *words]:
+    for token in [*specials, *BASE_WORDS, *words, *("0123456789" if digits else "")]:
         vocab.setdefault(token.lower() if token not in specials else token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
@@ -89,6 +91,7 @@ def build_tokenizer(words: tuple[str, ...] = (), specials: tuple[str, ...] = (),
             pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
             pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
             pre_tokenizers.Punctuation(behavior="isolated"),
+            *([pre_tokenizers.Digits(individual_digits=True)] if digits else []),
         ]
     )
     return PreTrainedTokenizerFast(

@@ -153,3 +153,18 @@ def test_the_http_service_hosts_a_qwen_stream(server, checkpoint_dirs, qwen_dirs
     finally:
         serve.delete("streamkv-qwen-test")
         stop_coordinator(name)
+
+
+def test_the_ray_pipeline_refuses_a_qwen3_stream_clearly(ray_runtime, qwen3_dirs, redis_server):
+    """Qwen3-VL's deepstack features and variable-length units do not travel between actors yet:
+    creating a stream is a typed error (and leaves nothing), not answers without them."""
+    from pipeline.errors import UnsupportedModelError
+
+    handle = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(qwen3_dirs["qwen3-gqa"],
+                                                                       index_url=redis_server.url)
+    try:
+        with pytest.raises(UnsupportedModelError, match="Qwen3-VL"):
+            ray.get(handle.create_stream.remote("qwen3", "rekv", {}))
+        assert ray.get(handle.list_streams.remote()) == []
+    finally:
+        ray.kill(handle)

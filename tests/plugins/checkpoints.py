@@ -1,8 +1,9 @@
-"""Tiny LLaVA-OneVision and Qwen2.5-VL checkpoints built on disk once per test session."""
+"""Tiny LLaVA-OneVision, Qwen2.5-VL and Qwen3-VL checkpoints built on disk once per test session."""
 
 import pytest
 
 from synthetic.checkpoint import CheckpointSpec, build_checkpoint
+from synthetic.qwen3_checkpoint import Qwen3Spec, build_qwen3_checkpoint
 from synthetic.qwen_checkpoint import QwenSpec, build_qwen_checkpoint
 
 # Two shapes: grouped-query attention with head_dim 16, and plain multi-head with head_dim 32.
@@ -55,3 +56,27 @@ def qwen_model(request, qwen_dirs):
     from pipeline import load_model
 
     return load_model(qwen_dirs[request.param])
+
+
+# Tiny Qwen3-VL checkpoints: grouped-query (head_dim 16, interleaved sections 4/2/2) and multi-head
+# (head_dim 24, 4/4/4); 16 and 9 visual tokens per temporal patch; deepstack from 2 vision layers.
+QWEN3_SPECS = {
+    "qwen3-gqa": Qwen3Spec(text_hidden=64, text_heads=4, text_kv_heads=2, head_dim=16, text_layers=3,
+                           mrope_section=(4, 2, 2), init_std=0.15, words=("red", "green", "circle", "star"), seed=5),
+    "qwen3-mha": Qwen3Spec(text_hidden=72, text_heads=3, text_kv_heads=3, head_dim=24, text_layers=2,
+                           mrope_section=(4, 4, 4), frame_size=48, patch_size=8, init_std=0.15,
+                           words=("red", "green", "circle", "star"), seed=6),
+}
+
+
+@pytest.fixture(scope="session")
+def qwen3_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("qwen3_checkpoints")
+    return {name: str(build_qwen3_checkpoint(root / name, spec)) for name, spec in QWEN3_SPECS.items()}
+
+
+@pytest.fixture(scope="session", params=sorted(QWEN3_SPECS))
+def qwen3_model(request, qwen3_dirs):
+    from pipeline import load_model
+
+    return load_model(qwen3_dirs[request.param])
