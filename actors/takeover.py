@@ -71,6 +71,9 @@ class TakeoverMixin:
         """Commit closed segments in order, blocking (__init__), as _commit does; their updates."""
         if not segments:
             return []
+        # the compressor holds them as refs; nested in a list argument Ray would pass the refs on
+        # unresolved (encode_and_commit takes the segments themselves, as ingest's _commit passes them)
+        segments = [ray.get(s) if isinstance(s, ray.ObjectRef) else s for s in segments]
         updates = self.prefill.encode_and_commit.options(num_returns=len(segments)).remote(
             spec.stream_id, segments, published)
         updates = updates if isinstance(updates, list) else [updates]
