@@ -146,7 +146,7 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
             assert status["frames_ingested"] == 30 and status["restarts"]["compressor"] >= 1
             assert len(ray.get(handle.segments.remote(method))) == status["segments"]  # every segment indexed
             compressor = ray.get(handle.workers.remote())["compressor"]
-            assert ray.get(compressor.held.remote())[method]["closed"] == []  # let go of once recorded
+            assert ray.get(compressor.held.remote())[method].closed == []  # let go of once recorded
 
         # the file's decoder outlived the old process: every frame arrived, once
         ray.get(busy)
