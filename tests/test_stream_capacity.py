@@ -105,6 +105,9 @@ def test_max_streams_429_while_reads_health_and_questions_answer(capacity):
     with client(url) as http:
         with holding(http, coordinator, "busy"):  # its decoder takes the slot
             feed(http, "busy")
+            # its upload finished, which let its host's room go (a finished source holds nothing):
+            # a new upload takes it again
+            assert http.post("/v1/streams/busy/source", json={}).status_code == 200
             with concurrent.futures.ThreadPoolExecutor(8) as pool, client(url) as other:
                 creations = [pool.submit(create, url, f"many-{i}") for i in range(4)]
                 # while they wait for room: health, a read and a question are answered
