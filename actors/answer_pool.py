@@ -144,15 +144,19 @@ class AnswerPoolMixin:
         self.answerers.append(replica)
         try:  # placed (an autoscaler may first add a node for it) and its model loaded
             await asyncio.wait_for(until_alive(replica.handle.ping.remote), self.answer_start_timeout_s)
-            for stream in list(self.streams.values()):
-                sid = stream.spec.stream_id
-                async with stream.lock:
-                    if stream.deleted or sid in replica.streams:
-                        continue
-                    await self._published(stream)
-                    snapshot, applied = await self._on_answerer(stream, self._holder(sid), lambda a: snapshot_of(a, sid))
-                    await replica.handle.restore.remote(stream.spec, snapshot, applied)
-                    replica.streams.add(sid)
+            # until a pass finds none missing (streams created meanwhile open on ready actors
+            # only), then ready with no await in between: no stream slips past it
+            while missing := [s for s in self.streams.values() if s.spec.stream_id not in replica.streams]:
+                for stream in missing:
+                    sid = stream.spec.stream_id
+                    async with stream.lock:
+                        if stream.deleted or sid in replica.streams:
+                            continue
+                        await self._published(stream)
+                        snapshot, applied = await self._on_answerer(stream, self._holder(sid),
+                                                                    lambda a: snapshot_of(a, sid))
+                        await replica.handle.restore.remote(stream.spec, snapshot, applied)
+                        replica.streams.add(sid)
             replica.ready = True
             self.scaling_events["answerers_added"] += 1
         except Exception as error:  # a background task: nobody awaits it, so say why the pool did not grow
@@ -170,7 +174,7 @@ class AnswerPoolMixin:
         while True:
             await asyncio.sleep(min(5.0, self.answer_idle_s / 4))
             now = time.monotonic()
-            for replica in list(self.answerers):
+            for replica in reversed(list(self.answerers)):  # the latest first: it may free the node added for it
                 ready = [r for r in self.answerers if r.ready]
                 if (len(ready) > self.min_answerers and replica.ready and not replica.in_flight
                         and now - replica.last_used > self.answer_idle_s):

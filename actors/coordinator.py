@@ -7,7 +7,7 @@
     ask(question)  -> compressor.flush (+ the segment path above) -> one answer replica
 
 Its concerns live in files of their own: stream_state.py (the record of a stream), sources.py
-(decoders), ingest.py (frames in, segments committed), answer_pool.py (questions and the pool),
+(sources, on the pool of decoder hosts of decoder_pool.py / decoder_host.py), ingest.py (frames in, segments committed), answer_pool.py (questions and the pool),
 recovery.py (calls that restore a restarted actor), takeover.py (a restarted coordinator),
 calls.py (how actors are called, the retry helper), messages.py (typed messages, source states).
 
@@ -23,12 +23,14 @@ new one adopts them and the streams they hold (_adopt). Everything committed is 
 old one had not delivered yet are held by the prefill actor until delivered, replicas behind are
 restored, segments the compressor had closed but the old one had not committed are committed,
 and each stream's frame count, time and open segment come back from the compressor. Its decoder
-actors are named and detached too: they keep the chunks whose calls died with the old process,
+hosts (each decoding many streams' sources) are named and detached too: they keep the chunks whose calls died with the old process,
 and send them again once the new one has taken their stream over (resync); frames the old one
 had consumed are skipped by time, so no frame is lost or repeated. A stream whose decoder died
 too gets its live source (policy "drop") or open upload attached again; a file waits for
 attach_source. Lost are the chunks of other callers whose ingest had not returned (they got an
-error). `shutdown` removes the model actors and decoders for good.
+error). `shutdown` removes the model actors and decoder hosts for good. A decoder host that dies
+while the coordinator runs: its live pulls and open uploads are attached again on another host
+(sources.py), as a takeover does.
 
 Answer actors form a pool that scales with the questions: a question goes to the least busy
 actor; while every actor has `answer_target_ongoing` questions in flight another one is started
@@ -54,7 +56,9 @@ import ray
 from actors.answer_pool import AnswerPoolMixin, AnswerReplica
 from actors.calls import (ACTOR_LOST, NAMESPACE, START_TIMEOUT_S, UNDO_TIMEOUT_S, Coalescer, awaited, bounded,
                           detached)
+from actors.decoder_pool import DecoderPool, default_capacity
 from actors.ingest import VISION_CALL_FRAMES, VISION_CALL_S, IngestMixin
+from actors.release import release_freed_memory
 from actors.recovery import RESTORE_TIMEOUT_S, RecoveryMixin
 from actors.sources import SourcesMixin
 from actors.spec import StreamSpec
@@ -92,7 +96,8 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
     def __init__(self, model_dir: str, device: str = "cpu", answerers: int = 1, index_url: str | None = None,
                  actor_cpus: float = 0.1, placement: dict[str, dict] | None = None, max_answerers: int | None = None,
                  answer_target_ongoing: int = 2, answer_idle_s: float = 120.0,
-                 restore_timeout_s: float = RESTORE_TIMEOUT_S, answer_start_timeout_s: float = 600.0):
+                 restore_timeout_s: float = RESTORE_TIMEOUT_S, answer_start_timeout_s: float = 600.0,
+                 decoder_capacity: int | None = None, decoder_idle_s: float = 60.0):
         """placement: extra Ray options per actor kind ("prefill", "compressor", "answerer",
         "decoder"), e.g. {"prefill": {"num_gpus": 1}, "decoder": {"resources": {"decoder": 1}}}
         to pin kinds to node types (see ray_cluster.yaml). answerers / max_answerers: the answer
@@ -131,7 +136,10 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
         self._restoring: dict[str, asyncio.Lock] = {}  # one restore at a time per actor
         self._vision = Coalescer(self._encode_batch)  # (frames, future) of every stream
         self._vision_s_per_frame = VISION_CALL_S / VISION_CALL_FRAMES  # the last call's
+        self.decoders = DecoderPool(self.name, self.placement.get("decoder", {}), decoder_capacity or default_capacity(),
+                                    decoder_idle_s, on_lost=self._decoder_host_lost)
         if self.name:
+            self.decoders.adopt_blocking()  # the hosts a previous process started, with their sources
             self._adopt()
 
     def _spawn(self, kind: str, name: str, *args):
@@ -161,7 +169,7 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
         spec = StreamSpec(stream_id, method, dict(options or {}), system_prompt)
         config = spec.config()  # ConfigError here, before any actor holds state
         self._creating.add(stream_id)  # taken from here: a concurrent create of the id would undo this one
-        replicas = list(self.answerers)
+        replicas = [r for r in self.answerers if r.ready]  # one being added copies it (_add_answerer)
         try:
             async def open_everywhere():
                 snapshot = self.prefill.open.remote(spec)  # (by reference, as snapshot_refs)
@@ -208,7 +216,10 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
 
     async def status(self, stream_id: str) -> dict:
         stream = self._stream(stream_id)
-        source = await stream.decoder.status.remote() if stream.decoder is not None else None
+        source = None
+        if stream.decoder is not None:
+            with contextlib.suppress(*ACTOR_LOST):  # its host just died: the pool attaches it again
+                source = await stream.decoder.status.remote()
         # decoded and dropped: by every source the stream had; pending: by its current one
         pending = source and max(0, source["frames_decoded"] - source["frames_dropped"]
                                  - (stream.frames_seen - stream.source.attached_at))
@@ -252,11 +263,9 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
 
     async def delete_stream(self, stream_id: str) -> dict:
         stream = self._stream(stream_id)
-        if stream.decoder is not None:
-            with contextlib.suppress(asyncio.TimeoutError, *ACTOR_LOST):  # one not answering is killed anyway
-                await asyncio.wait_for(awaited(stream.decoder.stop.remote()), UNDO_TIMEOUT_S)
-            # its process goes now, even while other handles to it (a caller's) are alive
-            ray.kill(stream.decoder, no_restart=True)
+        # its source stops and its host lets it go now (bounded: one not answering is forgotten)
+        await self.decoders.drop(stream.decoder)
+        stream.decoder = None
         async with stream.lock:
             await self._published(stream, settled_only=True)  # (a lost stream's deliveries failed: deleted all the same)
             stream.deleted = True
@@ -268,6 +277,7 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
                 replica.streams.discard(stream_id)
             del self.streams[stream_id]  # only now: until the actors have closed it, its id names no new stream
             stream.chunks = stream.commits = None  # they refer back to the stream: free it now, not at a GC
+        await asyncio.to_thread(release_freed_memory)  # its pages to the OS, not only to malloc (actors/release.py)
         async with stream.chunk_turn:  # chunks waiting for an earlier one that will not come now fail
             stream.next_chunk = math.inf
             stream.chunk_turn.notify_all()
@@ -276,9 +286,7 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
     async def shutdown(self) -> int:
         """Remove the model actors for good (a named coordinator's outlive it otherwise), with
         every stream; returns how many streams there were. Then kill this actor."""
-        for stream in list(self.streams.values()):
-            if stream.decoder is not None:
-                ray.kill(stream.decoder, no_restart=True)
+        self.decoders.shutdown()
         for handle in [self.prefill, self.compressor, *[r.handle for r in self.answerers]]:
             ray.kill(handle, no_restart=True)
         count, self.streams, self.answerers = len(self.streams), {}, []
@@ -292,7 +300,8 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
     def workers(self) -> dict:
         """Actor handles, for operations (and fault-injection tests)."""
         return {"prefill": self.prefill, "compressor": self.compressor, "answerers": [r.handle for r in self.answerers],
-                "decoders": {sid: s.decoder for sid, s in self.streams.items() if s.decoder is not None}}
+                "decoders": {sid: s.decoder for sid, s in self.streams.items() if s.decoder is not None},
+                "decoder_hosts": self.decoders.handles(), "decoder_pool": self.decoders.stats()}
 
     async def index_keys(self, stream_id: str) -> int:
         if stream_id in self.streams:

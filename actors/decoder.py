@@ -54,7 +54,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -185,6 +185,10 @@ class StreamDecoder:
         reconnect_s: how long to wait for a restarted sink's `resync` after a sink call was lost
             with its process; 0: such a loss fails the stream at once.
         reorder_wait_s: push mode: how long parked chunks wait for a missing `seq` (see push).
+        on_end: called by the decode thread as it exits, with the decoder and whether its sink
+            was lost for good (a `DecoderHost` hosting many decoders frees this one then, and
+            ends itself when no source is left to feed a sink that is gone); None: a sink lost
+            for good ends the actor process (`DecoderActor`, one stream per process).
     """
 
     def __init__(
@@ -203,6 +207,7 @@ class StreamDecoder:
         first_seq: int | None = 0,
         reconnect_s: float = 0.0,
         reorder_wait_s: float = 5.0,
+        on_end: Callable[[StreamDecoder, bool], None] | None = None,
     ) -> None:
         if not isinstance(stream_id, str) or not stream_id:
             raise InvalidInputError(f"stream_id must be a non-empty string, got {stream_id!r}")
@@ -227,6 +232,7 @@ class StreamDecoder:
         self._time_offset = float(time_offset)
         self._reconnect_s = float(reconnect_s)
         self._push = PushBuffer(push_buffer_bytes) if source is None else None
+        self._on_end = on_end
 
         self._lock = threading.Lock()  # counters and state, for consistent status snapshots
         self._state = SourceState.STARTING
@@ -266,6 +272,11 @@ class StreamDecoder:
         self._draining = False
         self._close_at: int | None = None
         self._close_deadline: float | None = None  # (monotonic) after it, missing chunks are given up at once
+
+    @property
+    def ended(self) -> bool:
+        """Whether the stream has ended (finished, failed or stopped)."""
+        return self._done.is_set()
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -510,6 +521,17 @@ class StreamDecoder:
     # --- decode thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        orphaned = False  # the sink's process was lost and no restarted one took over
+        try:
+            orphaned = self._decode()
+        finally:
+            if self._on_end is not None:
+                self._on_end(self, orphaned)
+            elif orphaned:  # detached, and its owner is gone: nothing would ever end this actor
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _decode(self) -> bool:
+        """The decode thread's work; True when it ended because the sink was lost for good."""
         images: list[np.ndarray] = []
         times: list[float] = []
         try:
@@ -551,7 +573,7 @@ class StreamDecoder:
                     images, times = [], []
                 self._drain_in_flight()
                 self._end(SourceState.FAILED)
-                return
+                return False
             finally:
                 source.close()
             if images:
@@ -566,8 +588,7 @@ class StreamDecoder:
             self._count_dropped(len(images))
             self._fail(exc.cause, "sink")
             self._end(SourceState.FAILED)
-            if exc.for_good:  # detached, and its owner is gone: nothing would ever end this actor
-                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+            return exc.for_good
         except Exception as exc:  # opening failed, or anything unexpected: never kill the actor
             self._count_dropped(len(images))
             if self._stop.is_set() and self._last_error is None:
@@ -578,6 +599,7 @@ class StreamDecoder:
         finally:
             if self._push is not None:
                 self._push.abort("decoding ended")
+        return False
 
     def _send(self, images: list[np.ndarray], times: list[float]) -> None:
         """Send one chunk through the window, applying the backpressure policy."""

@@ -1,18 +1,18 @@
-"""A stream's source, as the coordinator attaches it: a decoder actor reading a URL or file, or
-taking pushed bytes, sized to the model's input and numbered so that its chunks go in in order.
-What a restarted coordinator needs to take a source up again is kept in the compressor actor
+"""A stream's source, as the coordinator attaches it: a decoder (a source on one of the pool's
+decoder hosts, actors/decoder_pool.py) reading a URL or file, or taking pushed bytes, sized to the
+model's input and numbered so that its chunks go in in order. What a restarted coordinator, or
+one whose decoder host died, needs to take a source up again is kept in the compressor actor
 (SourceNote)."""
 
 from __future__ import annotations
 
-import uuid
+import asyncio
 from dataclasses import replace
-from typing import Any
 
 import ray
 
-from actors.calls import NAMESPACE, START_TIMEOUT_S, bounded
-from actors.decoder import DecoderActor
+from actors.calls import ACTOR_LOST, START_TIMEOUT_S, bounded, detached
+from actors.decoder_pool import SourceHandle
 from actors.messages import is_terminal
 from actors.stream_state import StreamState
 from pipeline.decode import DecodeConfig
@@ -53,17 +53,17 @@ class SourcesMixin:
             if previous and not is_terminal(previous["state"]):
                 raise InvalidInputError(f"stream {stream_id!r} already has a source ({previous['state']}): "
                                         "close it or wait until it ends")
-            decoder, name = self._new_decoder(stream, *arguments)
+            decoder = await self._new_decoder(stream, *arguments, timeout_s=start_timeout_s)
             try:
                 await bounded(decoder.start.remote(), start_timeout_s, "no room for the stream's decoder")
             except BaseException:
-                ray.kill(decoder, no_restart=True)  # placed or not: no orphan
+                await asyncio.shield(detached(self.decoders.drop(decoder)))  # placed or not: no orphan
                 raise
             if previous:
-                ray.kill(stream.decoder, no_restart=True)
+                await self.decoders.drop(stream.decoder)
                 retired = stream.source.retired
                 stream.source.retired = {k: retired[k] + previous[f"frames_{k}"] for k in retired}
-            self._attached(stream, decoder, name, arguments)
+            self._attached(stream, decoder, arguments)
             await self._note_source(stream)
         return await self.status(stream_id)
 
@@ -79,30 +79,73 @@ class SourcesMixin:
         side = self._input_shape[0]
         return replace(decode, size=(side, side), shrink_only=True)
 
-    def _new_decoder(self, stream: StreamState, source, decode: DecodeConfig, policy: str, chunk_frames: int,
-                     max_in_flight: int, first_seq: int | None = 0) -> tuple[Any, str | None]:
-        """A decoder actor for the stream, to start, and its name; its chunk numbers and times go
-        on after the stream's (a previous source sends no more). Under a named coordinator it is
-        named and detached, and waits for a restarted coordinator if this process dies."""
+    def _decoder_arguments(self, stream: StreamState, source, decode: DecodeConfig, policy: str, chunk_frames: int,
+                           max_in_flight: int, first_seq: int | None) -> tuple[tuple, dict]:
+        """A new decoder's arguments (after the stream id); its chunk numbers and times go on
+        after the stream's (a previous source sends no more). Under a named coordinator it waits
+        for a restarted coordinator if this process dies (its host is detached)."""
         stream.next_chunk = stream.resent_below = 0
         offset = 0.0 if stream.last_time is None else stream.last_time + 1 / stream.frame_rate
-        options, name = {"num_cpus": 0.05, **self.placement.get("decoder", {})}, None
-        if self.name:
-            name = f"{self.name}.decoder.{stream.spec.stream_id}.{uuid.uuid4().hex[:8]}"
-            options.update(name=name, namespace=NAMESPACE, lifetime="detached")
-        decoder = DecoderActor.options(**options).remote(
-            stream.spec.stream_id, source, decode, ray.get_runtime_context().current_actor, chunk_frames,
-            max_in_flight, policy, time_offset=offset, first_seq=first_seq,
-            reconnect_s=DECODER_RECONNECT_S if self.name else 0.0)
-        return decoder, name
+        sink = ray.get_runtime_context().current_actor
+        return ((source, decode, sink, chunk_frames, max_in_flight, policy),
+                {"time_offset": offset, "first_seq": first_seq, "reconnect_s": DECODER_RECONNECT_S if self.name else 0.0})
+
+    async def _new_decoder(self, stream: StreamState, *arguments, first_seq: int | None = 0,
+                           timeout_s: float = START_TIMEOUT_S) -> SourceHandle:
+        """A decoder for the stream, to start: a source on a decoder host with room (the pool
+        starts a host when all are full; CapacityError past `timeout_s`)."""
+        args, kwargs = self._decoder_arguments(stream, *arguments, first_seq=first_seq)
+        return await self.decoders.place(stream.spec.stream_id, args, kwargs, timeout_s)
+
+    def _new_decoder_blocking(self, stream: StreamState, *arguments, first_seq: int | None = 0) -> SourceHandle:
+        """_new_decoder for a restarted coordinator's __init__."""
+        args, kwargs = self._decoder_arguments(stream, *arguments, first_seq=first_seq)
+        return self.decoders.place_blocking(stream.spec.stream_id, args, kwargs, START_TIMEOUT_S)
 
     @staticmethod
-    def _attached(stream: StreamState, decoder, name: str | None, arguments: tuple) -> None:
+    def _attached(stream: StreamState, decoder: SourceHandle, arguments: tuple) -> None:
         source, policy = arguments[0], arguments[2]
-        stream.decoder, stream.source.decoder = decoder, name
+        stream.decoder, stream.source.decoder = decoder, decoder.name
         stream.source.mode, stream.source.attached_at = "pull" if source else "push", stream.frames_seen
         # a file read again would repeat its frames
         stream.source.resumable = arguments if source is None or policy == "drop" else None
+
+    async def _decoder_host_lost(self, keys: list[str]) -> None:
+        """The pool's on_lost: a decoder host died with these sources. Each stream among them
+        whose source can be taken up again (a live pull, an upload not closed) gets it attached
+        on another host, as a restarted coordinator does (MPEG-TS picks up at the next keyframe;
+        bytes the dead host had not decoded are lost, pushes after it go to the new one); a file
+        is not read again (its frames would repeat): the stream is left without a source and
+        says why."""
+        lost = set(keys)
+        for stream in list(self.streams.values()):
+            if stream.decoder is not None and stream.decoder.key in lost:
+                await self._decoder_lost(stream, stream.decoder)
+
+    async def _decoder_lost(self, stream: StreamState, lost: SourceHandle) -> None:
+        async with stream.lock:
+            if stream.decoder is not lost or stream.deleted:  # handled already, or replaced
+                return
+            arguments = stream.source.resumable
+            stream.decoder = stream.source.decoder = None
+            if arguments:
+                try:
+                    decoder = await self._new_decoder(stream, *arguments, first_seq=None)
+                    self._attached(stream, decoder, arguments)
+                    await decoder.start.remote()
+                    stream.last_error = "its decoder's process died: its source was attached again"
+                except Exception as error:  # noqa: BLE001 - the stream stays, without a source
+                    await self.decoders.drop(stream.decoder)
+                    stream.decoder = stream.source.decoder = None
+                    arguments = None
+                    stream.last_error = (f"its decoder's process died and its source could not be attached again "
+                                         f"({type(error).__name__}: {error}): attach a source again")
+            else:
+                stream.last_error = ("its decoder's process died: its file source (or closed upload) was lost; "
+                                     "attach a source again (frame times continue the stream's)")
+            if not arguments:
+                stream.source.mode = stream.source.resumable = None
+            await self._note_source(stream)
 
     async def _note_source(self, stream: StreamState) -> None:
         """Keep the stream's SourceNote with its state in the compressor, for a restarted coordinator."""
@@ -116,17 +159,26 @@ class SourcesMixin:
             raise InvalidInputError(f"stream {stream_id!r} does not take pushed bytes{lost}")
         return stream.decoder
 
+    async def _on_decoder(self, stream_id: str, call):
+        """`call(decoder)` on the stream's push decoder; if its host died, once more on the
+        decoder that takes the upload up again (the chunk goes to it)."""
+        decoder = self._push_decoder(stream_id)
+        try:
+            return await call(decoder)
+        except ACTOR_LOST:
+            await self._decoder_lost(self.streams[stream_id], decoder)
+            return await call(self._push_decoder(stream_id))
+
     async def push(self, stream_id: str, chunk: bytes, seq: int | None = None) -> int:
         """Feed encoded video bytes to a push-mode source (attach_source with source=None).
         Concurrent uploaders number their chunks (`seq` from 0) so they are written in order."""
-        return await self._push_decoder(stream_id).push.remote(chunk, seq)
+        return await self._on_decoder(stream_id, lambda d: d.push.remote(chunk, seq))
 
     async def close_source(self, stream_id: str, wait_s: float | None = None) -> dict:
         """End a pushed source; with `wait_s`, wait for its frames to be ingested."""
+        await self._on_decoder(stream_id, lambda d: d.close.remote())
         decoder = self._push_decoder(stream_id)
-        await decoder.close.remote()
         stream = self.streams[stream_id]  # (_push_decoder found it)
         stream.source.resumable = None  # the upload is over
         await self._note_source(stream)
         return await decoder.wait.remote(wait_s) if wait_s else await decoder.status.remote()
-

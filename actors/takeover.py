@@ -1,5 +1,5 @@
 """Takeover: a named coordinator that Ray restarted adopts the streams its model actors and
-decoders hold (see actors/coordinator.py's module doc for what is kept and what is lost)."""
+decoder hosts hold (see actors/coordinator.py's module doc for what is kept and what is lost)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,13 @@ import threading
 from dataclasses import replace
 
 import ray
-from ray.exceptions import GetTimeoutError
 
-from actors.calls import ACTOR_LOST, NAMESPACE, snapshot_refs, until_alive_blocking
+from actors.calls import snapshot_refs, until_alive_blocking
 from actors.messages import SourceNote
 from actors.spec import StreamSpec
 from actors.stream_state import StreamState, pending_entries
 
 log = logging.getLogger(__name__)
-
-
-def existing_decoder(name: str | None):
-    """The decoder actor called `name` if it is alive (it outlived a previous process)."""
-    if name is None:
-        return None
-    try:
-        handle = ray.get_actor(name, namespace=NAMESPACE)
-        ray.get(handle.status.remote(), timeout=30)
-    except (ValueError, GetTimeoutError, *ACTOR_LOST):
-        return None
-    return handle
 
 
 class TakeoverMixin:
@@ -73,9 +60,12 @@ class TakeoverMixin:
                 until_alive_blocking(lambda: self.compressor.record.remote(sid, applied, *unpublished))
             self._register(stream)
             self._adopt_source(stream, held.source or SourceNote())
+        # sources on adopted hosts that no stream claims (an attach the old process did not finish)
+        self.decoders.forget_unclaimed({s.decoder.key for s in self.streams.values() if s.decoder is not None})
         self.restarts["coordinator"] = 1 if self.streams else 0
-        if any(s.decoder for s in self.streams.values()):
+        if any(s.decoder for s in self.streams.values()) or self.decoders.hosts:
             # once this __init__ has returned: a call made before that may fail, so it is retried
+            # (it also starts watching the adopted decoder hosts, and removes idle ones)
             resume = ray.get_runtime_context().current_actor.resume_sources.remote
             threading.Thread(target=until_alive_blocking, args=(resume,), name="resume-sources", daemon=True).start()
 
@@ -83,6 +73,7 @@ class TakeoverMixin:
         """Commit closed segments in order, blocking (__init__), as _commit does; their updates."""
         if not segments:
             return []
+        # refs (the compressor's): as arguments of their own Ray resolves them in the prefill actor
         updates = self.prefill.encode_and_commit.options(num_returns=len(segments)).remote(
             spec.stream_id, published, *segments)
         updates = updates if isinstance(updates, list) else [updates]
@@ -94,11 +85,11 @@ class TakeoverMixin:
         outlived the old process, else a live pull or an open upload attached again (a new
         decoder), else none. resume_sources resumes the decoder."""
         stream.source = replace(note, decoder=None)
-        decoder = existing_decoder(note.decoder)
+        decoder = self.decoders.existing(note.decoder)  # on a host that outlived the old process
         if decoder is not None:
             stream.decoder, stream.source.decoder = decoder, note.decoder
         elif note.resumable:  # attached now (pushes may come), started by resume_sources
-            self._attached(stream, *self._new_decoder(stream, *note.resumable, first_seq=None), note.resumable)
+            self._attached(stream, self._new_decoder_blocking(stream, *note.resumable, first_seq=None), note.resumable)
             until_alive_blocking(lambda: self.compressor.note_source.remote(stream.spec.stream_id, stream.source))
             stream.last_error = "taken over by a restarted coordinator: its source was attached again"
         else:
@@ -116,6 +107,7 @@ class TakeoverMixin:
         the client's chunks from the first it is sent (their `seq` goes on; a chunk sent while
         the coordinator was down was refused, and the client sends it again). Returns the
         streams whose source runs again (none when called again)."""
+        self.decoders.watch_all()  # the adopted hosts: a death re-attaches their sources from now on
         resumed = []
         waiting = [s for s in self.streams.values() if s.adopted and s.decoder is not None and not s.resumed]
         for stream in waiting:  # all marked before the first await: a concurrent call finds none of them
@@ -128,7 +120,7 @@ class TakeoverMixin:
                     stream.chunk_turn.notify_all()
                 await stream.decoder.start.remote()  # idempotent
             except Exception as error:  # noqa: BLE001 - the stream stays, without a source
-                ray.kill(stream.decoder, no_restart=True)
+                await self.decoders.drop(stream.decoder)
                 stream.decoder = stream.source.decoder = stream.source.mode = stream.source.resumable = None
                 stream.last_error = f"its source could not be attached again ({type(error).__name__}: {error})"
                 await self._note_source(stream)

@@ -32,7 +32,8 @@ from bench.procs import descendants, processes
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
 RESULTS = Path(__file__).resolve().parent / "results" / "creation.json"
-ROLES = {"decoder": "ray::StreamDecoder", "prefill": "ray::PrefillWorker", "coordinator": "ray::StreamCoordinator"}
+ROLES = {"decoder": "ray::DecoderHost",  # (the pool's host: issue 23 item 1)
+         "prefill": "ray::PrefillWorker", "coordinator": "ray::StreamCoordinator"}
 
 
 def _rss_by_role() -> dict[str, int]:

@@ -54,7 +54,7 @@ def probe_actors(coordinator, reset: bool = False, empty: bool = False, timeout_
     workers = ray.get(coordinator.workers.remote(), timeout=timeout_s)
     handles = []
     for kind, value in workers.items():
-        if kind == "decoders":
+        if kind not in ("prefill", "compressor", "answerers"):  # decoders and their hosts: no model
             continue
         for i, handle in enumerate(value if isinstance(value, list) else [value]):
             handles.append((kind if not isinstance(value, list) else f"{kind.rstrip('s')}{i}", handle))

@@ -8,9 +8,9 @@ Where things live. The deployment is a thin, stateless HTTP layer. All stream st
 (`coordinator_name`, namespace "streamkv") that the first replica creates with fractional CPUs
 (`get_if_exists`), so every replica of the deployment (and a later redeploy) talks to the same
 one. Ray restarts it if its process dies, and it takes its streams over again from its prefill,
-compressor, answer and decoder actors, which outlive it. Meanwhile, requests that are safe to
+compressor and answer actors and decoder hosts, which outlive it. Meanwhile, requests that are safe to
 repeat (reads, questions, numbered chunks) wait for it (RESTART_WAIT_S), others get 503. An
-upload goes on with every frame ingested once; should a decoder die too, a live pulled source or
+upload goes on with every frame ingested once; should a decoder host die too (or at any time), a live pulled source or
 an open upload is attached again, and a stream left without a source gets a new one with
 POST /v1/streams/{id}/source.
 `deploy.ingest.stop_coordinator(name)` (`streamkv stop`) ends it with every stream.

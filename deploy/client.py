@@ -44,7 +44,7 @@ def get_or_create_coordinator(s: Settings):
         s.coordinator_name, s.model_dir, s.device, s.answerers, s.index_url, s.actor_cpus,
         max_answerers=s.max_answerers, answer_target_ongoing=s.answer_target_ongoing, answer_idle_s=s.answer_idle_s,
         answer_start_timeout_s=s.answer_start_timeout_s, restore_timeout_s=s.restore_timeout_s,
-        placement=CLUSTER_PLACEMENT if s.placement == "cluster" else None, num_cpus=s.coordinator_cpus)
+        decoder_capacity=s.decoder_capacity, placement=CLUSTER_PLACEMENT if s.placement == "cluster" else None, num_cpus=s.coordinator_cpus)
 
 
 def stream_status(stream_id: str, status: dict, retained_bytes: int | None) -> dict:

@@ -41,14 +41,16 @@ class Settings:
     default_max_tokens: int = 64
     oneshot_timeout_s: float = 120.0
     # Stream creation never hangs (issue 23): at most max_streams streams (one-shot ones included;
-    # past it 429). 64: today every stream holds a decoder process (130-180 MB), so 64 streams take
-    # ~10 GB for decoders alone; raise it on nodes with more memory. start_timeout_s bounds each
+    # past it 429). Sources are decoded by a pool of decoder hosts, many per process (actors/decoder_pool.py);
+    # raise it with the nodes' memory and CPUs (BENCHMARKS.md: decoder pool). start_timeout_s bounds each
     # wait for an actor a creation needs (past it 503 with Retry-After, the stream undone);
     # max_creating bounds the creations one HTTP replica waits on at once (past it 503 at once), so
     # they never fill its request slots (max_ongoing_requests) ahead of reads and questions.
     max_streams: int | None = 64
     start_timeout_s: float = 30.0
     max_creating: int = 16
+    # running sources per decoder host process (None: 16 per CPU of the coordinator's node)
+    decoder_capacity: int | None = None
 
     def __post_init__(self):
         if self.placement not in ("local", "cluster"):
@@ -124,4 +126,5 @@ def settings_from_args(args: dict | None) -> Settings:
         max_streams=None if str(get("max_streams", 64)).lower() in ("", "none", "0") else int(get("max_streams", 64)),
         start_timeout_s=float(get("start_timeout_s", 30.0)),
         max_creating=int(get("max_creating", 16)),
+        decoder_capacity=int(get("decoder_capacity")) if get("decoder_capacity") else None,
     )

@@ -69,7 +69,7 @@ def until(condition, timeout_s: float = 60.0, what: str = ""):
 
 def alive(actor) -> bool:
     try:
-        ray.get(actor.status.remote())
+        ray.get(actor.__ray_ready__.remote())
         return True
     except (ActorUnavailableError, RayActorError):
         return False
@@ -106,6 +106,13 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
         ray.get(handle.create_stream.remote("live", "rekv", CASES["rekv"]))
         ray.get(handle.attach_source.remote("live", str(tmp_path / "live.mp4"), None, "drop", 4, 8))
         assert until_source_ends(handle, "live")["frames_ingested"] == 8
+        # its decoder host dies: the coordinator attaches the live source again on a new host
+        gone = ray.get(handle.workers.remote())["decoders"]["live"].host
+        ray.kill(gone, no_restart=True)
+        until(lambda: not alive(gone), what="the live source's host dies")
+        live = until(lambda: (s := ray.get(handle.status.remote("live")))["frames_ingested"] == 16
+                     and s["source_state"] == "finished" and s, what="the live source goes on on another host")
+        assert live["mode"] == "pull" and "attached again" in live["last_error"]
         # a file being read, with every chunk in flight at the kill: the vision tower is kept busy
         write_video(tmp_path / "file.mp4", frames, fps=2.0)
         ray.get(handle.create_stream.remote("file", "rekv", CASES["rekv"]))
@@ -114,9 +121,6 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
         ray.get(handle.attach_source.remote("file", str(tmp_path / "file.mp4"), None, "block", 4, 4))
         decoder = ray.get(handle.workers.remote())["decoders"]["file"]
         until(lambda: ray.get(decoder.status.remote())["chunks_in_flight"] == 4, what="the decoder's window fills")
-        gone = workers["decoders"]["live"]  # gone too: its source is attached again
-        ray.kill(gone, no_restart=True)
-        until(lambda: not alive(gone), what="the live decoder dies")
         ray.kill(handle, no_restart=False)  # the process dies; Ray starts a new one
 
         until_restarted(handle, "rekv")
@@ -159,7 +163,7 @@ def test_a_restarted_coordinator_takes_its_streams_over(ray_runtime, checkpoint_
         again = np.stack([f.image for f in decoded[:4]]), np.array([f.time for f in decoded[:4]])
         assert ray.get(handle.ingest.remote("file", *again, seq=0)) == 38
 
-        # the live source was attached again: its frames go on after the stream's
+        # the live source attached again before the restart was taken over with its host
         live = until_source_ends(handle, "live")
         assert live["source_state"] == "finished" and live["mode"] == "pull" and live["frames_ingested"] == 16, str(live)
         # a stream without a source takes one after the restart: it continues the stream's frame times

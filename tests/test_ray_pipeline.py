@@ -16,6 +16,7 @@ from tests.plugins.ray_runtime import SINGLE_SLOT
 from tests.stages import scene_video as video
 
 from actors.coordinator import StreamCoordinator
+from actors.decoder_host import UnknownSourceError
 from deploy.app import stream_status
 from pipeline import InvalidInputError, StreamSession, UnknownStreamError, load_model
 from pipeline.errors import AnswerResumeError, StreamLostError
@@ -285,9 +286,11 @@ def test_a_file_source_with_block_loses_nothing(coordinator, engine_model, clip)
     assert status["frames_ingested"] == status["frames_decoded"] == 60
     assert ray.get(coordinator.ask.remote("file-block", QUESTIONS[0], 3))["evidence"]
     decoder = ray.get(coordinator.workers.remote())["decoders"]["file-block"]
+    assert not ray.get(decoder.host.held.remote())[decoder.key]["running"]  # finished: only its status is kept
     ray.get(coordinator.delete_stream.remote("file-block"))
-    with pytest.raises(ray.exceptions.RayActorError):  # its process is gone with the stream
+    with pytest.raises(UnknownSourceError):  # its host let it go with the stream
         ray.get(decoder.status.remote())
+    assert decoder.key not in ray.get(decoder.host.held.remote())
 
 
 def test_a_live_source_that_outruns_the_pipeline_drops_and_counts(coordinator, clip):

@@ -1,7 +1,8 @@
 """Stream creation never hangs (issue 23 item 2), over real HTTP with real Ray.
 
-A Serve app of its own whose coordinator places decoders on the runtime's one SINGLE_SLOT unit:
-one stream's decoder fills the cluster, so the next creation cannot be placed. It must answer a
+A Serve app of its own whose coordinator places decoder hosts, for one source each, on the
+runtime's one SINGLE_SLOT unit: one stream's decoder fills the cluster, so the next creation
+cannot be placed (and a host left without sources goes after 1 s). It must answer a
 JSON 503 with Retry-After within start_timeout_s, leave no stream and no decoder actor, and free
 its id; past max_streams creation answers 429 at once; a request cancelled midway leaves nothing;
 and /healthz, reads and questions answer while creations wait.
@@ -35,7 +36,7 @@ def capacity(server, checkpoint_dirs):
     name = f"capacity-test-{uuid.uuid4().hex[:8]}"
     # started here with the placement the app's settings cannot express; the app adopts it by name
     named_coordinator(name, checkpoint_dirs["gqa"], "cpu", 1, None, 0.05, num_cpus=0.05,
-                      placement={"decoder": {"resources": {SINGLE_SLOT: 1}}})
+                      placement={"decoder": {"resources": {SINGLE_SLOT: 1}}}, decoder_capacity=1, decoder_idle_s=1.0)
     url = run_app(checkpoint_dirs, name, f"{server}/capacity", "streamkv-capacity-test", "/capacity",
                   start_timeout_s=START_TIMEOUT_S, max_streams=MAX_STREAMS)
     try:
@@ -46,7 +47,7 @@ def capacity(server, checkpoint_dirs):
 
 
 def decoders(coordinator: str) -> list[str]:
-    """The coordinator's decoder actors that exist (alive or waiting to be placed)."""
+    """The coordinator's decoder hosts that exist (alive or waiting to be placed)."""
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith(f"{coordinator}.decoder."))
 
@@ -104,6 +105,9 @@ def test_max_streams_429_while_reads_health_and_questions_answer(capacity):
     with client(url) as http:
         with holding(http, coordinator, "busy"):  # its decoder takes the slot
             feed(http, "busy")
+            # its upload finished, which let its host's room go (a finished source holds nothing):
+            # a new upload takes it again
+            assert http.post("/v1/streams/busy/source", json={}).status_code == 200
             with concurrent.futures.ThreadPoolExecutor(8) as pool, client(url) as other:
                 creations = [pool.submit(create, url, f"many-{i}") for i in range(4)]
                 # while they wait for room: health, a read and a question are answered
