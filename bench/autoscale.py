@@ -176,9 +176,12 @@ def placement(spec) -> dict:
 def coordinator_options(cluster: FakeCluster) -> dict:
     """StreamCoordinator's options here: the cluster placement, a pool of 1 to 2 answer actors that
     grows at two questions in flight each (so the single questions of the other steps leave it
-    alone) and shrinks after ANSWER_IDLE_S."""
+    alone) and shrinks after ANSWER_IDLE_S; decoder hosts of one source each, removed 2 s after
+    their source goes."""
     return {"placement": placement(cluster.spec), "answerers": 1, "max_answerers": 2, "answer_target_ongoing": 2,
-            "answer_idle_s": ANSWER_IDLE_S, "answer_start_timeout_s": WAIT_S}
+            "answer_idle_s": ANSWER_IDLE_S, "answer_start_timeout_s": WAIT_S,
+            # one source a decoder host, each host the share of a node above: hosts fill nodes
+            "decoder_capacity": 1, "decoder_idle_s": 2.0}
 
 
 def scenario(cluster: FakeCluster, t0: float, verdict: dict, workdir: Path) -> None:
@@ -213,9 +216,9 @@ def _steps(options: dict, watch: NodeWatch, t0: float, verdict: dict, workdir: P
     ray.get(coordinator.create_stream.remote("probe", METHOD, OPTIONS), timeout=WAIT_S + 60)
     timings["model_actors_up"] = round(time.monotonic() - start, 1)
     placed = actor_nodes()
-    checks["model_actors_on_gpu_nodes"] = all(
+    checks["model_actors_on_gpu_nodes"] = all(  # (the compressor loads no model: it runs on the head node)
         watch.nodes.get(placed.get(f"{NAME}.{kind}"), {}).get("type") == "gpu_workers"
-        for kind in ("prefill", "compressor", "answerer0"))
+        for kind in ("prefill", "answerer0"))
     log(f"model actors up after {timings['model_actors_up']} s on {len(watch.alive('gpu_workers'))} gpu nodes")
     ray.get(coordinator.ingest.remote("probe", frames[:CHUNK]))
     answers = [answer_key(ray.get(coordinator.ask.remote("probe", QUESTIONS[0], TOKENS)))]

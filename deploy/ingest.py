@@ -32,11 +32,12 @@ from pipeline.errors import ConfigError
 
 COORDINATOR_NAME = "streamkv-coordinator"
 # Pins actor kinds to ray_cluster.yaml's node types (their custom resources); the coordinator
-# itself stays on the head node. The compressor actor loads no model: it runs on a CPU node.
+# itself stays on the head node, and so does the compressor actor (it loads no model; the segment
+# index's Redis runs there), so that idle decoder nodes can go.
 CLUSTER_PLACEMENT = {
     "prefill": {"num_gpus": 1, "resources": {"gpu_worker": 0.5}},
     "answerer": {"num_gpus": 0.5, "resources": {"gpu_worker": 0.25}},
-    "compressor": {"num_cpus": 1, "resources": {"decoder": 1}},
+    "compressor": {"resources": {"head": 0.5}},
     "decoder": {"num_cpus": 1, "resources": {"decoder": 1}},
 }
 SOURCE_KEYS = {"id", "url", "method", "options", "fps", "size", "policy", "system_prompt"}

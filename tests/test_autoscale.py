@@ -41,10 +41,11 @@ def test_cluster_spec_is_ray_cluster_yaml():
         assert offered == config["available_node_types"][name]["resources"]
         assert node_type["min_workers"] == 0
     assert spec.worker_types["cpu_decoders"]["max_workers"] == 2
+    node_types = [{"resources": spec.head_resources}, *spec.worker_types.values()]  # the head's too
     for kind, options in placement(spec).items():
         asked = {**options.get("resources", {}), "GPU": options.get("num_gpus", 0)}
         assert any(all(t["resources"].get(r, 0) >= amount for r, amount in asked.items())
-                   for t in spec.worker_types.values()), f"no node type offers what {kind!r} asks for: {asked}"
+                   for t in node_types), f"no node type offers what {kind!r} asks for: {asked}"
 
 
 @pytest.mark.slow
