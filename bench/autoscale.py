@@ -7,12 +7,14 @@ here), driven through a named StreamCoordinator with the deployment's cluster pl
 
 Prints one JSON verdict (its last line of stdout): `ok`, each check, the timings, every node's
 type and when it came and went. The steps:
-1. model actors: the coordinator (on the head) starts prefill, compressor and one answer actor,
-   which ask for GPU-worker resources: the autoscaler adds gpu_workers nodes for them.
-2. decoders: STREAMS_PER_DECODER_NODE + 1 streams read a file each. Every decoder asks for the
-   share of a cpu_decoders node that leaves room for STREAMS_PER_DECODER_NODE of them (the yaml
-   sizes a node for 8 one-unit decoders; 2 a node keeps the processes few here), so the last one
-   makes the autoscaler add a second decoder node.
+1. model actors: the coordinator (on the head) starts prefill, compressor (on the head: it loads
+   no model) and one answer actor, which ask for GPU-worker resources: the autoscaler adds
+   gpu_workers nodes for them.
+2. decoders: STREAMS_PER_DECODER_NODE + 1 streams take an upload each, kept open (a running
+   source). Decoder hosts of one source each ask for the share of a cpu_decoders node that leaves
+   room for STREAMS_PER_DECODER_NODE of them (the yaml sizes a node for 8 one-unit decoders; 2 a
+   node keeps the processes few here), so the last one makes the autoscaler add a second
+   decoder node.
 3. node loss: the node holding the prefill actor is killed (its raylet stops at once, its actors'
    processes with it). The next frames of a stream fed directly (the probe) go through the
    restarted prefill actor (on a node the autoscaler adds), restored from an answer actor's
@@ -204,8 +206,11 @@ def _steps(options: dict, watch: NodeWatch, t0: float, verdict: dict, workdir: P
     checks, timings = verdict["checks"], verdict["timings_s"]
     frames = frames_for(2 * CHUNK)
     expected = expected_answers(frames)
-    clip = workdir / "camera.mp4"
-    write_video(clip, frames_for(16, seed=7), fps=8)
+    # cameras are uploads kept open (a source that runs; a finished file would free its decoder
+    # host's slot at once, and no node would be needed for it)
+    clip = workdir / "camera.ts"
+    write_video(clip, frames_for(16, seed=7), fps=8, container_format="mpegts")
+    clip_frames = 16
 
     # 1. model actors onto gpu_workers nodes
     start = time.monotonic()
@@ -230,8 +235,9 @@ def _steps(options: dict, watch: NodeWatch, t0: float, verdict: dict, workdir: P
     attach_s = []
     for sid in cams:
         start = time.monotonic()
-        ray.get(coordinator.attach_source.remote(sid, str(clip), DecodeConfig(fps=4), "block",
+        ray.get(coordinator.attach_source.remote(sid, None, DecodeConfig(read_timeout_s=None), "block",
                                                  start_timeout_s=WAIT_S), timeout=WAIT_S + 30)
+        ray.get(coordinator.push.remote(sid, clip.read_bytes(), 0), timeout=WAIT_S)
         attach_s.append(round(time.monotonic() - start, 1))
         if sid == cams[-1]:
             decoder_demand = start
@@ -247,9 +253,9 @@ def _steps(options: dict, watch: NodeWatch, t0: float, verdict: dict, workdir: P
         f"{timings['decoder_node_added']} s after its stream's attach")
     def decoded():
         found = ray.get([coordinator.status.remote(sid) for sid in cams])
-        return all(s["source_state"] == "finished" for s in found) and found
+        return all(s["frames_ingested"] == clip_frames for s in found) and found
 
-    statuses = wait_until(decoded, "the camera files decoded")
+    statuses = wait_until(decoded, "the camera uploads decoded")
     before = {sid: answer_key(ray.get(coordinator.ask.remote(sid, QUESTIONS[0], TOKENS))) for sid in cams}
 
     # 3. the node holding the prefill actor goes away
