@@ -103,6 +103,9 @@ def test_rayservice_cluster_offers_what_the_placement_asks_for_and_autoscales():
             **_custom_resources(params),
         }
 
+    head_params = head["rayStartParams"]  # the head Pod too: the coordinator's and the compressor's node
+    offered["head"] = {"CPU": float(head_params.get("num-cpus", 0)), "GPU": float(head_params.get("num-gpus", 0)),
+                       **_custom_resources(head_params)}
     for kind, options in CLUSTER_PLACEMENT.items():
         asked = dict(options.get("resources", {}))
         asked["GPU"] = options.get("num_gpus", 0)
@@ -110,7 +113,7 @@ def test_rayservice_cluster_offers_what_the_placement_asks_for_and_autoscales():
         custom = set(options.get("resources", {}))
         fitting = [name for name, offer in offered.items()
                    if custom <= set(offer) and all(offer.get(r, 0) >= amount for r, amount in asked.items())]
-        assert fitting, f"no worker group offers what {kind!r} asks for: {asked} (groups offer {offered})"
+        assert fitting, f"no group offers what {kind!r} asks for: {asked} (groups offer {offered})"
 
     # The Serve deployment autoscales too.
     serve_config = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
