@@ -251,9 +251,12 @@ def _steps(options: dict, watch: NodeWatch, t0: float, verdict: dict, workdir: P
                                     and all(watch.nodes[n]["type"] == "cpu_decoders" for n in hosts.values()))
     log(f"decoders on {len(set(hosts.values()))} decoder nodes; the second added "
         f"{timings['decoder_node_added']} s after its stream's attach")
+    for sid in cams:  # the uploads end now (a demuxer holds an open upload's last frames back)
+        ray.get(coordinator.close_source.remote(sid), timeout=WAIT_S)
+
     def decoded():
         found = ray.get([coordinator.status.remote(sid) for sid in cams])
-        return all(s["frames_ingested"] == clip_frames for s in found) and found
+        return all(s["source_state"] == "finished" and s["frames_ingested"] == clip_frames for s in found) and found
 
     statuses = wait_until(decoded, "the camera uploads decoded")
     before = {sid: answer_key(ray.get(coordinator.ask.remote(sid, QUESTIONS[0], TOKENS))) for sid in cams}
