@@ -167,12 +167,17 @@ def expected_answers(frames) -> list[tuple]:
 
 
 def placement(spec) -> dict:
-    """The deployment's cluster placement, decoders sized so STREAMS_PER_DECODER_NODE fill a node."""
+    """The deployment's cluster placement, decoders sized so STREAMS_PER_DECODER_NODE fill a node,
+    answer actors a GPU each."""
     from deploy.ingest import CLUSTER_PLACEMENT
 
     units = spec.worker_types["cpu_decoders"]["resources"]["decoder"] / STREAMS_PER_DECODER_NODE
     decoder = CLUSTER_PLACEMENT["decoder"]
-    return {**CLUSTER_PLACEMENT, "decoder": {**decoder, "resources": {**decoder["resources"], "decoder": units}}}
+    # answer actors on GPUs of their own (README: "Placement by cluster shape"), so that a grown
+    # pool needs an added node: with fractional GPUs the second one fits beside the first
+    answerer = {**CLUSTER_PLACEMENT["answerer"], "num_gpus": 1}
+    return {**CLUSTER_PLACEMENT, "decoder": {**decoder, "resources": {**decoder["resources"], "decoder": units}},
+            "answerer": answerer}
 
 
 def coordinator_options(cluster: FakeCluster) -> dict:
