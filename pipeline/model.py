@@ -231,13 +231,8 @@ class VideoLLM:
         return self.model.lm_head(hidden).float()
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None) -> VideoLLM:
-    """Load a LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint (model + its own processor and chat
-    template) from a local directory, offline.
-
-    dtype defaults to float32 on CPU and bfloat16 on CUDA.
-    """
-    path = Path(path)
+def _checkpoint_config(path: Path):
+    """The checkpoint directory's transformers config, if it is a model family the engine supports."""
     if not (path / "config.json").is_file():
         raise UnsupportedModelError(f"{path} is not a checkpoint directory (no config.json)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -245,6 +240,17 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
         raise UnsupportedModelError(
             f"{path} is a {config.model_type!r} checkpoint; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    return config
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None) -> VideoLLM:
+    """Load a LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint (model + its own processor and chat
+    template) from a local directory, offline.
+
+    dtype defaults to float32 on CPU and bfloat16 on CUDA.
+    """
+    path = Path(path)
+    config = _checkpoint_config(path)
     if getattr(config.text_config, "use_sliding_window", False):
         raise UnsupportedModelError("sliding-window language models are not supported")
     if isinstance(dtype, str):
@@ -262,13 +268,7 @@ def load_dims(path: str | Path) -> ModelDims:
     memory), through the same adapter as load_model, so the shapes cannot disagree. For actors
     that need the shapes but run no model (the segmenter/compressor actor)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UnsupportedModelError(f"{path} is not a checkpoint directory (no config.json)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"{path} is a {config.model_type!r} checkpoint; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    config = _checkpoint_config(path)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     return wrap_model(model, AutoProcessor.from_pretrained(path, local_files_only=True), name=path.name).dims

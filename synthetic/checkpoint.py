@@ -158,16 +158,23 @@ def build_config(spec: CheckpointSpec, tokenizer: PreTrainedTokenizerFast) -> Ll
 
 def build_checkpoint(out_dir: str | Path, spec: CheckpointSpec = CheckpointSpec()) -> Path:
     """Write a randomly initialised (seeded) checkpoint + processor to `out_dir` and return it."""
-    out_dir = Path(out_dir)
     processor = build_processor(spec)
     config = build_config(spec, processor.tokenizer)
-    torch.manual_seed(spec.seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    return save_checkpoint(out_dir, LlavaOnevisionForConditionalGeneration, config, processor, spec.seed,
+                           _spec_json(spec))
+
+
+def save_checkpoint(out_dir: str | Path, model_class, config, processor, seed: int, spec_json: str) -> Path:
+    """`model_class(config)` with seeded random weights, its processor and the spec that made
+    them, written to `out_dir` as a checkpoint load_model reads (every model family's builder)."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (out_dir / "streamkv_spec.json").write_text(_spec_json(spec))
+    (out_dir / "streamkv_spec.json").write_text(spec_json)
     return out_dir
 
 

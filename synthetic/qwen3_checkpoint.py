@@ -14,7 +14,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import (
     Qwen2VLImageProcessor,
     Qwen3VLConfig,
@@ -23,7 +22,7 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
-from synthetic.checkpoint import build_tokenizer
+from synthetic.checkpoint import build_tokenizer, save_checkpoint
 from synthetic.qwen_checkpoint import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS
 
 # Qwen/Qwen3-VL-*-Instruct's template renders a video part as Qwen2.5-VL's does
@@ -102,14 +101,6 @@ def build_qwen3_config(spec: Qwen3Spec, tokenizer) -> Qwen3VLConfig:
 
 def build_qwen3_checkpoint(out_dir: str | Path, spec: Qwen3Spec = Qwen3Spec()) -> Path:
     """Write a randomly initialised (seeded) Qwen3-VL checkpoint + processor to `out_dir`."""
-    out_dir = Path(out_dir)
     processor = build_qwen3_processor(spec)
     config = build_qwen3_config(spec, processor.tokenizer)
-    torch.manual_seed(spec.seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    (out_dir / "streamkv_spec.json").write_text(json.dumps(asdict(spec), indent=1))
-    return out_dir
+    return save_checkpoint(out_dir, Qwen3VLForConditionalGeneration, config, processor, spec.seed, json.dumps(asdict(spec), indent=1))

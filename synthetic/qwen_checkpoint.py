@@ -11,7 +11,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -20,7 +19,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from synthetic.checkpoint import build_tokenizer
+from synthetic.checkpoint import build_tokenizer, save_checkpoint
 
 QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -110,14 +109,6 @@ def build_qwen_config(spec: QwenSpec, tokenizer) -> Qwen2_5_VLConfig:
 
 def build_qwen_checkpoint(out_dir: str | Path, spec: QwenSpec = QwenSpec()) -> Path:
     """Write a randomly initialised (seeded) Qwen2.5-VL checkpoint + processor to `out_dir`."""
-    out_dir = Path(out_dir)
     processor = build_qwen_processor(spec)
     config = build_qwen_config(spec, processor.tokenizer)
-    torch.manual_seed(spec.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    (out_dir / "streamkv_spec.json").write_text(json.dumps(asdict(spec), indent=1))
-    return out_dir
+    return save_checkpoint(out_dir, Qwen2_5_VLForConditionalGeneration, config, processor, spec.seed, json.dumps(asdict(spec), indent=1))

@@ -12,10 +12,8 @@ from pipeline.config import PRESETS, frame_scaled_options
 from pipeline.kv_store import Visual
 from tests import test_engine_exactness as exactness
 from tests.test_engine_exactness import stream
+from tests.test_qwen_engine import FPS, QUESTION, SYSTEM, assert_matches, frames_for
 
-SYSTEM = "You are a helpful assistant."
-QUESTION = "What color was the star?"
-FPS = 0.5  # the engine's default frame_rate
 _references: dict = {}
 
 
@@ -30,18 +28,6 @@ def reference(checkpoint_dir, frames, fps=FPS, indices=None, max_new_tokens=10):
         _references[key] = exactness.reference(checkpoint_dir, frames, QUESTION, SYSTEM, max_new_tokens,
                                                 video_metadata=[metadata], do_sample_frames=False, do_resize=False)
     return _references[key]
-
-
-def frames_for(model, count=9, seed=0):
-    side = model.frame_size
-    return np.random.default_rng(seed).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
-
-
-def assert_matches(answer, ref_logits, ref_tokens):
-    relative = (answer.first_token_logits - ref_logits).abs().max() / ref_logits.abs().max()
-    assert relative <= 1e-4
-    assert answer.token_ids == ref_tokens
-    assert len(set(ref_tokens)) > 1  # the reference is not degenerate, so equality means something
 
 
 # 9 frames: 4 temporal patches and a lone last frame the question pads; odd chunks split patches
