@@ -1,5 +1,7 @@
 """A retrieval+decode actor: answers questions for any stream it holds a replica of. Replicas
 start from a snapshot and apply every update in order, so several actors can serve one stream.
+On CPU a replica's retained KV is views of the pages in the node's object store: one copy for
+every replica on the node, however many answer actors there are (cache_store/wire.py).
 
 Torch and transformers are imported where they are used (see actors/prefill.py).
 """
@@ -7,6 +9,8 @@ Torch and transformers are imported where they are used (see actors/prefill.py).
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+import ray
 
 from actors.release import release_freed_memory
 from actors.spec import ReplicaGapError, StreamSpec, lookup
@@ -49,7 +53,11 @@ class AnswerWorker:
                 continue
             if sequence != replica.applied + 1:
                 raise ReplicaGapError(f"stream {stream_id!r}: have {replica.applied} updates, got number {sequence}")
-            replica.memory.apply(unpack_update(update, self.model.device, self.model.dtype))
+            try:
+                unpacked = unpack_update(update, self.model.device, self.model.dtype)
+            except ray.exceptions.ObjectLostError as error:  # its pages' owner (the node) is gone
+                raise ReplicaGapError(f"stream {stream_id!r}: update {sequence}'s KV pages are lost ({error})") from error
+            replica.memory.apply(unpacked)  # its KV: views of the node's one copy (cache_store/wire.py)
             replica.applied = sequence
         return replica.applied
 
@@ -95,6 +103,12 @@ class AnswerWorker:
         if closed:
             release_freed_memory()  # its replica's KV: to the OS, not only to malloc (actors/release.py)
         return closed
+
+    def residence(self, stream_id: str) -> dict[str, dict[str, int]]:
+        """The replica's KV by tier, in the node's object store or in this process (actors/residence.py)."""
+        from actors.residence import residence
+
+        return residence(lookup(self.streams, stream_id).memory)
 
     def ping(self) -> int:
         return len(self.streams)

@@ -121,14 +121,10 @@ class CompressorWorker:
         return held
 
     def record(self, stream_id: str, committed: int, *updates: Wire) -> None:
-        """The committed segments' entries in the summary index; `committed`: how many segments
-        of the stream are committed now (their closed copies kept here are let go)."""
-        import torch
-
-        from cache_store.wire import unpack_update
-
-        self.writer.put([segment_record(stream_id, unpack_update(update, "cpu", torch.float32))
-                         for update in updates if update.meta["units"]])
+        """The committed segments' entries in the summary index (each update carries its summary
+        vectors: the KV stays in the object store); `committed`: how many segments of the stream
+        are committed now (their closed copies kept here are let go)."""
+        self.writer.put([segment_record(stream_id, update) for update in updates if update.meta["units"]])
         if (stream := self.streams.get(stream_id)) is not None:  # (a restarted actor records too)
             del stream.closed[: max(0, len(stream.closed) - (stream.segmenter.closed - committed))]
 
@@ -166,22 +162,12 @@ class CompressorWorker:
         return {"streams": len(self.streams), **{f"index_{k}": v for k, v in self.writer.tables().items()}}
 
 
-def segment_record(stream_id: str, update) -> SegmentRecord:
-    """The segment's summary per layer: its summary block's mean key, else the mean of its frames'."""
-    import torch
-
-    from pipeline.kv_store import mean_key
-
-    units = update.units
-    summary = [i for i, u in enumerate(units) if u.kind == "summary"]
-    chosen = summary or list(range(len(units)))
-    layers = len(update.kv[0])
-    vectors = np.stack([
-        torch.stack([mean_key(update.kv[i][layer][0]) for i in chosen]).mean(0).flatten().cpu().numpy()
-        for layer in range(layers)
-    ]).astype(np.float32)  # [layers, Hkv * d]
+def segment_record(stream_id: str, update: Wire) -> SegmentRecord:
+    """The segment's index entry from its update's metadata and summary vectors [layers, Hkv * d]
+    (cache_store/wire.py segment_summary)."""
+    units = update.meta["units"]  # [uid, kind, frames, times, ...] (cache_store/wire.py _unit_meta)
     return SegmentRecord(
-        stream_id=stream_id, segment_id=update.segment,
-        frame_range=(units[0].frames[0], units[-1].frames[1]), time_range=(units[0].times[0], units[-1].times[1]),
-        unit_ids=[u.uid for u in units], summary=vectors, extra={},
+        stream_id=stream_id, segment_id=update.meta["segment"],
+        frame_range=(units[0][2][0], units[-1][2][1]), time_range=(units[0][3][0], units[-1][3][1]),
+        unit_ids=[u[0] for u in units], summary=np.asarray(update.arrays["summary"], dtype=np.float32), extra={},
     )

@@ -64,6 +64,7 @@ class PrefillWorker:
         from pipeline.model import load_model
 
         self.model = load_model(model_dir, device=device)
+        self.page_owner = None  # this node's (actors/page_owner.py), on first commit
         self.streams: dict[str, _Stream] = {}
 
     def open(self, spec: StreamSpec) -> Wire:
@@ -107,21 +108,34 @@ class PrefillWorker:
         queued up. Call with num_returns=len(segments): each update is an object of its own (Ray
         takes a single return value as it is). published: how many updates the coordinator has
         seen reach every replica and the index (the rest are held here until then). Segments are
-        arguments of their own, so that ones passed by reference (a takeover's) are resolved."""
-        from cache_store.wire import pack_update, unpack_segment
+        arguments of their own, so that ones passed by reference (a takeover's) are resolved.
+
+        Each update's kept pages go to the object store once, owned by the page owner actor (so
+        they outlive this actor) and mapped by every replica on the node, this one's included
+        (cache_store/wire.py share_update)."""
+        from cache_store.wire import pack_update, share_update, unpack_segment
 
         stream = lookup(self.streams, stream_id)
         committed = []
         for segment in segments:
             update = stream.encoder.encode(stream.memory, unpack_segment(segment, self.model.device, self.model.dtype))
             stream.compressor.decide(update)  # guidance scores blocks with the model; VSB: none; keep-all: nothing
+            kept = share_update(update, self._put, stream_id=stream_id, model_id=self.model.name) if update.units else None
             stream.memory.apply(update)
             stream.compressor.compact(stream.memory, update)
             stream.applied += 1
-            stream.unpublished.append(pack_update(update, stream_id=stream_id, model_id=self.model.name))
+            stream.unpublished.append(pack_update(update, stream_id=stream_id, model_id=self.model.name, kept=kept))
             committed.append(stream.unpublished[-1])
         stream.acknowledge(published)
         return committed if len(committed) > 1 else committed[0]
+
+    def _put(self, pages) -> ray.ObjectRef:
+        """`pages` in the object store, owned by the node's page owner (they outlive this actor)."""
+        from actors.page_owner import local_page_owner
+
+        if self.page_owner is None:
+            self.page_owner = local_page_owner()
+        return ray.get(self.page_owner.put.remote(pages))[0]
 
     def snapshot(self, stream_id: str) -> tuple[Wire, int]:
         """The replica and how many updates it holds."""
@@ -146,6 +160,12 @@ class PrefillWorker:
         frames one unit of visual tokens encodes (Qwen-VL's temporal patch: 2; the coordinator
         pairs frames into units)."""
         return self.model.frame_size, self.model.dims.frames_per_unit
+
+    def residence(self, stream_id: str) -> dict[str, dict[str, int]]:
+        """The replica's KV by tier, in the node's object store or in this process (actors/residence.py)."""
+        from actors.residence import residence
+
+        return residence(lookup(self.streams, stream_id).memory)
 
     def ping(self) -> int:
         return len(self.streams)

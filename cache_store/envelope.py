@@ -9,7 +9,7 @@ importing this module.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,10 +22,15 @@ class Wire:
     meta: dict  # msgpack-able
     pages: list[KVPage] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # side tensors, in the model dtype (bf16 as uint16)
+    # an update's retained KV: its kept pages (list[KVPage]) inline, or a reference to them in the
+    # object store, where every replica on the node maps the same copy (cache_store/wire.py)
+    kept: Any = None
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.pages) + sum(a.nbytes for a in self.arrays.values())
+        """Bytes carried here (kept pages by reference: not counted)."""
+        inline = self.kept if isinstance(self.kept, list) else []
+        return sum(p.nbytes for p in [*self.pages, *inline]) + sum(a.nbytes for a in self.arrays.values())
 
 
 def features_wire(tokens: np.ndarray | None, frames: list[tuple[int, int]], times: list[tuple[float, float]]) -> Wire:

@@ -163,14 +163,17 @@ class KVPage:
         )
         return cls(header, k, v)
 
-    def to_tensors(self, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def to_tensors(self, device: str | torch.device = "cpu", shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact (keys, values) in the header's dtype on `device`.
 
         Copies only when needed: a writable array is wrapped zero-copy (the CPU tensors share
         the page's memory); a read-only array (Ray object store, from_bytes over bytes) is
         copied once on CPU, because torch tensors are always writable and writing into the
-        object store's mapping is undefined; for another device the read-only array is wrapped
-        without a copy just for the host-to-device transfer, which is the one copy."""
+        object store's mapping is undefined, unless `shared`: the caller promises never to write
+        (KV once made is never written: a replica's blocks and window), and the CPU tensors map
+        the object store's one copy, which every process on the node shares. For another device
+        the read-only array is wrapped without a copy just for the host-to-device transfer,
+        which is the one copy."""
         import torch
 
         torch_dtype = getattr(torch, self.header.dtype)
@@ -181,10 +184,10 @@ class KVPage:
             a = a.view(np_carrier)
             if a.flags.writeable:
                 t = torch.from_numpy(a)
-            elif on_cpu:
+            elif on_cpu and not shared:
                 t = torch.from_numpy(a.copy())
             else:
-                with warnings.catch_warnings():  # torch warns on read-only arrays; never exposed
+                with warnings.catch_warnings():  # torch warns on read-only arrays; never written
                     warnings.simplefilter("ignore", UserWarning)
                     t = torch.from_numpy(a)
             return t.view(torch_dtype).to(device)

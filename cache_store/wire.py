@@ -20,12 +20,12 @@ from pipeline.segmenter import FrameFeature, Segment
 
 
 def _unit_meta(unit: UnitInfo) -> list:
-    return [unit.uid, unit.kind, list(unit.frames), list(unit.times), unit.segment, unit.first_position]
+    return [unit.uid, unit.kind, list(unit.frames), list(unit.times), unit.segment, unit.first_position, unit.tokens]
 
 
 def _unit(meta: list) -> UnitInfo:
-    uid, kind, frames, times, segment, first = meta
-    return UnitInfo(uid, kind, tuple(frames), tuple(times), segment, first)
+    uid, kind, frames, times, segment, first, *tokens = meta
+    return UnitInfo(uid, kind, tuple(frames), tuple(times), segment, first, *tokens)
 
 
 def _page(keys, values, stream_id: str, model_id: str, uid: int, kind: str, frames=(0, 0), times=(0.0, 0.0), **extra):
@@ -72,37 +72,112 @@ def unpack_segment(wire: Wire, device, dtype: torch.dtype) -> Segment:
 
 
 # ---- updates ----------------------------------------------------------------------------------
-def pack_update(update: SegmentUpdate, *, stream_id: str, model_id: str) -> Wire:
+# An update travels as two objects. Its kept pages (one per layer: the KV of the units that layer
+# keeps as blocks, in unit order, [1, Hkv, T_l, d]) are what replicas retain for good: the prefill
+# actor puts them in the object store once (share_update) and every replica on the node, the
+# prefill's own included, maps that one copy (zero-copy, read-only views). The rest (units a layer
+# does not keep, needed only while they are in the local window; visual tokens; VSB's queries)
+# goes in the update itself, which replicas let go once those units leave the window.
+
+def _kept(update: SegmentUpdate, layer: int) -> list[int]:
+    return list(update.keep[layer]) if update.keep is not None else list(range(len(update.units)))
+
+
+def kept_pages(update: SegmentUpdate, *, stream_id: str, model_id: str) -> list[KVPage]:
+    """Per layer, the KV of the units it keeps as blocks, concatenated in unit order."""
+    pages = []
+    for layer in range(len(update.kv[0]) if update.kv else 0):
+        parts = [update.kv[i][layer] for i in _kept(update, layer)] or [tuple(t[:, :0] for t in update.kv[0][layer])]
+        keys, values = torch.cat([k for k, _ in parts], 1), torch.cat([v for _, v in parts], 1)  # [Hkv, T_l, d]
+        pages.append(_page(keys[None], values[None], stream_id, model_id, layer, "page", tier="kept"))
+    return pages
+
+
+def _place_kept(kv: list[list], update_keep, lengths: list[int], pages: list[KVPage], device) -> None:
+    """kv[unit][layer] for every kept (unit, layer): views of the kept pages (no copy on CPU)."""
+    for layer, page in enumerate(pages):
+        keys, values = page.to_tensors(device, shared=True)  # [1, Hkv, T_l, d]
+        offset = 0
+        for i in (update_keep[layer] if update_keep is not None else range(len(kv))):
+            kv[i][layer] = (keys[0, :, offset : offset + lengths[i]], values[0, :, offset : offset + lengths[i]])
+            offset += lengths[i]
+
+
+def share_update(update: SegmentUpdate, put, *, stream_id: str, model_id: str):
+    """Put the update's kept pages in the object store (`put`: ray.put, naming their owner) and
+    return the reference for pack_update. On CPU the update's kept KV becomes views of that one
+    copy, so the caller's memory holds it no more than any replica does."""
+    import ray
+
+    ref = put(kept_pages(update, stream_id=stream_id, model_id=model_id))
+    if update.kv and update.kv[0][0][0].device.type == "cpu":
+        _place_kept(update.kv, update.keep, [kv[0][0].shape[1] for kv in update.kv], ray.get(ref), "cpu")
+    return ref
+
+
+def segment_summary(update: SegmentUpdate) -> np.ndarray:
+    """The segment's entry vector in the summary index, per layer [layers, Hkv * d] float32: its
+    summary block's mean key, else the mean of its frames'. Made where the KV is (the prefill
+    actor): the index's actor reads this, not the KV."""
+    from pipeline.kv_store import mean_key
+
+    summary = [i for i, u in enumerate(update.units) if u.kind == "summary"]
+    chosen = summary or list(range(len(update.units)))
+    return np.stack([
+        torch.stack([mean_key(update.kv[i][layer][0]) for i in chosen]).mean(0).flatten().cpu().numpy()
+        for layer in range(len(update.kv[0]))
+    ]).astype(np.float32)
+
+
+def pack_update(update: SegmentUpdate, *, stream_id: str, model_id: str, kept=None) -> Wire:
+    """kept: share_update's reference (else the kept pages travel inline)."""
     meta = {
         "segment": update.segment,
         "units": [_unit_meta(u) for u in update.units],
+        "lengths": [per_layer[0][0].shape[1] for per_layer in update.kv],
         "keep": update.keep,
         "pool_keep": None if update.pool_keep is None else [None if k is None else k.tolist() for k in update.pool_keep],
     }
     wire = pack_features(update.features)
     meta.update(wire.meta)
-    pages = [
+    layers = range(len(update.kv[0]) if update.kv else 0)
+    kept_everywhere = set.intersection(*(set(_kept(update, layer)) for layer in layers)) if update.kv else set()
+    pages = [  # the units some layer does not keep: the window's until they leave it
         _page(torch.stack([k for k, _ in per_layer]), torch.stack([v for _, v in per_layer]), stream_id, model_id,
               unit.uid, unit.kind, unit.frames, unit.times)
-        for unit, per_layer in zip(update.units, update.kv)
+        for i, (unit, per_layer) in enumerate(zip(update.units, update.kv)) if i not in kept_everywhere
     ]
     arrays = {**wire.arrays, **{f"q{layer}": _carried(q) for layer, q in update.recent_queries.items()}}
-    return Wire(meta, pages, arrays)
+    if update.units:
+        arrays["summary"] = segment_summary(update)
+    if kept is None and update.kv:
+        kept = kept_pages(update, stream_id=stream_id, model_id=model_id)
+    return Wire(meta, pages, arrays, kept=kept)
 
 
 def unpack_update(wire: Wire, device: str | torch.device, dtype: torch.dtype) -> SegmentUpdate:
+    """The update with its KV as views of the wire's arrays where they are on CPU (the object
+    store's shared copy: never written), else copied to `device`."""
     meta = wire.meta
-    kv = []
-    for page in wire.pages:
-        keys, values = page.to_tensors(device)  # [L, Hkv, n, d]
-        # one storage per (unit, layer), as the encoder makes them: dropping one frees its bytes
-        kv.append([(keys[l].clone(), values[l].clone()) for l in range(keys.shape[0])])
+    units = [_unit(u) for u in meta["units"]]
+    kv: list[list] = []
+    if units:
+        import ray
+
+        pages = wire.kept if isinstance(wire.kept, list) else ray.get(wire.kept)
+        kv = [[None] * len(pages) for _ in units]
+        _place_kept(kv, meta["keep"], meta["lengths"], pages, device)
+        by_uid = {unit.uid: i for i, unit in enumerate(units)}
+        for page in wire.pages:
+            keys, values = page.to_tensors(device, shared=True)  # [L, Hkv, n, d]
+            i = by_uid[page.header.unit_id]
+            kv[i] = [kv[i][l] if kv[i][l] is not None else (keys[l], values[l]) for l in range(keys.shape[0])]
     features = unpack_features(wire, device, dtype)
     queries = {int(name[1:]): _tensor(a, device, dtype) for name, a in wire.arrays.items() if name.startswith("q")}
     pool_keep = meta["pool_keep"]
     return SegmentUpdate(
         segment=meta["segment"],
-        units=[_unit(u) for u in meta["units"]],
+        units=units,
         kv=kv,
         recent_queries=queries,
         features=features,
@@ -146,7 +221,7 @@ def pack_snapshot(memory: StreamMemory, *, stream_id: str, model_id: str) -> Wir
 def unpack_snapshot(wire: Wire, dims: ModelDims, config: EngineConfig, device, dtype: torch.dtype) -> StreamMemory:
     meta, n = wire.meta, dims.tokens_per_unit
     by_tier = {(p.header.extra.get("tier"), p.header.unit_id): p for p in wire.pages if p.header.kind == "page"}
-    sink_keys, sink_values = next(p for p in wire.pages if p.header.kind == "sink").to_tensors(device)
+    sink_keys, sink_values = next(p for p in wire.pages if p.header.kind == "sink").to_tensors(device, shared=True)
     memory = StreamMemory(dims, config, [(sink_keys[l], sink_values[l]) for l in range(dims.layers)])
     memory.units = {u.uid: u for u in map(_unit, meta["units"])}
     memory.next_position = meta["next_position"]
@@ -154,18 +229,18 @@ def unpack_snapshot(wire: Wire, dims: ModelDims, config: EngineConfig, device, d
     for layer in range(dims.layers):
         shared: dict[int, tuple] = {}
         if ("blocks", layer) in by_tier:
-            keys, values = by_tier[("blocks", layer)].to_tensors(device)
+            keys, values = by_tier[("blocks", layer)].to_tensors(device, shared=True)
             for i, uid in enumerate(meta["blocks"][layer]):
-                kv = (keys[0, :, i * n : (i + 1) * n].clone(), values[0, :, i * n : (i + 1) * n].clone())
+                kv = (keys[0, :, i * n : (i + 1) * n], values[0, :, i * n : (i + 1) * n])  # views: never written
                 memory.blocks[layer].add(uid, *kv)
                 shared[uid] = kv
         if ("window", layer) in by_tier:  # window units that are also blocks share their storage
-            keys, values = by_tier[("window", layer)].to_tensors(device)
+            keys, values = by_tier[("window", layer)].to_tensors(device, shared=True)
             for i, uid in enumerate(meta["window"]):
-                shared.setdefault(uid, (keys[0, :, i * n : (i + 1) * n].clone(), values[0, :, i * n : (i + 1) * n].clone()))
+                shared.setdefault(uid, (keys[0, :, i * n : (i + 1) * n], values[0, :, i * n : (i + 1) * n]))
         per_layer_window.append(shared)
         if ("pool", layer) in by_tier:
-            keys, values = by_tier[("pool", layer)].to_tensors(device)
+            keys, values = by_tier[("pool", layer)].to_tensors(device, shared=True)
             pool = memory.pools[layer]
             pool.keys, pool.values = keys[0], values[0]
             pool.positions = torch.from_numpy(np.array(wire.arrays[f"pool_positions{layer}"]))

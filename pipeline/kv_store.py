@@ -199,12 +199,15 @@ class TokenPool:
         return [] if self.keys is None else [self.keys, self.values]
 
 
-def tensor_bytes(tensors, seen: set[int]) -> int:
-    """Bytes of the storages behind `tensors`, each storage counted once across calls via `seen`."""
+def tensor_bytes(tensors, seen: set[tuple[int, int]]) -> int:
+    """Bytes of the KV `tensors` hold, each region counted once across calls via `seen` (a block
+    and the window entry of the same unit are one region). Regions, not storages: a replica's
+    blocks are views into pages shared through the object store (cache_store/wire.py), several
+    units to a storage, and what a stream retains is the same however its KV is laid out."""
     total = 0
     for t in tensors:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
+        region = (t.data_ptr(), t.numel() * t.element_size())
+        if region not in seen:
+            seen.add(region)
+            total += region[1]
     return total

@@ -136,7 +136,7 @@ class StreamMemory:
     # ---- accounting -------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         """Exact bytes of retained KV by tier (a storage shared by tiers counts once, first tier)."""
-        seen: set[int] = set()
+        seen: set[tuple[int, int]] = set()
         tiers = {
             "sinks": tensor_bytes([t for kv in self.sinks for t in kv], seen),
             "blocks": tensor_bytes([t for b in self.blocks for t in b.tensors()], seen),

@@ -77,6 +77,23 @@ def test_same_answers_and_evidence_as_the_engine(coordinator, engine_model, meth
 
 
 @pytest.mark.parametrize("method", ["rekv", "streamkv"])
+def test_the_node_holds_retained_kv_once_however_many_replicas(coordinator, method):
+    """The prefill actor's and both answer actors' blocks are views of the same pages in the
+    node's object store (issue 19 item 1): none in a process's own memory."""
+    sid = f"shared-{method}"
+    ray.get(coordinator.create_stream.remote(sid, method, CASES[method]))
+    ray.get(coordinator.ingest.remote(sid, video(40, seed=3)))
+    retained = ray.get(coordinator.memory.remote(sid))  # (once every replica has every update)
+    workers = ray.get(coordinator.workers.remote())
+    places = ray.get([w.residence.remote(sid) for w in [workers["prefill"], *workers["answerers"]]])
+    ray.get(coordinator.delete_stream.remote(sid))
+    assert len(places) == 3 and retained["blocks"] > 0
+    for place in places:
+        assert place["blocks"]["private"] == 0 and place["blocks"]["shared"] == retained["blocks"], place
+    assert len({place["blocks"]["at"] for place in places}) == 1  # the same copy, not three
+
+
+@pytest.mark.parametrize("method", ["rekv", "streamkv"])
 def test_a_burst_of_chunks_is_segmented_together_and_a_bad_one_refused_alone(coordinator, engine_model, method):
     """Chunks that queue up (a decoder far ahead of the pipeline) are segmented and committed in
     fewer calls than chunks; one with bad timestamps in the middle of the burst is refused alone;
