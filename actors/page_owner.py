@@ -2,7 +2,7 @@
 
 An object in Ray's object store is lost when its owner dies, and its owner is the process that
 put it (Ray 2.56 removed ray.put's `_owner`). The prefill actor makes the pages (cache_store/
-wire.py share_update) but is restarted on faults, so it hands them to this actor, which puts
+wire.py share_updates) but is restarted on faults, so it hands them to this actor, which puts
 them: a page then lives while any replica or update refers to it, whichever model actor dies.
 The actor does nothing else and is detached, so nothing kills it but the loss of its node (whose
 object store goes with it; a replica that misses an update's pages is then restored from a
@@ -19,9 +19,10 @@ from actors.calls import NAMESPACE
 
 
 class PageOwner:
-    def put(self, pages) -> list[ray.ObjectRef]:
-        """`pages` put here, so that this actor owns them (in a list: a reference, not the value)."""
-        return [ray.put(pages)]
+    def put(self, pages: list) -> list[ray.ObjectRef]:
+        """Each of `pages` (one update's) put here, so that this actor owns them (references in a
+        list: Ray passes them back as references, not values)."""
+        return [ray.put(p) for p in pages]
 
 
 def local_page_owner():

@@ -112,30 +112,39 @@ class PrefillWorker:
 
         Each update's kept pages go to the object store once, owned by the page owner actor (so
         they outlive this actor) and mapped by every replica on the node, this one's included
-        (cache_store/wire.py share_update)."""
-        from cache_store.wire import pack_update, share_update, unpack_segment
+        (cache_store/wire.py share_updates): one call to the owner per call here."""
+        from cache_store.wire import pack_update, share_updates, unpack_segment
 
         stream = lookup(self.streams, stream_id)
-        committed = []
-        for segment in segments:
-            update = stream.encoder.encode(stream.memory, unpack_segment(segment, self.model.device, self.model.dtype))
-            stream.compressor.decide(update)  # guidance scores blocks with the model; VSB: none; keep-all: nothing
-            kept = share_update(update, self._put, stream_id=stream_id, model_id=self.model.name) if update.units else None
-            stream.memory.apply(update)
-            stream.compressor.compact(stream.memory, update)
-            stream.applied += 1
-            stream.unpublished.append(pack_update(update, stream_id=stream_id, model_id=self.model.name, kept=kept))
-            committed.append(stream.unpublished[-1])
+        updates = []
+        try:
+            for segment in segments:
+                update = stream.encoder.encode(stream.memory, unpack_segment(segment, self.model.device, self.model.dtype))
+                stream.compressor.decide(update)  # guidance scores blocks with the model; VSB: none; keep-all: nothing
+                stream.memory.apply(update)
+                stream.compressor.compact(stream.memory, update)
+                updates.append(update)
+        finally:  # (those applied before an error are committed, as they are in the replica)
+            with_kv = [u for u in updates if u.units]
+            refs = share_updates(with_kv, stream.memory, self._put, stream_id=stream_id, model_id=self.model.name) \
+                if with_kv else []
+            kept = dict(zip(map(id, with_kv), refs))
+            for update in updates:
+                stream.applied += 1
+                stream.unpublished.append(pack_update(update, stream_id=stream_id, model_id=self.model.name,
+                                                      kept=kept.get(id(update))))
         stream.acknowledge(published)
+        committed = stream.unpublished[len(stream.unpublished) - len(updates):]
         return committed if len(committed) > 1 else committed[0]
 
-    def _put(self, pages) -> ray.ObjectRef:
-        """`pages` in the object store, owned by the node's page owner (they outlive this actor)."""
+    def _put(self, pages: list) -> list[ray.ObjectRef]:
+        """Each of `pages` in the object store, owned by the node's page owner (they outlive this
+        actor): one call however many."""
         from actors.page_owner import local_page_owner
 
         if self.page_owner is None:
             self.page_owner = local_page_owner()
-        return ray.get(self.page_owner.put.remote(pages))[0]
+        return ray.get(self.page_owner.put.remote(pages))
 
     def snapshot(self, stream_id: str) -> tuple[Wire, int]:
         """The replica and how many updates it holds."""

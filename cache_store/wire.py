@@ -103,16 +103,22 @@ def _place_kept(kv: list[list], update_keep, lengths: list[int], pages: list[KVP
             offset += lengths[i]
 
 
-def share_update(update: SegmentUpdate, put, *, stream_id: str, model_id: str):
-    """Put the update's kept pages in the object store (`put`: ray.put, naming their owner) and
-    return the reference for pack_update. On CPU the update's kept KV becomes views of that one
-    copy, so the caller's memory holds it no more than any replica does."""
+def share_updates(updates: list[SegmentUpdate], memory: StreamMemory, put, *, stream_id: str, model_id: str) -> list:
+    """Put the applied updates' kept pages in the object store, one object per update, in one
+    `put` call (the node's page owner: actors/page_owner.py), and return their references for
+    pack_update. On CPU, `memory` and the updates then hold views of those copies instead of
+    their own tensors: the caller holds the KV no more than any replica does."""
     import ray
 
-    ref = put(kept_pages(update, stream_id=stream_id, model_id=model_id))
-    if update.kv and update.kv[0][0][0].device.type == "cpu":
-        _place_kept(update.kv, update.keep, [kv[0][0].shape[1] for kv in update.kv], ray.get(ref), "cpu")
-    return ref
+    refs = put([kept_pages(u, stream_id=stream_id, model_id=model_id) for u in updates])
+    if updates and updates[0].kv[0][0][0].device.type == "cpu":
+        kvs = []
+        for update, pages in zip(updates, ray.get(refs)):
+            kv = [[None] * len(pages) for _ in update.units]
+            _place_kept(kv, update.keep, [per_layer[0][0].shape[1] for per_layer in update.kv], pages, "cpu")
+            kvs.append(kv)
+        memory.adopt(updates, kvs)
+    return refs
 
 
 def segment_summary(update: SegmentUpdate) -> np.ndarray:

@@ -98,6 +98,24 @@ class StreamMemory:
         if update.pool_keep is not None:
             self.compact_pools(update.pool_keep)
 
+    def adopt(self, updates: list[SegmentUpdate], kvs: list[list[list[KV | None]]]) -> None:
+        """Hold kvs[u][unit][layer] (equal tensors kept elsewhere: views of the object store's
+        copy, see cache_store/wire.py share_updates) instead of the applied updates' own, the
+        last ones applied; None keeps the update's own. The window holds the updates' per-unit
+        lists, so those are replaced in place; blocks, among the newest, by identity."""
+        swap: list[dict[int, KV]] = [{} for _ in self.blocks]  # per layer: id(old keys) -> new
+        for update, kv in zip(updates, kvs):
+            for i, per_layer in enumerate(kv):
+                for layer, new in enumerate(per_layer):
+                    if new is not None:
+                        swap[layer][id(update.kv[i][layer][0])] = new
+                        update.kv[i][layer] = new
+        newest = sum(len(update.units) for update in updates)
+        for layer, blocks in enumerate(self.blocks):
+            for j in range(max(0, len(blocks) - newest), len(blocks)):
+                if (new := swap[layer].get(id(blocks.keys[j]))) is not None:
+                    blocks.keys[j], blocks.values[j] = new
+
     def compact_pools(self, pool_keep: list[torch.Tensor | None]) -> None:
         for pool, keep in zip(self.pools, pool_keep):
             if keep is not None:
