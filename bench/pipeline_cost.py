@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--frames", type=int, default=1200, help="per stream (a multiple of 8)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--size", choices=["tiny", "medium", "large"],
+                        help="a bench.pipeline model instead of --model (large: 64 tokens and 64 KiB of KV per frame and "
+                             "layer, as against the demo's 4 and 2 KiB: per-block bookkeeping weighs as on a real model)")
     parser.add_argument("--method", default="rekv", help="preset (streamkv: guided compression, 2 more calls a segment)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fast", action="store_true", help="1 stream x 32 frames, 1 and 2 answer actors")
@@ -241,7 +244,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     videos = [frames_for(args.frames, seed=90_000 + i) for i in range(args.streams)]
     repo = str(Path(__file__).resolve().parent.parent)
     runs = []
-    with tempfile.TemporaryDirectory() as meter_dir:
+    with tempfile.TemporaryDirectory() as meter_dir, tempfile.TemporaryDirectory() as model_dir:
+        if args.size:
+            from bench.pipeline import SIZES
+            from synthetic.checkpoint import build_checkpoint
+
+            args.model = build_checkpoint(Path(model_dir) / args.size, SIZES[args.size])
         ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
                  runtime_env={"worker_process_setup_hook": serial_meter.HOOK,
                               "env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": str(args.threads),
@@ -253,10 +261,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 wait_for_exit(os.getpid())
         finally:
             ray.shutdown()
-    results = {"model": str(args.model), "method": args.method, "streams": args.streams, "frames_per_stream": args.frames,
+    results = {"model": args.size or str(args.model), "method": args.method, "streams": args.streams, "frames_per_stream": args.frames,
                "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "pipeline_cost" if args.method == "rekv" else f"pipeline_cost_{args.method}"
+    name += f"_{args.size}" if args.size else ""
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     report(results)
     return runs

@@ -13,7 +13,7 @@ import torch
 from cache_store.envelope import Wire, features_wire
 from cache_store.pages import KVPage, to_numpy
 from pipeline.config import EngineConfig
-from pipeline.kv_store import UnitInfo
+from pipeline.kv_store import PageSlice, UnitInfo
 from pipeline.memory import SegmentUpdate, StreamMemory
 from pipeline.model import ModelDims
 from pipeline.segmenter import FrameFeature, Segment
@@ -94,12 +94,12 @@ def kept_pages(update: SegmentUpdate, *, stream_id: str, model_id: str) -> list[
 
 
 def _place_kept(kv: list[list], update_keep, lengths: list[int], pages: list[KVPage], device) -> None:
-    """kv[unit][layer] for every kept (unit, layer): views of the kept pages (no copy on CPU)."""
+    """kv[unit][layer] for every kept (unit, layer): slices of the kept pages (no copy on CPU)."""
     for layer, page in enumerate(pages):
         keys, values = page.to_tensors(device, shared=True)  # [1, Hkv, T_l, d]
         offset = 0
         for i in (update_keep[layer] if update_keep is not None else range(len(kv))):
-            kv[i][layer] = (keys[0, :, offset : offset + lengths[i]], values[0, :, offset : offset + lengths[i]])
+            kv[i][layer] = PageSlice(keys[0], values[0], offset, offset + lengths[i])
             offset += lengths[i]
 
 
@@ -237,8 +237,8 @@ def unpack_snapshot(wire: Wire, dims: ModelDims, config: EngineConfig, device, d
         if ("blocks", layer) in by_tier:
             keys, values = by_tier[("blocks", layer)].to_tensors(device, shared=True)
             for i, uid in enumerate(meta["blocks"][layer]):
-                kv = (keys[0, :, i * n : (i + 1) * n], values[0, :, i * n : (i + 1) * n])  # views: never written
-                memory.blocks[layer].add(uid, *kv)
+                kv = PageSlice(keys[0], values[0], i * n, (i + 1) * n)  # views of the snapshot: never written
+                memory.blocks[layer].add(uid, kv)
                 shared[uid] = kv
         if ("window", layer) in by_tier:  # window units that are also blocks share their storage
             keys, values = by_tier[("window", layer)].to_tensors(device, shared=True)

@@ -74,12 +74,32 @@ def mean_key(keys: torch.Tensor) -> torch.Tensor:
     return keys.float().mean(dim=1)
 
 
+class PageSlice:
+    """One unit's (keys, values) in one layer: tokens [start, stop) of a page's [Hkv, T, d]
+    tensors, made into views only when read (it unpacks and indexes as a KV pair). A replica that
+    maps pages from the object store holds thousands of blocks, and two view tensors each would
+    cost ~1.5 KiB of bookkeeping, as much as a demo-model block's KV (cache_store/wire.py)."""
+
+    __slots__ = ("keys_page", "values_page", "start", "stop")
+
+    def __init__(self, keys_page: torch.Tensor, values_page: torch.Tensor, start: int, stop: int):
+        self.keys_page, self.values_page, self.start, self.stop = keys_page, values_page, start, stop
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return (self.keys_page, self.values_page)[i][:, self.start : self.stop]
+
+    def __iter__(self):
+        return iter((self[0], self[1]))
+
+
 class LayerBlocks:
     """Blocks one layer can retrieve, in time order."""
 
     def __init__(self):
-        self.keys: list[torch.Tensor] = []  # each [Hkv, n, d]
-        self.values: list[torch.Tensor] = []
+        self.kv: list[KV | PageSlice] = []  # each (keys, values) [Hkv, n, d]
         self.uids: list[int] = []
         self._reps: torch.Tensor | None = None  # [capacity, Hkv, d]
 
@@ -87,34 +107,45 @@ class LayerBlocks:
         return len(self.uids)
 
     @property
+    def keys(self) -> list[torch.Tensor]:
+        return [kv[0] for kv in self.kv]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [kv[1] for kv in self.kv]
+
+    @property
     def reps(self) -> torch.Tensor:
         """Representatives [U, Hkv, d] (fp32)."""
         return self._reps[: len(self.uids)]
 
-    def add(self, uid: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        rep = mean_key(keys)
+    def add(self, uid: int, kv: KV | PageSlice) -> None:
+        rep = mean_key(kv[0])
         if self._reps is None or len(self.uids) == self._reps.shape[0]:
             grown = rep.new_empty(max(16, 2 * len(self.uids)), *rep.shape)
             if self._reps is not None:
                 grown[: len(self.uids)] = self._reps
             self._reps = grown
         self._reps[len(self.uids)] = rep
-        self.keys.append(keys)
-        self.values.append(values)
+        self.kv.append(kv)
         self.uids.append(uid)
 
     def drop_oldest(self, count: int) -> None:
         if count <= 0:
             return
-        del self.keys[:count], self.values[:count], self.uids[:count]
+        del self.kv[:count], self.uids[:count]
         self._reps = self._reps[count:].clone()
 
     def gather(self, indices: list[int]) -> list[KV]:
         """The selected blocks' KV, in the given order."""
-        return [Visual(self.keys[i], self.values[i], self.uids[i]) for i in indices]
+        return [Visual(*self.kv[i], self.uids[i]) for i in indices]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.keys, *self.values]
+        return [t for kv in self.kv for t in kv]
+
+    def index_tensors(self) -> list[torch.Tensor]:
+        """The representatives' storage, its spare capacity included."""
+        return [] if self._reps is None else [self._reps]
 
 
 class Window:

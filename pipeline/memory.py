@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import EngineConfig
-from pipeline.kv_store import KV, LayerBlocks, TokenPool, UnitInfo, Visual, Window, tensor_bytes
+from pipeline.kv_store import KV, LayerBlocks, PageSlice, TokenPool, UnitInfo, Visual, Window, tensor_bytes
 from pipeline.model import ModelDims
 from pipeline.retrieval import LayerView
 from pipeline.segmenter import FrameFeature
@@ -87,7 +87,7 @@ class StreamMemory:
             self.recent_queries = update.recent_queries
         for layer, blocks in enumerate(self.blocks):
             for i in update.keep[layer] if update.keep is not None else range(len(update.units)):
-                blocks.add(update.units[i].uid, *update.kv[i][layer])
+                blocks.add(update.units[i].uid, update.kv[i][layer])
             if self.config.compression == "fifo":  # recent-N retains its last N blocks only
                 blocks.drop_oldest(len(blocks) - self.config.recent_blocks)
         evicted = [old for unit, kv in zip(update.units, update.kv) for old in self.window.push(unit.uid, kv)]
@@ -98,23 +98,23 @@ class StreamMemory:
         if update.pool_keep is not None:
             self.compact_pools(update.pool_keep)
 
-    def adopt(self, updates: list[SegmentUpdate], kvs: list[list[list[KV | None]]]) -> None:
-        """Hold kvs[u][unit][layer] (equal tensors kept elsewhere: views of the object store's
-        copy, see cache_store/wire.py share_updates) instead of the applied updates' own, the
-        last ones applied; None keeps the update's own. The window holds the updates' per-unit
-        lists, so those are replaced in place; blocks, among the newest, by identity."""
-        swap: list[dict[int, KV]] = [{} for _ in self.blocks]  # per layer: id(old keys) -> new
+    def adopt(self, updates: list[SegmentUpdate], kvs: list[list[list[KV | PageSlice | None]]]) -> None:
+        """Hold kvs[u][unit][layer] (equal KV kept elsewhere: slices of the object store's copy,
+        see cache_store/wire.py share_updates) instead of the applied updates' own, the last
+        ones applied; None keeps the update's own. The window holds the updates' per-unit lists,
+        so those are replaced in place; blocks, among the newest, by identity."""
+        swap: list[dict[int, KV | PageSlice]] = [{} for _ in self.blocks]  # per layer: id(old pair) -> new
         for update, kv in zip(updates, kvs):
             for i, per_layer in enumerate(kv):
                 for layer, new in enumerate(per_layer):
                     if new is not None:
-                        swap[layer][id(update.kv[i][layer][0])] = new
+                        swap[layer][id(update.kv[i][layer])] = new
                         update.kv[i][layer] = new
         newest = sum(len(update.units) for update in updates)
         for layer, blocks in enumerate(self.blocks):
             for j in range(max(0, len(blocks) - newest), len(blocks)):
-                if (new := swap[layer].get(id(blocks.keys[j]))) is not None:
-                    blocks.keys[j], blocks.values[j] = new
+                if (new := swap[layer].get(id(blocks.kv[j]))) is not None:
+                    blocks.kv[j] = new
 
     def compact_pools(self, pool_keep: list[torch.Tensor | None]) -> None:
         for pool, keep in zip(self.pools, pool_keep):
@@ -160,7 +160,7 @@ class StreamMemory:
             "blocks": tensor_bytes([t for b in self.blocks for t in b.tensors()], seen),
             "long_term": tensor_bytes([t for p in self.pools or [] for t in p.tensors()], seen),
             "window": tensor_bytes(self.window.tensors(), seen),
-            "index": tensor_bytes([b.reps for b in self.blocks if len(b)], seen),
+            "index": tensor_bytes([t for b in self.blocks if len(b) for t in b.index_tensors()], seen),
             "features": tensor_bytes([t for f in self.features for t in (f.tokens, f.deepstack) if t is not None], seen),
         }
         tiers["total"] = sum(tiers.values())  # "features": the uniform baseline's visual tokens (and deepstack)

@@ -67,6 +67,13 @@ def owned_by(pid: int) -> int:
     return object_refs()["workers"].get(pid, {}).get("owned", 0)
 
 
+def page_owner_pid() -> int:
+    from actors.calls import NAMESPACE
+
+    owner = ray.get_actor(f"pages-{ray.get_runtime_context().get_node_id()}", namespace=NAMESPACE)
+    return ray.get(owner.__ray_call__.remote(lambda self: __import__("os").getpid()))
+
+
 def finished(handle, stream_id: str) -> dict:
     deadline = time.monotonic() + 120
     while (status := ray.get(handle.status.remote(stream_id)))["source_state"] not in ("finished", "failed"):
@@ -98,6 +105,8 @@ def test_deleted_streams_leave_no_state_keys_decoders_or_objects(churn, tmp_path
     ray.get(handle.ask.remote("warm", "what colour is it?", 2))
     ray.get(handle.delete_stream.remote("warm"))
     owned_before = owned_by(pid)
+    pages_pid = page_owner_pid()  # the node's KV pages' owner (actors/page_owner.py)
+    pages_before = owned_by(pages_pid)
 
     clip = tmp_path / "clip.mp4"
     write_video(clip, scene_video(FRAMES, seed=1), fps=4.0)
@@ -151,6 +160,10 @@ def test_deleted_streams_leave_no_state_keys_decoders_or_objects(churn, tmp_path
         time.sleep(0.2)
     assert owned <= owned_before + watching, \
         f"the coordinator still owns {owned - owned_before - watching} objects of deleted streams"
+    deadline = time.monotonic() + 30  # the streams' KV pages: let go once no replica maps them
+    while (pages := owned_by(pages_pid)) > pages_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pages <= pages_before, f"the page owner still owns {pages - pages_before} pages of deleted streams"
 
 
 def test_a_thumbnail_keeper_forgets_a_dropped_stream():
