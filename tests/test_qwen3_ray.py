@@ -5,16 +5,17 @@ prefill actor, so answers and evidence equal the single-process engine's; replic
 the wire (updates, snapshots) answer the same."""
 
 import pickle
+import uuid
 
 import pytest
 import ray
 
-from actors.coordinator import StreamCoordinator
 from pipeline import StreamSession, load_model
 from tests.test_qwen_engine import QUESTION, frames_for
 from tests.test_qwen_ray import CHUNKS, engine_answers, http_answer_equals_the_engine, ray_answers
 
 CHECKPOINT = "qwen3-gqa"  # grouped-query, 3 layers, 16 visual tokens per temporal patch
+COORDINATOR = f"qwen3-ray-test-{uuid.uuid4().hex[:8]}"  # named: the HTTP check's app uses it too
 
 
 def cases(n: int) -> dict[str, dict]:
@@ -33,10 +34,10 @@ def qwen3_engine(qwen3_dirs):
 
 @pytest.fixture(scope="module")
 def qwen3_coordinator(ray_runtime, qwen3_dirs, redis_server):
-    handle = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(qwen3_dirs[CHECKPOINT],
-                                                                       index_url=redis_server.url)
-    yield handle
-    ray.kill(handle)
+    from deploy.ingest import named_coordinator, stop_coordinator
+
+    yield named_coordinator(COORDINATOR, qwen3_dirs[CHECKPOINT], index_url=redis_server.url)
+    stop_coordinator(COORDINATOR)
 
 
 @pytest.mark.parametrize("method", ["rekv", "streamkv", "livevlm"])
@@ -98,8 +99,9 @@ def test_qwen3_replicas_from_the_wire_answer_the_same(qwen3_engine, method):
         assert memory.memory()["total"] == session.store.memory()["total"]
 
 
-def test_the_http_service_hosts_a_qwen3_stream(server, checkpoint_dirs, qwen3_dirs, qwen3_engine):
-    """As test_qwen_ray's HTTP check, on the Qwen3-VL checkpoint: a pushed MPEG-TS upload of 11
-    frames, and the answer over HTTP is the engine's on the same decoded frames."""
+def test_the_http_service_hosts_a_qwen3_stream(server, checkpoint_dirs, qwen3_dirs, qwen3_engine, qwen3_coordinator):
+    """As test_qwen_ray's HTTP check, on the Qwen3-VL checkpoint (an app on this module's
+    coordinator): a pushed MPEG-TS upload of 11 frames, and the answer over HTTP is the engine's
+    on the same decoded frames."""
     http_answer_equals_the_engine(server, checkpoint_dirs, qwen3_dirs[CHECKPOINT], qwen3_engine, "qwen3",
-                                  cases(qwen3_engine.dims.tokens_per_unit)["rekv"])
+                                  cases(qwen3_engine.dims.tokens_per_unit)["rekv"], coordinator=COORDINATOR)

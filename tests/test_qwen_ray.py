@@ -121,8 +121,10 @@ def test_the_http_service_hosts_a_qwen_stream(server, checkpoint_dirs, qwen_dirs
                                   cases(qwen_engine.dims.tokens_per_unit)["rekv"])
 
 
-def http_answer_equals_the_engine(server, checkpoint_dirs, model_dir, engine, tag, options):
-    """(test_the_http_service_hosts_a_qwen_stream, on the checkpoint at `model_dir`)"""
+def http_answer_equals_the_engine(server, checkpoint_dirs, model_dir, engine, tag, options, coordinator=None):
+    """(test_the_http_service_hosts_a_qwen_stream, on the checkpoint at `model_dir`) `coordinator`:
+    the name of a running coordinator of that checkpoint for the app to use (its model actors are
+    warm), else the app starts its own, stopped afterwards."""
     import uuid
 
     import numpy as np
@@ -133,7 +135,7 @@ def http_answer_equals_the_engine(server, checkpoint_dirs, model_dir, engine, ta
     from tests.plugins.serve_app import client, run_app
     from tests.test_http_api import mpegts, wait_ingested
 
-    name = f"{tag}-http-{uuid.uuid4().hex[:8]}"
+    name = coordinator or f"{tag}-http-{uuid.uuid4().hex[:8]}"
     app = f"streamkv-{tag}-test"
     url = run_app(checkpoint_dirs, name, f"{server}/{tag}", app, f"/{tag}", model_dir=model_dir, model_name=f"tiny-{tag}")
     try:
@@ -158,4 +160,5 @@ def http_answer_equals_the_engine(server, checkpoint_dirs, model_dir, engine, ta
         assert answer["choices"][0]["message"]["content"] == expected.text
     finally:
         serve.delete(app)
-        stop_coordinator(name)
+        if coordinator is None:
+            stop_coordinator(name)
