@@ -53,9 +53,12 @@ def _tensor(a: np.ndarray, device, dtype: torch.dtype) -> torch.Tensor:
 # One array of a unit's features: its visual tokens [n, hidden], or with deepstack (Qwen3-VL)
 # the visual tokens and the k deepstack features stacked [1 + k, n, hidden], as
 # PrefillWorker.encode_frames returns them (the coordinator keeps and replays them as they are).
+def _stacked(item: FrameFeature) -> torch.Tensor:
+    return item.tokens if item.deepstack is None else torch.cat([item.tokens[None], item.deepstack])
+
+
 def pack_features(items: list[FrameFeature]) -> Wire:
-    stacked = lambda f: f.tokens if f.deepstack is None else torch.cat([f.tokens[None], f.deepstack])  # noqa: E731
-    tokens = _carried(torch.stack([stacked(f) for f in items])) if items else None
+    tokens = _carried(torch.stack([_stacked(f) for f in items])) if items else None
     return features_wire(tokens, [f.frames for f in items], [f.times for f in items])
 
 
