@@ -78,7 +78,8 @@ class HeldSegments(SegmenterState):
     """A stream as the compressor actor holds it, for a restarted coordinator."""
 
     # the open segment's frames: pack_features' meta ((frame range, time range) per frame) and
-    # their visual tokens [T, n, hidden] (plain values: the coordinator does not import the formats)
+    # their visual tokens [T, n, hidden] (with deepstack: [T, 1 + k, n, hidden], cache_store/wire.py)
+    # (plain values: the coordinator does not import the formats)
     open_ranges: list = field(default_factory=list)
     open_tokens: np.ndarray | None = None
     closed: list[Any] = field(default_factory=list)  # closed segments not known to be committed (refs)

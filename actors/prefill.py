@@ -22,7 +22,6 @@ import ray
 from actors.messages import HeldReplica
 from actors.release import release_freed_memory
 from actors.spec import StreamSpec, lookup
-from pipeline.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from cache_store.envelope import Wire
@@ -71,9 +70,6 @@ class PrefillWorker:
         """Start a stream; returns the snapshot (sinks only) that answer replicas start from."""
         from cache_store.wire import pack_snapshot
 
-        if self.model.family == "qwen3_vl":  # (a clear error, not answers without deepstack or timestamps)
-            raise UnsupportedModelError(f"{self.model.name}: Qwen3-VL's deepstack features and variable-length units do "
-                                        "not travel between actors yet; run Qwen3-VL checkpoints in StreamSession")
         self.streams[spec.stream_id] = stream = _Stream(spec, self.model)
         return pack_snapshot(stream.memory, stream_id=spec.stream_id, model_id=self.model.name)
 
@@ -90,8 +86,12 @@ class PrefillWorker:
     @ray.method(concurrency_group="vision")
     def encode_frames(self, batches: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
         """Visual tokens for several streams' frames at once (cross-stream batching), per request,
-        in the model's dtype: [frames / frames_per_unit, n, hidden] each. A request of whole units
-        (a lone last frame is padded as the processor pads it) keeps its units its own."""
+        in the model's dtype: [frames / frames_per_unit, n, hidden] each; with deepstack
+        (Qwen3-VL), each unit's visual tokens and deepstack features stacked, [units, 1 + k, n,
+        hidden] (cache_store/wire.py pack_features' layout). A request of whole units (a lone last
+        frame is padded as the processor pads it) keeps its units its own."""
+        import torch
+
         from cache_store.pages import to_numpy
 
         per_unit = self.model.dims.frames_per_unit
@@ -99,7 +99,10 @@ class PrefillWorker:
             return [r for frames in batches for r in self.encode_frames([frames], batch_size)]
         units = [-(-len(frames) // per_unit) for frames in batches]
         # in the model's dtype (bf16 as a uint16 view: cache_store/wire.py), not float32
-        tokens = to_numpy(self.model.encode_frames(np.concatenate(batches), batch_size))  # [U, n, hidden]
+        tokens, deepstack = self.model.encode_units(np.concatenate(batches), batch_size)  # [U, n, hidden], [U, k, n, hidden]
+        if deepstack is not None:
+            tokens = torch.cat([tokens[:, None], deepstack], dim=1)
+        tokens = to_numpy(tokens)
         return np.split(tokens, np.cumsum(units)[:-1])
 
     def encode_and_commit(self, stream_id: str, published: int, *segments: Wire) -> Wire | list[Wire]:

@@ -56,7 +56,8 @@ class StreamState:
     last_time: float | None = None
     applied: int = 0  # updates committed to every replica
     published: int = 0  # of them, how many are known to have reached every replica and the index
-    # the open segment's units: (frame range, visual tokens [n, hidden], time range) each
+    # the open segment's units: (frame range, visual tokens [n, hidden], time range) each (with
+    # deepstack, Qwen3-VL: visual tokens and deepstack features [1 + k, n, hidden], as encode_frames gives them)
     pending: list[tuple[tuple[int, int], np.ndarray, tuple[float, float]]] = field(default_factory=list)
     lone: LoneFrames | None = None  # frames ingested that wait for the rest of their unit
     recoveries: int = 0

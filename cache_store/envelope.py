@@ -34,7 +34,9 @@ class Wire:
 
 
 def features_wire(tokens: np.ndarray | None, frames: list[tuple[int, int]], times: list[tuple[float, float]]) -> Wire:
-    """Visual tokens [T, n, hidden] of T frames (or merged runs of frames, None when T is 0) with
-    their frame and time ranges: cache_store.wire's format of frame features and segments."""
+    """Visual tokens [T, n, hidden] of T frames (or merged runs of frames, None when T is 0; with
+    deepstack, Qwen3-VL, each unit's visual tokens and deepstack features stacked [T, 1 + k, n,
+    hidden]) with their frame and time ranges: cache_store.wire's format of frame features and
+    segments."""
     meta = [[[int(f[0]), int(f[1])], [float(t[0]), float(t[1])]] for f, t in zip(frames, times)]
     return Wire({"features": meta}, arrays={"features": tokens} if meta else {})

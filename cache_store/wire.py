@@ -24,6 +24,7 @@ def _unit_meta(unit: UnitInfo) -> list:
 
 
 def _unit(meta: list) -> UnitInfo:
+    """_unit_meta's list (6 elements: from before units carried their stored tokens)."""
     uid, kind, frames, times, segment, first, *tokens = meta
     return UnitInfo(uid, kind, tuple(frames), tuple(times), segment, first, *tokens)
 
@@ -49,16 +50,26 @@ def _tensor(a: np.ndarray, device, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---- visual tokens and segments ----------------------------------------------------------------
+# One array of a unit's features: its visual tokens [n, hidden], or with deepstack (Qwen3-VL)
+# the visual tokens and the k deepstack features stacked [1 + k, n, hidden], as
+# PrefillWorker.encode_frames returns them (the coordinator keeps and replays them as they are).
+def _stacked(item: FrameFeature) -> torch.Tensor:
+    return item.tokens if item.deepstack is None else torch.cat([item.tokens[None], item.deepstack])
+
+
 def pack_features(items: list[FrameFeature]) -> Wire:
-    tokens = _carried(torch.stack([f.tokens for f in items])) if items else None
+    tokens = _carried(torch.stack([_stacked(f) for f in items])) if items else None
     return features_wire(tokens, [f.frames for f in items], [f.times for f in items])
 
 
 def unpack_features(wire: Wire, device, dtype: torch.dtype) -> list[FrameFeature]:
     if not wire.meta["features"]:
         return []
-    tokens = _tensor(wire.arrays["features"], device, dtype)  # [T, n, hidden]
-    return [FrameFeature(tokens[i], tuple(f), tuple(t)) for i, (f, t) in enumerate(wire.meta["features"])]
+    tokens = _tensor(wire.arrays["features"], device, dtype)  # [T, n, hidden] or [T, 1 + k, n, hidden]
+    deepstack = tokens[:, 1:] if tokens.dim() == 4 else None
+    tokens = tokens[:, 0] if tokens.dim() == 4 else tokens
+    return [FrameFeature(tokens[i], tuple(f), tuple(t), None if deepstack is None else deepstack[i])
+            for i, (f, t) in enumerate(wire.meta["features"])]
 
 
 def pack_segment(segment: Segment) -> Wire:
@@ -225,25 +236,32 @@ def pack_snapshot(memory: StreamMemory, *, stream_id: str, model_id: str) -> Wir
 
 
 def unpack_snapshot(wire: Wire, dims: ModelDims, config: EngineConfig, device, dtype: torch.dtype) -> StreamMemory:
-    meta, n = wire.meta, dims.tokens_per_unit
+    meta = wire.meta
     by_tier = {(p.header.extra.get("tier"), p.header.unit_id): p for p in wire.pages if p.header.kind == "page"}
     sink_keys, sink_values = next(p for p in wire.pages if p.header.kind == "sink").to_tensors(device, shared=True)
     memory = StreamMemory(dims, config, [(sink_keys[l], sink_values[l]) for l in range(dims.layers)])
     memory.units = {u.uid: u for u in map(_unit, meta["units"])}
+    length = {uid: u.tokens or dims.tokens_per_unit for uid, u in memory.units.items()}  # Qwen3-VL's vary
+
+    def offsets(uids: list[int]) -> list[int]:  # each unit's first token in a tier's page, and the end
+        return np.cumsum([0] + [length[uid] for uid in uids]).tolist()
+
     memory.next_position = meta["next_position"]
     per_layer_window: list[dict[int, tuple]] = []
     for layer in range(dims.layers):
         shared: dict[int, tuple] = {}
         if ("blocks", layer) in by_tier:
             keys, values = by_tier[("blocks", layer)].to_tensors(device, shared=True)
+            at = offsets(meta["blocks"][layer])
             for i, uid in enumerate(meta["blocks"][layer]):
-                kv = PageSlice(keys[0], values[0], i * n, (i + 1) * n)  # views of the snapshot: never written
+                kv = PageSlice(keys[0], values[0], at[i], at[i + 1])  # views of the snapshot: never written
                 memory.blocks[layer].add(uid, kv)
                 shared[uid] = kv
         if ("window", layer) in by_tier:  # window units that are also blocks share their storage
             keys, values = by_tier[("window", layer)].to_tensors(device, shared=True)
+            at = offsets(meta["window"])
             for i, uid in enumerate(meta["window"]):
-                shared.setdefault(uid, (keys[0, :, i * n : (i + 1) * n], values[0, :, i * n : (i + 1) * n]))
+                shared.setdefault(uid, (keys[0, :, at[i] : at[i + 1]], values[0, :, at[i] : at[i + 1]]))
         per_layer_window.append(shared)
         if ("pool", layer) in by_tier:
             keys, values = by_tier[("pool", layer)].to_tensors(device, shared=True)

@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
@@ -40,12 +42,17 @@ class Qwen3VL(QwenVL):
                                         max_pixels=video.size["longest_edge"])[0]
         VideoLLM.__init__(self, model, processor, name)
         self.side = self.frame_size // self.patch // self.merge  # merged tokens per side
-        self._timed_rope = TimestampedRope(self.lm, self.dims.tokens_per_unit, self.side)
         self.vision_start, self.vision_end = processor.vision_start_token_id, processor.vision_end_token_id
 
     def rope(self, frame_rate: float) -> TimestampedRope:
         """Time is in the units' text, so every frame rate places alike."""
         return self._timed_rope
+
+    @cached_property
+    def _timed_rope(self) -> TimestampedRope:
+        # built when first used: it probes the rotary module, which a model on the meta device
+        # (load_dims: the compressor actor's shapes) cannot run
+        return TimestampedRope(self.lm, self.dims.tokens_per_unit, self.side)
 
     # ---- text -------------------------------------------------------------------------------
     def prompt_parts(self, system_prompt, question) -> PromptParts:

@@ -117,6 +117,14 @@ def test_a_qwen_file_source_is_decoded_paired_and_answered_as_the_engine(qwen_co
 def test_the_http_service_hosts_a_qwen_stream(server, checkpoint_dirs, qwen_dirs, qwen_engine):
     """A Serve app with model_dir on the Qwen checkpoint: a pushed MPEG-TS upload of 11 frames is
     ingested whole, and the answer over HTTP is the engine's on the same decoded frames."""
+    http_answer_equals_the_engine(server, checkpoint_dirs, qwen_dirs["qwen-gqa"], qwen_engine, "qwen",
+                                  cases(qwen_engine.dims.tokens_per_unit)["rekv"])
+
+
+def http_answer_equals_the_engine(server, checkpoint_dirs, model_dir, engine, tag, options, coordinator=None):
+    """(test_the_http_service_hosts_a_qwen_stream, on the checkpoint at `model_dir`) `coordinator`:
+    the name of a running coordinator of that checkpoint for the app to use (its model actors are
+    warm), else the app starts its own, stopped afterwards."""
     import uuid
 
     import numpy as np
@@ -127,44 +135,30 @@ def test_the_http_service_hosts_a_qwen_stream(server, checkpoint_dirs, qwen_dirs
     from tests.plugins.serve_app import client, run_app
     from tests.test_http_api import mpegts, wait_ingested
 
-    name = f"qwen-http-{uuid.uuid4().hex[:8]}"
-    url = run_app(checkpoint_dirs, name, f"{server}/qwen", "streamkv-qwen-test", "/qwen",
-                  model_dir=qwen_dirs["qwen-gqa"], model_name="tiny-qwen")
+    name = coordinator or f"{tag}-http-{uuid.uuid4().hex[:8]}"
+    app = f"streamkv-{tag}-test"
+    url = run_app(checkpoint_dirs, name, f"{server}/{tag}", app, f"/{tag}", model_dir=model_dir, model_name=f"tiny-{tag}")
     try:
-        data = mpegts(frames_for(qwen_engine, 11, seed=24), fps=2.0)
-        options = cases(qwen_engine.dims.tokens_per_unit)["rekv"]
+        data = mpegts(frames_for(engine, 11, seed=24), fps=2.0)
         with client(url) as http:
             assert http.post("/v1/streams", json={"stream_id": "qcam", "method": "rekv", "options": options}).status_code == 201
             assert http.post("/v1/streams/qcam/chunks", content=data, headers={"Content-Type": "video/mp2t"}).status_code == 202
             http.post("/v1/streams/qcam/close", params={"wait_s": 60})
             status = wait_ingested(http, "qcam", 11)
             assert status["source_state"] == "finished" and status["frames_ingested"] == 11, status
-            answer = http.post("/v1/chat/completions", json={"model": "tiny-qwen", "max_tokens": 6, "messages": [
+            answer = http.post("/v1/chat/completions", json={"model": f"tiny-{tag}", "max_tokens": 6, "messages": [
                 {"role": "user", "content": [{"type": "video_url", "video_url": {"url": "stream://qcam"}},
                                              {"type": "text", "text": QUESTION}]}]})
             assert answer.status_code == 200, answer.text
             answer = answer.json()
         decoded = list(open_source(data, DecodeConfig()))
-        session = StreamSession(qwen_engine, method="rekv", **options)
+        session = StreamSession(engine, method="rekv", **options)
         session.add_frames(np.stack([d.image for d in decoded]), [d.time for d in decoded])
         expected = session.ask(QUESTION, max_new_tokens=6)
+        assert expected.evidence  # retrieval happened
         assert [e["frames"] for e in answer["evidence"]] == [list(e.frames) for e in expected.evidence]
         assert answer["choices"][0]["message"]["content"] == expected.text
     finally:
-        serve.delete("streamkv-qwen-test")
-        stop_coordinator(name)
-
-
-def test_the_ray_pipeline_refuses_a_qwen3_stream_clearly(ray_runtime, qwen3_dirs, redis_server):
-    """Qwen3-VL's deepstack features and variable-length units do not travel between actors yet:
-    creating a stream is a typed error (and leaves nothing), not answers without them."""
-    from pipeline.errors import UnsupportedModelError
-
-    handle = ray.remote(StreamCoordinator).options(num_cpus=0.1).remote(qwen3_dirs["qwen3-gqa"],
-                                                                       index_url=redis_server.url)
-    try:
-        with pytest.raises(UnsupportedModelError, match="Qwen3-VL"):
-            ray.get(handle.create_stream.remote("qwen3", "rekv", {}))
-        assert ray.get(handle.list_streams.remote()) == []
-    finally:
-        ray.kill(handle)
+        serve.delete(app)
+        if coordinator is None:
+            stop_coordinator(name)
