@@ -325,7 +325,7 @@ async def idle(args, url: str, redis_client) -> dict:
             "per_stream_total_bytes": total}
 
 
-PLOTTED = ("ray::StreamCoordinator", "gcs_server", "ray::DashboardAgent", "ray::PrefillWorker")
+PLOTTED = ("ray::StreamCoordinator", "gcs_server", "ray::DecoderHost", "ray::PrefillWorker", "ray::ProxyActor")
 
 
 def plot(result: dict, path: Path, before: dict | None = None) -> None:
