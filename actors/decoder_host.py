@@ -17,7 +17,10 @@ after a coordinator restart, status fields. An unknown key raises `UnknownSource
 A source whose decoding ended (finished, failed, stopped) is let go at once: its thread has
 exited, and the host keeps only its final status (a small dict), which `status`, `wait`, `start`,
 `stop` and `resync` answer from, until the coordinator `drop`s it. `drop` stops a source that
-still runs and forgets it.
+still runs and forgets it, then hands the freed pages back to the OS (malloc_trim). The pool
+starts hosts with few malloc arenas (actors/release.py FEW_ARENAS): with glibc's default, the
+freed memory of sources decoded by many short-lived threads stayed spread over up to 8 arenas
+per core (BENCHMARKS.md "Stream churn").
 
 Threads: the default concurrency group (open, start, status, stop, drop, resync, load, held,
 watch) and "push" (push, close) and "wait" (wait) are sized by the host's capacity, so a blocked
@@ -37,6 +40,7 @@ from typing import Any
 import ray
 
 from actors.decoder import StreamDecoder
+from actors.release import release_freed_memory
 from pipeline.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -113,6 +117,8 @@ class DecoderHost:
         final = entry.stop(timeout_s)
         with self._lock:
             self._sources.pop(key, None)
+        del entry
+        release_freed_memory()  # its buffers and codec: to the OS, not only to malloc (actors/release.py)
         return final
 
     def load(self) -> int:

@@ -7,6 +7,11 @@ kept by the prefill actor, +385 MB by the coordinator after deletion, BENCHMARKS
 churn") or after many streams (the coordinator's USS grew ~0.4 MiB per stream lifetime, and
 `malloc_trim` gave all of the growth back: no object was left), `release_freed_memory` returns
 the free pages. glibc only (Linux); elsewhere it does nothing.
+
+A process with many threads that allocate (a decoder host: a decode thread per source and Ray's
+pools of call threads) also spreads its heap over glibc's per-thread arenas, up to 8 per core,
+each keeping its own high-water mark: `FEW_ARENAS` is the environment such a process is started
+with (MALLOC_ARENA_MAX is read when the process starts, so it goes in the actor's runtime_env).
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+
+
+# glibc's malloc arenas for a process of many short-lived threads (see the module docstring):
+# measured on a decoder host, 200 sources through it: +93 KiB USS per source with glibc's default
+# (16 arenas on 2 cores), flat after ~80 sources with 2 (BENCHMARKS.md "Stream churn")
+FEW_ARENAS = {"MALLOC_ARENA_MAX": "2"}
 
 
 @functools.cache

@@ -67,7 +67,7 @@ def node_memory(redis_client=None) -> dict:
         row["count"] += 1
     runtime = {k: sum(v[k] for n, v in by.items() if n != "redis-server") for k in ("pss", "uss", "rss")}
     out = {"t": time.time(), "by_title": dict(sorted(by.items())), "runtime": runtime,
-           "object_store_bytes": _object_store_used()}
+           "object_store_bytes": _object_store_used(), "gcs": gcs_records(), "load_average": os.getloadavg()[0]}
     try:  # objects owned and references held, by process title
         refs, titles = object_refs(), {pid: title(cmd) for pid, _, cmd, _ in procs}
         owned = defaultdict(lambda: {"owned": 0, "in_scope": 0})
@@ -81,6 +81,29 @@ def node_memory(redis_client=None) -> dict:
     if redis_client is not None:
         info = redis_client.info("memory")
         out["redis"] = {"used_memory": info["used_memory"], "keys": redis_client.dbsize()}
+    return out
+
+
+GCS_COUNTS = {"task_events_stored": "-Current num of task events stored:",
+              "task_events_reported": "-Total num task events reported:",
+              "destroyed_actors": "- Destroyed actors count:"}
+
+
+def gcs_records() -> dict:
+    """What the GCS says it keeps, from the last debug dump in this runtime's gcs_server.out (it
+    writes one a minute: the figures lag by up to 60 s): task events stored (capped by Ray's
+    task_events_max_num_task_in_gcs) and reported, destroyed actors kept."""
+    import ray
+
+    try:
+        text = (Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "gcs_server.out").read_text(errors="replace")
+    except Exception:  # noqa: BLE001 - a figure, not a failure
+        return {}
+    out = {}
+    for key, label in GCS_COUNTS.items():
+        at = text.rfind(label)
+        if at >= 0:
+            out[key] = int(text[at + len(label):].split(None, 1)[0])
     return out
 
 
@@ -138,7 +161,7 @@ class Service:
         self.redis.start(free_port())
         self.args = SimpleNamespace(
             threads=1, num_cpus=4, object_store_mib=512, model=args.model, answerers=1, actor_cpus=0.25,
-            coordinator_cpus=0.1, api_cpus=0.1, token=None,
+            coordinator_cpus=0.1, api_cpus=0.1, token=None, ray_config=ray_config(args.ray_config),
             server_arg=[f"index_url={self.redis.url}", f"max_streams={max(64, 2 * args.concurrency)}",
                         *args.server_arg])
         from bench.load import LocalService
@@ -153,6 +176,11 @@ class Service:
     def close(self) -> None:
         self.local.close()
         self.redis.stop()
+
+
+def ray_config(pairs: list[str]) -> dict:
+    """--ray-config KEY=VALUE pairs as Ray's _system_config (numbers as ints)."""
+    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in (p.split("=", 1) for p in pairs)}
 
 
 def upload(frames: int, fps: float, seed: int = 90_000) -> list[bytes]:
@@ -218,7 +246,7 @@ def _print(row: dict) -> None:
           f"{redis.get('keys', '-')} keys  store {(row['object_store_bytes'] or 0) / MiB:.2f} MiB  "
           f"decoders {row['by_title'].get(DECODER, {}).get('count', 0)}  objects "
           f"{row.get('objects', {}).get('store_objects', '-')} coordinator refs "
-          f"{row.get('objects', {}).get('by_title', {}).get('ray::StreamCoordinator')}", flush=True)
+          f"{row.get('objects', {}).get('by_title', {}).get('ray::StreamCoordinator')}  gcs {row.get('gcs')}", flush=True)
 
 
 async def churn(args, url: str, redis_client) -> dict:
@@ -244,6 +272,7 @@ async def churn(args, url: str, redis_client) -> dict:
         elapsed = time.monotonic() - started
         left = len((await client.get("/v1/streams")).json()["data"])
     return {"streams": args.streams, "concurrency": args.concurrency, "frames_per_stream": args.frames,
+            "ray_config": ray_config(args.ray_config), "load_average": os.getloadavg(),
             "fps": args.fps, "seconds": elapsed, "errors": errors, "streams_left": left, "samples": rows,
             "slopes_bytes_per_stream": fits(rows, args.warmup)}
 
@@ -296,7 +325,7 @@ async def idle(args, url: str, redis_client) -> dict:
             "per_stream_total_bytes": total}
 
 
-PLOTTED = ("ray::StreamCoordinator", "gcs_server", "ray::DashboardAgent", "ray::PrefillWorker")
+PLOTTED = ("ray::StreamCoordinator", "gcs_server", "ray::DecoderHost", "ray::PrefillWorker", "ray::ProxyActor")
 
 
 def plot(result: dict, path: Path, before: dict | None = None) -> None:
@@ -338,6 +367,8 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=30.0, help="longest wait for deleted decoders to exit")
     parser.add_argument("--model", type=Path, default=REPO / "models" / "demo")
     parser.add_argument("--server-arg", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--ray-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="Ray _system_config entries, e.g. task_events_max_num_task_in_gcs=10000")
     parser.add_argument("--name", default=None, help="result files: bench/results/<name>.json/.png")
     parser.add_argument("--before", help="plot: a run before a change to draw beside --name's (its result name)")
     args = parser.parse_args()

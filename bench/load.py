@@ -183,6 +183,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray's settings for a runtime that serves streams (the same as ray_cluster.yaml's and
+# deploy/kuberay/rayservice.yaml's RAY_task_events_max_num_task_in_gcs): the GCS keeps a record of
+# every task (call) for the dashboard and `ray list tasks`, ~4 KiB each, and a stream's lifetime
+# makes ~50 calls, so with Ray's default cap (100,000 tasks) it grew ~200 KiB per stream up to
+# ~400 MB. 10,000 keeps the latest ~10,000 calls (~40 MB) (BENCHMARKS.md "Stream churn").
+RAY_SYSTEM_CONFIG = {"task_events_max_num_task_in_gcs": 10_000}
+
+
 class LocalService:
     """Ray + Serve + the streamkv app, started by this process and torn down by `close`."""
 
@@ -202,7 +210,8 @@ class LocalService:
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
                "OMP_NUM_THREADS": str(self.args.threads)}
         ray.init(num_cpus=self.args.num_cpus, num_gpus=0, object_store_memory=self.args.object_store_mib * MiB,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": env})
+                 include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": env},
+                 _system_config={**RAY_SYSTEM_CONFIG, **(getattr(self.args, "ray_config", None) or {})})
         self.started = True
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 300})

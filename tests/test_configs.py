@@ -29,3 +29,17 @@ def test_cli_lists_its_commands():
     for command in ("demo", "serve", "ingest", "ask", "status", "bench"):
         assert command in result.output
     assert CliRunner().invoke(app, ["bench", "nonsense"]).exit_code != 0
+
+
+def test_every_ray_start_caps_the_gcs_task_records_as_the_benchmarks_do():
+    """The GCS's task records grew ~200 KiB per stream lifetime up to Ray's default cap
+    (BENCHMARKS.md "Stream churn"): the cluster launcher, KubeRay and the local service all set
+    the same smaller cap (bench/load.py RAY_SYSTEM_CONFIG)."""
+    from bench.load import RAY_SYSTEM_CONFIG
+
+    cap = RAY_SYSTEM_CONFIG["task_events_max_num_task_in_gcs"]
+    cluster = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    assert f"RAY_task_events_max_num_task_in_gcs={cap} ray start --head" in " ".join(cluster["head_start_ray_commands"])
+    manifest = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "RAY_task_events_max_num_task_in_gcs", "value": str(cap)} in head["env"]

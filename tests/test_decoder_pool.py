@@ -15,6 +15,7 @@ from tests.test_http_api import mpegts
 
 from actors.coordinator import StreamCoordinator
 from actors.decoder_host import UnknownSourceError
+from actors.release import FEW_ARENAS
 from pipeline.video_io import write_video
 
 OPTIONS = {"top_k": 4, "n_local": 24}
@@ -59,6 +60,9 @@ def test_many_pushed_streams_share_two_processes_and_ingest_every_frame(coordina
     assert len(hosts) == 2 and len({host_pid(h) for h in hosts}) == 2  # 2 processes, not 12
     assert sorted(ray.get(h.load.remote()) for h in hosts) == [CAPACITY, CAPACITY]
     assert len(decode_threads(hosts[0])) + len(decode_threads(hosts[1])) == 12
+    # few malloc arenas, the job's environment kept (Ray merges the host's env_vars into it)
+    environ = ray.get(hosts[0].__ray_call__.remote(lambda self: dict(__import__("os").environ)))
+    assert environ.get("MALLOC_ARENA_MAX") == FEW_ARENAS["MALLOC_ARENA_MAX"] and "PYTHONPATH" in environ
     clips = {sid: mpegts(scene_video(4 + i % 3, seed=i)) for i, sid in enumerate(ids)}
     ray.get([coordinator.push.remote(sid, clips[sid], 0) for sid in ids])
     finals = ray.get([coordinator.close_source.remote(sid, 120) for sid in ids])
