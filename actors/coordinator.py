@@ -58,7 +58,7 @@ from actors.calls import (ACTOR_LOST, NAMESPACE, START_TIMEOUT_S, UNDO_TIMEOUT_S
                           detached)
 from actors.decoder_pool import DecoderPool, default_capacity
 from actors.ingest import VISION_CALL_FRAMES, VISION_CALL_S, IngestMixin
-from actors.release import release_freed_memory
+from actors.release import LARGE_BUFFERS_MAPPED, release_freed_memory, with_env
 from actors.recovery import RESTORE_TIMEOUT_S, RecoveryMixin
 from actors.sources import SourcesMixin
 from actors.spec import StreamSpec
@@ -149,6 +149,8 @@ class StreamCoordinator(TakeoverMixin, SourcesMixin, IngestMixin, AnswerPoolMixi
         groups = getattr(worker, "CONCURRENCY_GROUPS", None)  # fixed at class level: not an .options() key
         actor_class = ray.remote(concurrency_groups=groups)(worker) if groups else ray.remote(worker)
         options = {"num_cpus": self.actor_cpus, "max_restarts": -1, **self.placement.get(kind, {})}
+        if kind in ("prefill", "answerer"):  # (they make and free buffers the size of a segment's KV)
+            options = with_env(options, LARGE_BUFFERS_MAPPED)
         if self.name:
             options.update(name=f"{self.name}.{name}", namespace=NAMESPACE, lifetime="detached",
                            get_if_exists=True)

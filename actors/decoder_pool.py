@@ -38,7 +38,7 @@ from ray.exceptions import GetTimeoutError
 
 from actors.calls import ACTOR_LOST, NAMESPACE, UNDO_TIMEOUT_S, awaited, bounded, detached
 from actors.decoder_host import decoder_host_class
-from actors.release import FEW_ARENAS
+from actors.release import FEW_ARENAS, with_env
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,7 @@ class DecoderPool:
 
     def _start_host(self) -> _Host:
         host_id = uuid.uuid4().hex[:8]
-        options = {"num_cpus": 0.05, **self.options}
-        runtime_env = dict(options.get("runtime_env") or {})  # (merged with the job's by Ray)
-        options["runtime_env"] = {**runtime_env, "env_vars": {**FEW_ARENAS, **runtime_env.get("env_vars", {})}}
+        options = with_env({"num_cpus": 0.05, **self.options}, FEW_ARENAS)
         name = None
         if self.prefix:
             name = f"{self.prefix}.decoder.{host_id}"

@@ -25,6 +25,20 @@ import functools
 # measured on a decoder host, 200 sources through it: +93 KiB USS per source with glibc's default
 # (16 arenas on 2 cores), flat after ~80 sources with 2 (BENCHMARKS.md "Stream churn")
 FEW_ARENAS = {"MALLOC_ARENA_MAX": "2"}
+# The model actors allocate a buffer the size of a segment's KV per commit (the kept pages, before
+# they go to the object store) and attention plans per question. glibc raises its mmap threshold
+# to the size of the largest buffer freed (up to 32 MiB), after which such buffers come from the
+# heap, whose high-water mark fragmentation keeps: a prefill actor's heap grew ~0.5x the KV it
+# committed (bench.pipeline_cost --size large). A fixed threshold keeps large buffers mmapped,
+# given back when freed (measured: no growth beyond the KV in the object store).
+LARGE_BUFFERS_MAPPED = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def with_env(options: dict, env: dict[str, str]) -> dict:
+    """Ray actor `options` whose runtime_env sets `env` too (Ray merges it with the job's; the
+    options' own env_vars win). glibc reads these when the process starts."""
+    runtime_env = dict(options.get("runtime_env") or {})
+    return {**options, "runtime_env": {**runtime_env, "env_vars": {**env, **runtime_env.get("env_vars", {})}}}
 
 
 @functools.cache
