@@ -15,6 +15,7 @@ from tests.test_http_api import mpegts
 
 from actors.coordinator import StreamCoordinator
 from actors.decoder_host import UnknownSourceError
+from actors.messages import PushReceipt
 from pipeline.video_io import write_video
 
 OPTIONS = {"top_k": 4, "n_local": 24}
@@ -60,7 +61,9 @@ def test_many_pushed_streams_share_two_processes_and_ingest_every_frame(coordina
     assert sorted(ray.get(h.load.remote()) for h in hosts) == [CAPACITY, CAPACITY]
     assert len(decode_threads(hosts[0])) + len(decode_threads(hosts[1])) == 12
     clips = {sid: mpegts(scene_video(4 + i % 3, seed=i)) for i, sid in enumerate(ids)}
-    ray.get([coordinator.push.remote(sid, clips[sid], 0) for sid in ids])
+    receipts = ray.get([coordinator.push.remote(sid, clips[sid], 0) for sid in ids])
+    # one call per chunk answers what the HTTP route reports (no status round trip per chunk)
+    assert all(isinstance(r, PushReceipt) and r.buffered_bytes >= 0 and not r.state.terminal for r in receipts)
     finals = ray.get([coordinator.close_source.remote(sid, 120) for sid in ids])
     assert [f["state"] for f in finals] == ["finished"] * 12
     for i, sid in enumerate(ids):
