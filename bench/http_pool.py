@@ -47,3 +47,67 @@ class ClientShards:
 
     def for_stream(self, index: int):
         return self.clients[index // self.per_client]
+
+
+# ---- python -m bench.http_pool: the client's CPU per request, one client vs a client per 16 streams
+async def _compare(streams: int, per_stream: int, service_s: float) -> dict:
+    """`streams` streams each sending `per_stream` requests in turn to a local server that answers
+    each after `service_s` (a busy service: every stream keeps a request waiting), through one
+    client, then through ClientShards; this process's CPU per request (the toy server's too)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                size = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                             if line.lower().startswith(b"content-length:")), 0)
+                if size:
+                    await reader.readexactly(size)
+                await asyncio.sleep(service_s)
+                writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    out = {}
+    for mode in ("one client", f"a client per {PER_CLIENT} streams"):
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)  # bench.load's single client
+        single = httpx.AsyncClient(base_url=url, timeout=600, limits=limits) if mode == "one client" else None
+        async with ClientShards(streams, base_url=url, timeout=600) as shards:
+            async def stream(i: int) -> None:
+                client = single or shards.for_stream(i)
+                for _ in range(per_stream):
+                    (await client.post("/chunk", content=b"x" * 2000)).raise_for_status()
+
+            wall, cpu = time.perf_counter(), time.process_time()
+            await asyncio.gather(*[stream(i) for i in range(streams)])
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if single is not None:
+            await single.aclose()
+        out[mode] = {"requests": streams * per_stream, "wall_s": round(wall, 1),
+                     "cpu_ms_per_request": round(1000 * cpu / (streams * per_stream), 2)}
+    server.close()
+    return out
+
+
+def main() -> None:
+    import argparse
+    import asyncio
+    import json
+
+    parser = argparse.ArgumentParser(description="client CPU per request: one httpx client vs ClientShards")
+    parser.add_argument("--streams", type=int, default=400)
+    parser.add_argument("--requests", type=int, default=10, help="per stream, one after another")
+    parser.add_argument("--service-s", type=float, default=0.5, help="the toy server's time per request")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(_compare(args.streams, args.requests, args.service_s)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
