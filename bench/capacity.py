@@ -75,6 +75,10 @@ def window_figures(samples: list[dict], load: dict) -> dict:
         last = nearest(polls, b["t"] - t0)
         ingested = sum((v.get("frames_ingested") or 0) for v in last["streams"].values()) - \
             sum((v.get("frames_ingested") or 0) for v in first["streams"].values())
+    # chunks whose push completed in the window: the work the window did (ingest lags pushes by
+    # up to a decoder chunk, so frames ingested undercount it while the pushes run late)
+    pushed = sum(1 for r in load["requests"] if r["kind"] in ("push", "first_push") and r["error"] is None
+                 and a["t"] - t0 <= r["t"] + (r["latency_s"] or 0.0) <= b["t"] - t0)
     streams = load["config"]["streams"]
     total = sum(cores.values())
     machine = (b["machine_busy_s"] - a["machine_busy_s"]) / seconds
@@ -83,6 +87,8 @@ def window_figures(samples: list[dict], load: dict) -> dict:
         "cores_per_stream": round(total / streams, 5),
         "frames_ingested_in_window": ingested,
         "cpu_ms_per_frame_ingested": round(1000 * total * seconds / ingested, 1) if ingested else None,
+        "chunks_pushed_in_window": pushed,
+        "cpu_ms_per_chunk_pushed": round(1000 * total * seconds / pushed, 1) if pushed else None,
         "machine_busy_cores": round(machine, 3), "share_of_machine": round(total / machine, 3) if machine else None,
         "load_average_start": a["load"], "load_average_end": b["load"],
     }
