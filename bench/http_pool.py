@@ -73,7 +73,7 @@ async def _compare(streams: int, per_stream: int, service_s: float) -> dict:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     out = {}
     for mode in ("one client", f"a client per {PER_CLIENT} streams"):

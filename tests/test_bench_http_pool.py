@@ -21,7 +21,7 @@ async def _slow_server(release: asyncio.Event):
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
 
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
+    return await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)  # (every stream connects at once)
 
 
 def test_every_client_holds_only_its_streams_connections():
