@@ -8,7 +8,7 @@ logical CPUs, every actor at a fraction of one, as deploy/serve.yaml and the tes
 free port, and `deploy.app.build_app` with the shipped demo model (`--model`), its own coordinator;
 all of it is shut down at the end. With `--url` nothing is started and only the HTTP API is used.
 
-Workload (httpx.AsyncClient, one event loop, open loop):
+Workload (httpx, a client per 16 streams (bench/http_pool.py), one event loop, open loop):
 - N push-mode streams (`POST /v1/streams`, `--method`, options scaled to the model's tokens per
   frame as in bench.qa). Each is a synthetic-world video (held-out seed 90000 + i) encoded as ONE
   MPEG-TS container at `--fps`, split into byte chunks of ~`--chunk-s` seconds of frames at packet
