@@ -61,7 +61,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.messages import SourceState
+from actors.messages import PushReceipt, SourceState
 from pipeline.decode import DecodeConfig, FrameSource, PushBuffer, open_source
 from pipeline.errors import ConfigError, InvalidInputError, PushBufferTimeout
 
@@ -394,8 +394,9 @@ class StreamDecoder:
     # --- push mode -------------------------------------------------------------------------------
 
     @ray.method(concurrency_group="push")
-    def push(self, chunk: bytes, seq: int | None = None, timeout_s: float | None = None) -> int:
-        """Feed container bytes (push mode only); returns the bytes still buffered.
+    def push(self, chunk: bytes, seq: int | None = None, timeout_s: float | None = None) -> PushReceipt:
+        """Feed container bytes (push mode only); returns the bytes still buffered and the
+        stream's state (a PushReceipt: an uploader needs no status call to learn it).
 
         Ordering: Ray runs a threaded actor's calls in any order, so either wait for each push
         before sending the next (then `seq` may be left out), or number the chunks 0, 1, 2, ...
@@ -429,14 +430,17 @@ class StreamDecoder:
             elif self._seq_from_first:
                 self._next_seq, self._seq_from_first = int(seq), False
             if seq < self._next_seq:
-                return self._push.buffered_bytes  # a repeat of a chunk already written
+                return self._receipt()  # a repeat of a chunk already written
             self._stash.setdefault(int(seq), data)  # a repeat of a parked chunk keeps the first copy
             self._skip_a_lasting_gap()
             if self._draining:
-                return self._push.buffered_bytes  # the active writer will write it in order
+                return self._receipt()  # the active writer will write it in order
             self._draining = True
         self._drain(timeout_s)
-        return self._push.buffered_bytes
+        return self._receipt()
+
+    def _receipt(self) -> PushReceipt:
+        return PushReceipt(self._push.buffered_bytes, self._state)  # (one read each: no lock needed)
 
     @ray.method(concurrency_group="push")
     def close(self, chunks: int | None = None) -> None:

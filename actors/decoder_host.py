@@ -40,6 +40,7 @@ from typing import Any
 import ray
 
 from actors.decoder import StreamDecoder
+from actors.messages import PushReceipt
 from actors.release import release_freed_memory
 from pipeline.errors import InvalidInputError
 
@@ -76,7 +77,7 @@ class _Ended:
     def resync(self) -> tuple[int, int]:
         return self.final["chunks_sent"], self.final["chunks_sent"]
 
-    def push(self, chunk: bytes, seq: int | None = None, timeout_s: float | None = None) -> int:
+    def push(self, chunk: bytes, seq: int | None = None, timeout_s: float | None = None) -> PushReceipt:
         raise InvalidInputError(f"stream {self.final['stream_id']!r} has ended ({self.final['state']}); push() refused")
 
     def close(self, chunks: int | None = None) -> None:
@@ -156,7 +157,7 @@ class DecoderHost:
         return self._get(key).resync()
 
     @ray.method(concurrency_group="push")
-    def push(self, key: str, chunk: bytes, seq: int | None = None, timeout_s: float | None = None) -> int:
+    def push(self, key: str, chunk: bytes, seq: int | None = None, timeout_s: float | None = None) -> PushReceipt:
         return self._get(key).push(chunk, seq, timeout_s)
 
     @ray.method(concurrency_group="push")

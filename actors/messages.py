@@ -38,6 +38,15 @@ def is_terminal(state: str | None) -> bool:
     return state is not None and SourceState(state).terminal
 
 
+@dataclass(frozen=True)
+class PushReceipt:
+    """What a push of video bytes answers (a decoder's `push`, the coordinator's): the bytes its
+    decoder still buffers and the source's state, so that an uploader learns both in one call."""
+
+    buffered_bytes: int
+    state: SourceState
+
+
 @dataclass
 class SourceNote:
     """What a restarted coordinator needs of a stream's source (kept in the compressor actor)."""

@@ -13,7 +13,7 @@ import ray
 
 from actors.calls import ACTOR_LOST, START_TIMEOUT_S, bounded, detached
 from actors.decoder_pool import SourceHandle
-from actors.messages import is_terminal
+from actors.messages import PushReceipt, is_terminal
 from actors.stream_state import StreamState
 from pipeline.decode import DecodeConfig
 from pipeline.errors import InvalidInputError
@@ -169,9 +169,11 @@ class SourcesMixin:
             await self._decoder_lost(self.streams[stream_id], decoder)
             return await call(self._push_decoder(stream_id))
 
-    async def push(self, stream_id: str, chunk: bytes, seq: int | None = None) -> int:
+    async def push(self, stream_id: str, chunk: bytes, seq: int | None = None) -> PushReceipt:
         """Feed encoded video bytes to a push-mode source (attach_source with source=None).
-        Concurrent uploaders number their chunks (`seq` from 0) so they are written in order."""
+        Concurrent uploaders number their chunks (`seq` from 0) so they are written in order.
+        Returns the decoder's PushReceipt (bytes buffered, source state): one call per chunk, the
+        HTTP route asks nothing more (a status costs the decoder host and compressor a call each)."""
         return await self._on_decoder(stream_id, lambda d: d.push.remote(chunk, seq))
 
     async def close_source(self, stream_id: str, wait_s: float | None = None) -> dict:

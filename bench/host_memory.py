@@ -34,6 +34,7 @@ class Sink:
         return len(frames)
 
 def inside_probe(self):
+    import ctypes, gc, os, threading, tracemalloc
     class M(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
     libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = M

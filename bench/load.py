@@ -8,7 +8,7 @@ logical CPUs, every actor at a fraction of one, as deploy/serve.yaml and the tes
 free port, and `deploy.app.build_app` with the shipped demo model (`--model`), its own coordinator;
 all of it is shut down at the end. With `--url` nothing is started and only the HTTP API is used.
 
-Workload (httpx.AsyncClient, one event loop, open loop):
+Workload (httpx, a client per 16 streams (bench/http_pool.py), one event loop, open loop):
 - N push-mode streams (`POST /v1/streams`, `--method`, options scaled to the model's tokens per
   frame as in bench.qa). Each is a synthetic-world video (held-out seed 90000 + i) encoded as ONE
   MPEG-TS container at `--fps`, split into byte chunks of ~`--chunk-s` seconds of frames at packet
@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.messages import is_terminal
+from bench.http_pool import ClientShards
 from bench.procs import descendants, processes, pss, title
 
 REPO = Path(__file__).resolve().parent.parent
@@ -396,11 +397,11 @@ async def pusher(state: State, client, index: int, stream_id: str, video: Video,
             state.frames_pushed[index] += frames
 
 
-async def poller(state: State, client, ids: list[str], poll_s: float, rss: str | None,
+async def poller(state: State, shards: ClientShards, ids: list[str], poll_s: float, rss: str | None,
                  stop: asyncio.Event) -> None:
     while not stop.is_set():
         sample = {"t": state.now(), "streams": {}}
-        rows = await asyncio.gather(*[call(state, client, "status", "GET", f"/v1/streams/{sid}", i)
+        rows = await asyncio.gather(*[call(state, shards.for_stream(i), "status", "GET", f"/v1/streams/{sid}", i)
                                       for i, sid in enumerate(ids)])
         for i, r in enumerate(rows):
             if r is None:
@@ -427,8 +428,10 @@ def _rss_root(rss: str) -> int | None:
     return os.getpid() if rss == "local" else None
 
 
-async def memory_snapshot(state: State, client, ids: list[str], rss: str | None, label: str) -> dict:
-    rows = await asyncio.gather(*[call(state, client, f"status_{label}", "GET", f"/v1/streams/{sid}", i,
+async def memory_snapshot(state: State, client, ids: list[str], rss: str | None, label: str,
+                          shards: ClientShards | None = None) -> dict:
+    rows = await asyncio.gather(*[call(state, shards.for_stream(i) if shards else client, f"status_{label}", "GET",
+                                       f"/v1/streams/{sid}", i,
                                        ok=(200, 404)) for i, sid in enumerate(ids)])
     retained = [r.json().get("retained_bytes") for r in rows if r is not None and r.status_code == 200]
     listed = await call(state, client, f"list_{label}", "GET", "/v1/streams")  # (/healthz says nothing of streams)
@@ -513,7 +516,10 @@ async def _workload(args, url: str, rss: str | None, console, created: list[str]
     console.log(f"encoding {args.streams} videos of {n_chunks * per_chunk} frames ({args.duration:g} s at {args.fps:g} fps)")
     videos = [make_video(args.seed + i, n_chunks * per_chunk, args.fps, args.chunk_s) for i in range(args.streams)]
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.request_timeout, limits=limits) as client:
+    # the streams' requests go through a client per PER_CLIENT streams (bench/http_pool.py: one pool
+    # for hundreds of streams costs this process more CPU per request than the service spends)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.request_timeout, limits=limits) as client, \
+            ClientShards(args.streams, base_url=url, headers=headers, timeout=args.request_timeout) as shards:
         deadline_up = time.monotonic() + 180
         while True:  # the server answers (and its coordinator is up)
             try:
@@ -551,16 +557,18 @@ async def _workload(args, url: str, rss: str | None, console, created: list[str]
             created.append(sid)
         first = 0
         if args.prime:  # chunk 0 of every stream goes out before the clock starts: it attaches the decoder
-            await asyncio.gather(*[pusher(state, client, i, sid, videos[i], args.chunk_s, math.inf, only=0, kind="first_push")
+            await asyncio.gather(*[pusher(state, shards.for_stream(i), i, sid, videos[i], args.chunk_s, math.inf, only=0,
+                                          kind="first_push")
                                    for i, sid in enumerate(ids)])
             first = 1
         # the workload clock: chunk k is captured by t = (k + 1) * chunk_s; with priming, chunk 0 was just pushed
         state.t0 = time.perf_counter() - first * args.chunk_s
         deadline = args.duration
         stop_poll = asyncio.Event()
-        tasks = [asyncio.create_task(pusher(state, client, i, sid, videos[i], args.chunk_s, deadline, start=first))
+        tasks = [asyncio.create_task(pusher(state, shards.for_stream(i), i, sid, videos[i], args.chunk_s, deadline,
+                                                      start=first))
                  for i, sid in enumerate(ids)]
-        poll_task = asyncio.create_task(poller(state, client, ids, args.poll_s, rss, stop_poll))
+        poll_task = asyncio.create_task(poller(state, shards, ids, args.poll_s, rss, stop_poll))
         if kill is not None and args.kill_coordinator_at is not None:
             tasks.append(asyncio.create_task(fault(state, args.kill_coordinator_at, kill)))
         questions: list[asyncio.Task] = []
@@ -615,17 +623,17 @@ async def _workload(args, url: str, rss: str | None, console, created: list[str]
                 await asyncio.sleep(0.1)
             progress.update(bar, completed=args.duration, description="answers", info=info())
             # the deadline: pushing and asking have stopped; lag = pushed - ingested now
-            at_deadline = await asyncio.gather(*[call(state, client, "status", "GET", f"/v1/streams/{sid}", i)
+            at_deadline = await asyncio.gather(*[call(state, shards.for_stream(i), "status", "GET", f"/v1/streams/{sid}", i)
                                                  for i, sid in enumerate(ids)])
             await asyncio.gather(*questions)
             progress.update(bar, description="drain", info=info())
             close_at = state.now()
-            await asyncio.gather(*[call(state, client, "close", "POST", f"/v1/streams/{sid}/close", i)
+            await asyncio.gather(*[call(state, shards.for_stream(i), "close", "POST", f"/v1/streams/{sid}/close", i)
                                    for i, sid in enumerate(ids)])
             final: dict[int, dict] = {}
             drained_at: dict[int, float] = {}
             while len(drained_at) < len(ids) and state.now() - close_at < args.drain_timeout:
-                rows = await asyncio.gather(*[call(state, client, "status", "GET", f"/v1/streams/{sid}", i)
+                rows = await asyncio.gather(*[call(state, shards.for_stream(i), "status", "GET", f"/v1/streams/{sid}", i)
                                               for i, sid in enumerate(ids) if i not in drained_at])
                 for r in rows:
                     if r is None:
@@ -640,7 +648,7 @@ async def _workload(args, url: str, rss: str | None, console, created: list[str]
             stop_poll.set()
             await poll_task
             tick.cancel()
-        memory["peak"] = await memory_snapshot(state, client, ids, rss, "peak")
+        memory["peak"] = await memory_snapshot(state, client, ids, rss, "peak", shards)
         for i, sid in enumerate(ids):
             await call(state, client, "delete", "DELETE", f"/v1/streams/{sid}", i)
         deleted_at = state.now()
@@ -657,7 +665,7 @@ async def _workload(args, url: str, rss: str | None, console, created: list[str]
                 back_at = state.now() - deleted_at
             if back_at is not None and state.now() - deleted_at > back_at + 3:
                 break
-        memory["end"] = await memory_snapshot(state, client, ids, rss, "end")
+        memory["end"] = await memory_snapshot(state, client, ids, rss, "end", shards)
         memory["after_delete"] = after_delete
         memory["processes_back_to_start_after_s"] = back_at
 
@@ -677,6 +685,7 @@ async def _workload(args, url: str, rss: str | None, console, created: list[str]
             "drain_s": drained_at.get(i),
         })
     return {"state": state, "per_stream": per_stream, "memory": memory, "question_start_s": question_start,
+            "t0_wall": time.time() - state.now(),  # the workload clock's 0, as time.time() (bench.capacity)
             "options": options, "model": model, "ids": ids}
 
 
@@ -738,7 +747,7 @@ def summarize(args, out: dict, url: str, local: bool) -> dict:
         "command": "python -m bench.load " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "token"},
         "server": url if not local else "local (started by the benchmark)", "model": out["model"],
-        "options": out["options"], "question_start_s": out["question_start_s"],
+        "options": out["options"], "question_start_s": out["question_start_s"], "t0_wall": out["t0_wall"],
         "summary": summary, "by_kind": by_kind, "per_stream": out["per_stream"], "memory": out["memory"],
         "samples": state.samples, "answers_sample": state.answers,
         "requests": [{"kind": r.kind, "t": round(r.t, 3), "latency_s": None if r.latency_s is None else round(r.latency_s, 4),

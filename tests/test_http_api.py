@@ -79,6 +79,7 @@ def test_stream_lifecycle(server, cam):
             r = http.post("/v1/streams/life/chunks", params={"seq": seq}, content=part,
                           headers={"Content-Type": "application/octet-stream"})
             assert r.status_code == 202, r.text
+            assert r.json()["source_state"] in ("starting", "running") and r.json()["bytes_received"] == len(part)
         http.post("/v1/streams/life/close", params={"wait_s": 60})
         status = wait_ingested(http, "life", 16)
         assert status["frames_ingested"] == 16 and status["frames_dropped"] == 0 and status["mode"] == "push"
