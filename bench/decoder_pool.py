@@ -64,7 +64,7 @@ def _clip() -> bytes:
 
 def run(mode: str, streams: int, capacity: int, feed: bool) -> dict:
     """One fresh runtime: `streams` idle push sources as `mode` ("process" | "pool")."""
-    from actors.decoder import DecoderActor
+    from actors.decoder_actor import DecoderActor
     from actors.decoder_host import decoder_host_class
     from pipeline.decode import DecodeConfig
 

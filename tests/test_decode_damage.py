@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import ray
 
-from actors.decoder import DecoderActor, StreamDecoder
+from actors.decoder import StreamDecoder
+from actors.decoder_actor import DecoderActor
 from pipeline.decode import DecodeConfig, PushBuffer, open_source
 from pipeline.errors import InvalidInputError, VideoDecodeError
 from pipeline.upload_format import index_follows_media

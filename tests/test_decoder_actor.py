@@ -18,7 +18,8 @@ import pytest
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors.decoder import DecoderActor, StreamDecoder
+from actors.decoder import StreamDecoder
+from actors.decoder_actor import DecoderActor
 from pipeline.decode import DecodeConfig, open_source
 from pipeline.errors import ConfigError, InvalidInputError, PushBufferTimeout, VideoDecodeError
 from pipeline.video_io import write_video
