@@ -406,14 +406,14 @@ def test_numbered_pushes_are_written_in_order_and_timeouts_keep_the_chunk():
 
     decoder = StreamDecoder("p", None, None, AnySink(), push_buffer_bytes=100)
     buffer = decoder._push
-    assert decoder.push(b"cc", seq=2) == 0  # parked: 0 and 1 have not arrived
-    assert decoder.push(b"aa", seq=0) == 2  # written; 1 still missing
-    assert decoder.push(b"aa", seq=0) == 2  # a repeat is ignored
+    assert decoder.push(b"cc", seq=2).buffered_bytes == 0  # parked: 0 and 1 have not arrived
+    assert decoder.push(b"aa", seq=0).buffered_bytes == 2  # written; 1 still missing
+    assert decoder.push(b"aa", seq=0).buffered_bytes == 2  # a repeat is ignored
     decoder.close(chunks=4)  # the end waits for chunk 3
     assert not buffer.closed
-    assert decoder.push(b"bb", seq=1) == 6  # writes 1, then the parked 2
+    assert decoder.push(b"bb", seq=1).buffered_bytes == 6  # writes 1, then the parked 2
     assert buffer.read() == b"aabbcc"
-    assert decoder.push(b"dd", seq=3) == 2 and buffer.closed
+    assert decoder.push(b"dd", seq=3).buffered_bytes == 2 and buffer.closed
     assert buffer.read() == b"dd" and buffer.read() == b""
     with pytest.raises(InvalidInputError, match="after close"):
         decoder.push(b"ee", seq=4)
@@ -437,5 +437,5 @@ def test_numbered_pushes_are_written_in_order_and_timeouts_keep_the_chunk():
     with pytest.raises(PushBufferTimeout):
         slow.push(b"3333", timeout_s=0.01)  # nobody reads: the buffer stays full
     assert slow._push.read() == b"11112222"
-    assert slow.push(b"4444") == 8  # the timed-out chunk was kept first in line
+    assert slow.push(b"4444").buffered_bytes == 8  # the timed-out chunk was kept first in line
     assert slow._push.read() == b"33334444"
