@@ -6,7 +6,7 @@
          replica applies the updates, the index records them (the updates' KV goes by object
          ref, owned by the coordinator: see actors/calls.py settled)
 
-The coordinator is the FrameSink that decoder actors deliver frames to (actors/decoder.py).
+The coordinator is the FrameSink that decoder actors deliver frames to (actors/decoder_sink.py).
 """
 
 from __future__ import annotations
