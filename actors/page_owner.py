@@ -16,6 +16,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.calls import NAMESPACE
+from actors.release import LARGE_BUFFERS_MAPPED, with_env
 
 
 class PageOwner:
@@ -28,6 +29,7 @@ class PageOwner:
 def local_page_owner():
     """This node's page owner (started on first use)."""
     node = ray.get_runtime_context().get_node_id()
+    options = with_env({"num_cpus": 0, "max_restarts": -1}, LARGE_BUFFERS_MAPPED)  # (it serializes pages)
     return ray.remote(PageOwner).options(
-        name=f"pages-{node}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_restarts=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        name=f"pages-{node}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), **options).remote()
