@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.kv_store import regions
+
 if TYPE_CHECKING:
     from pipeline.memory import StreamMemory
 
@@ -41,8 +43,7 @@ def residence(memory: StreamMemory) -> dict[str, dict[str, int]]:
     for tier, tensors in tiers.items():
         shared = private = 0
         offsets = []
-        for t in tensors:
-            region = (t.data_ptr(), t.numel() * t.element_size())
+        for region in regions(tensors):
             if region in seen:
                 continue
             seen.add(region)

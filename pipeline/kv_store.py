@@ -94,6 +94,13 @@ class PageSlice:
     def __iter__(self):
         return iter((self[0], self[1]))
 
+    def regions(self) -> list[tuple[int, int]]:
+        """(address, bytes) of the keys' and values' slices, without making the views (accounting
+        over every block would otherwise make thousands of them, and the allocator keeps the space)."""
+        return [(page.data_ptr() + self.start * page.stride(1) * page.element_size(),
+                 page.shape[0] * (self.stop - self.start) * page.shape[2] * page.element_size())
+                for page in (self.keys_page, self.values_page)]
+
 
 class LayerBlocks:
     """Blocks one layer can retrieve, in time order."""
@@ -140,8 +147,9 @@ class LayerBlocks:
         """The selected blocks' KV, in the given order."""
         return [Visual(*self.kv[i], self.uids[i]) for i in indices]
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for kv in self.kv for t in kv]
+    def tensors(self) -> list[torch.Tensor | PageSlice]:
+        """The blocks' KV for accounting (tensor_bytes, regions): tensors, or page slices unmade."""
+        return [part for kv in self.kv for part in ([kv] if isinstance(kv, PageSlice) else kv)]
 
     def index_tensors(self) -> list[torch.Tensor]:
         """The representatives' storage, its spare capacity included."""
@@ -181,8 +189,10 @@ class Window:
         """One layer's window KV, unit by unit, oldest first."""
         return [Visual(*kv[layer], uid) for uid, kv in self.entries]
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for _, per_layer in self.entries for kv in per_layer for t in kv]
+    def tensors(self) -> list[torch.Tensor | PageSlice]:
+        """As LayerBlocks.tensors."""
+        return [part for _, per_layer in self.entries for kv in per_layer
+                for part in ([kv] if isinstance(kv, PageSlice) else kv)]
 
 
 class TokenPool:
@@ -230,14 +240,25 @@ class TokenPool:
         return [] if self.keys is None else [self.keys, self.values]
 
 
-def tensor_bytes(tensors, seen: set[tuple[int, int]]) -> int:
-    """Bytes of the KV `tensors` hold, each region counted once across calls via `seen` (a block
-    and the window entry of the same unit are one region). Regions, not storages: a replica's
-    blocks are views into pages shared through the object store (cache_store/wire.py), several
-    units to a storage, and what a stream retains is the same however its KV is laid out."""
+def regions(parts) -> list[tuple[int, int]]:
+    """(address, bytes) of each tensor's data, or of a page slice's keys and values."""
+    out = []
+    for part in parts:
+        if isinstance(part, PageSlice):
+            out += part.regions()
+        else:
+            out.append((part.data_ptr(), part.numel() * part.element_size()))
+    return out
+
+
+def tensor_bytes(parts, seen: set[tuple[int, int]]) -> int:
+    """Bytes of the KV `parts` hold (tensors, or page slices), each region counted once across
+    calls via `seen` (a block and the window entry of the same unit are one region). Regions, not
+    storages: a replica's blocks are slices of pages shared through the object store
+    (cache_store/wire.py), several units to a storage, and what a stream retains is the same
+    however its KV is laid out."""
     total = 0
-    for t in tensors:
-        region = (t.data_ptr(), t.numel() * t.element_size())
+    for region in regions(parts):
         if region not in seen:
             seen.add(region)
             total += region[1]
