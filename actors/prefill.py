@@ -132,12 +132,11 @@ class PrefillWorker:
             refs = share_updates(with_kv, stream.memory, self._put, stream_id=stream_id, model_id=self.model.name) \
                 if with_kv else []
             kept = dict(zip(map(id, with_kv), refs))
-            for update in updates:
-                stream.applied += 1
-                stream.unpublished.append(pack_update(update, stream_id=stream_id, model_id=self.model.name,
-                                                      kept=kept.get(id(update))))
-        stream.acknowledge(published)
-        committed = stream.unpublished[len(stream.unpublished) - len(updates):]
+            committed = [pack_update(update, stream_id=stream_id, model_id=self.model.name, kept=kept.get(id(update)))
+                         for update in updates]
+            stream.applied += len(committed)
+            stream.unpublished += committed
+        stream.acknowledge(published)  # (may let go of some of these: a restored replica's count)
         return committed if len(committed) > 1 else committed[0]
 
     def _put(self, pages: list) -> list[ray.ObjectRef]:
