@@ -130,15 +130,9 @@ class DecoderPool:
         await self._refresh()
         host, key = self._reserve(stream_id)
         self.watch_all()  # a new host too
-        try:
+        with self._opening(host, key):
             host.running = await bounded(host.handle.open.remote(key, stream_id, *args, **kwargs), timeout_s,
                                          "no room for the stream's decoder")
-            host.ready = True
-        except BaseException:
-            self._unreserve(host, key)
-            raise
-        finally:
-            host.opening -= 1
         return host.source(key)
 
     def place_blocking(self, stream_id: str, args: tuple, kwargs: dict, timeout_s: float) -> SourceHandle:
@@ -147,15 +141,22 @@ class DecoderPool:
             with contextlib.suppress(GetTimeoutError, *ACTOR_LOST):
                 host.running = ray.get(host.handle.load.remote(), timeout=LOAD_TIMEOUT_S)
         host, key = self._reserve(stream_id)
-        try:
+        with self._opening(host, key):
             host.running = ray.get(host.handle.open.remote(key, stream_id, *args, **kwargs), timeout=timeout_s)
+        return host.source(key)
+
+    @contextlib.contextmanager
+    def _opening(self, host: _Host, key: str):
+        """An open of a reserved source: the host is ready once it succeeds; on any failure or
+        cancellation the reservation is undone (_unreserve)."""
+        try:
+            yield
             host.ready = True
         except BaseException:
             self._unreserve(host, key)
             raise
         finally:
             host.opening -= 1
-        return host.source(key)
 
     async def drop(self, source: SourceHandle | None, timeout_s: float = UNDO_TIMEOUT_S) -> None:
         """Stop the source and let it go (its host frees it); a host left with none is removed

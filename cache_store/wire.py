@@ -85,20 +85,26 @@ def unpack_segment(wire: Wire, device, dtype: torch.dtype) -> Segment:
 # ---- updates ----------------------------------------------------------------------------------
 # An update travels as two objects. Its kept pages (one per layer: the KV of the units that layer
 # keeps as blocks, in unit order, [1, Hkv, T_l, d]) are what replicas retain for good: the prefill
-# actor puts them in the object store once (share_update) and every replica on the node, the
+# actor puts them in the object store once (share_updates) and every replica on the node, the
 # prefill's own included, maps that one copy (zero-copy, read-only views). The rest (units a layer
 # does not keep, needed only while they are in the local window; visual tokens; VSB's queries)
 # goes in the update itself, which replicas let go once those units leave the window.
 
-def _kept(update: SegmentUpdate, layer: int) -> list[int]:
-    return list(update.keep[layer]) if update.keep is not None else list(range(len(update.units)))
+def _kept(keep: list[list[int]] | None, units: int, layer: int) -> list[int]:
+    """The units (indices) a layer keeps as blocks (keep None: all)."""
+    return list(keep[layer]) if keep is not None else list(range(units))
+
+
+def _lengths(update: SegmentUpdate) -> list[int]:
+    """Each unit's stored tokens."""
+    return [per_layer[0][0].shape[1] for per_layer in update.kv]
 
 
 def kept_pages(update: SegmentUpdate, *, stream_id: str, model_id: str) -> list[KVPage]:
     """Per layer, the KV of the units it keeps as blocks, concatenated in unit order."""
     pages = []
     for layer in range(len(update.kv[0]) if update.kv else 0):
-        parts = [update.kv[i][layer] for i in _kept(update, layer)] or [tuple(t[:, :0] for t in update.kv[0][layer])]
+        parts = [update.kv[i][layer] for i in _kept(update.keep, len(update.units), layer)] or [tuple(t[:, :0] for t in update.kv[0][layer])]
         keys, values = torch.cat([k for k, _ in parts], 1), torch.cat([v for _, v in parts], 1)  # [Hkv, T_l, d]
         pages.append(_page(keys[None], values[None], stream_id, model_id, layer, "page", tier="kept"))
     return pages
@@ -109,7 +115,7 @@ def _place_kept(kv: list[list], update_keep, lengths: list[int], pages: list[KVP
     for layer, page in enumerate(pages):
         keys, values = page.to_tensors(device, shared=True)  # [1, Hkv, T_l, d]
         offset = 0
-        for i in (update_keep[layer] if update_keep is not None else range(len(kv))):
+        for i in _kept(update_keep, len(kv), layer):
             kv[i][layer] = PageSlice(keys[0], values[0], offset, offset + lengths[i])
             offset += lengths[i]
 
@@ -126,7 +132,7 @@ def share_updates(updates: list[SegmentUpdate], memory: StreamMemory, put, *, st
         kvs = []
         for update, pages in zip(updates, ray.get(refs)):
             kv = [[None] * len(pages) for _ in update.units]
-            _place_kept(kv, update.keep, [per_layer[0][0].shape[1] for per_layer in update.kv], pages, "cpu")
+            _place_kept(kv, update.keep, _lengths(update), pages, "cpu")
             kvs.append(kv)
         memory.adopt(updates, kvs)
     return refs
@@ -147,18 +153,19 @@ def segment_summary(update: SegmentUpdate) -> np.ndarray:
 
 
 def pack_update(update: SegmentUpdate, *, stream_id: str, model_id: str, kept=None) -> Wire:
-    """kept: share_update's reference (else the kept pages travel inline)."""
+    """kept: share_updates' reference (else the kept pages travel inline)."""
     meta = {
         "segment": update.segment,
         "units": [_unit_meta(u) for u in update.units],
-        "lengths": [per_layer[0][0].shape[1] for per_layer in update.kv],
+        "lengths": _lengths(update),
         "keep": update.keep,
         "pool_keep": None if update.pool_keep is None else [None if k is None else k.tolist() for k in update.pool_keep],
     }
     wire = pack_features(update.features)
     meta.update(wire.meta)
     layers = range(len(update.kv[0]) if update.kv else 0)
-    kept_everywhere = set.intersection(*(set(_kept(update, layer)) for layer in layers)) if update.kv else set()
+    kept_everywhere = set.intersection(*(set(_kept(update.keep, len(update.units), layer)) for layer in layers)) \
+        if update.kv else set()
     pages = [  # the units some layer does not keep: the window's until they leave it
         _page(torch.stack([k for k, _ in per_layer]), torch.stack([v for _, v in per_layer]), stream_id, model_id,
               unit.uid, unit.kind, unit.frames, unit.times)
